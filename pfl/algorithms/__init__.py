@@ -1,0 +1,9 @@
+"""Federated algorithms (one module each) and their registry."""
+
+from pfl.algorithms.base import Algorithm, ClientUpdate, FederatedContext
+from pfl.algorithms.fedavg import FedAvg
+from pfl.algorithms.fedfomo import FedFomo
+
+REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedFomo)}
+
+__all__ = ["REGISTRY", "Algorithm", "ClientUpdate", "FederatedContext", "FedAvg", "FedFomo"]

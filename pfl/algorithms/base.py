@@ -1,0 +1,90 @@
+"""The algorithm contract: a few hooks called by the shared round loop (:mod:`pfl.algorithms.engine`).
+
+Modelled on Flower's ``Strategy``: an algorithm never owns the loop. Per round the
+engine calls :meth:`Algorithm.configure_fit` for every sampled client (the
+parameters that client starts local training from), trains it, and hands all
+updates to :meth:`Algorithm.aggregate_fit`. Evaluation asks
+:meth:`Algorithm.personalized_model` for every client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pfl.algorithms.local import LocalTrainer
+from pfl.data.loader import ClientData
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a sampled client returns after local training.
+
+    Attributes:
+        client_id: the client.
+        params: trained flat parameters (P,) on the host.
+        num_samples: samples local training used (FedAvg's aggregation weight).
+        loss: mean minibatch training loss (nats).
+    """
+
+    client_id: int
+    params: torch.Tensor
+    num_samples: int
+    loss: float
+
+
+@dataclass
+class FederatedContext:
+    """What algorithms may use: client data, the local trainer, the initial model and the run seed.
+
+    Attributes:
+        clients: per-client index tensors on the training device.
+        trainer: local training / inference on the training device.
+        init_params: the initial global model as a flat host vector (P,).
+        num_join_clients: clients sampled per round.
+        seed: run seed; algorithms derive their own random streams from it.
+    """
+
+    clients: list[ClientData]
+    trainer: LocalTrainer
+    init_params: torch.Tensor
+    num_join_clients: int
+    seed: int
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+
+class Algorithm:
+    """Base class of federated algorithms; subclasses override the hooks.
+
+    Class attributes:
+        name: registry name (``"fedavg"``).
+        needs_validation: whether clients hold out a validation split of their train data.
+        hyperparameters: names of :class:`pfl.config.RunConfig` fields passed to the constructor.
+    """
+
+    name = ""
+    needs_validation = False
+    hyperparameters: tuple[str, ...] = ()
+
+    def __init__(self, ctx: FederatedContext):
+        self.ctx = ctx
+
+    def configure_fit(self, client_id: int, rnd: int) -> torch.Tensor:
+        """Flat parameters (P,) the client starts local training from in round ``rnd`` (1-based)."""
+        raise NotImplementedError
+
+    def aggregate_fit(self, rnd: int, updates: list[ClientUpdate]) -> None:
+        """Server update from the round's client updates."""
+        raise NotImplementedError
+
+    def personalized_model(self, client_id: int) -> torch.Tensor:
+        """The client's personalized model as flat parameters (P,) on the host."""
+        raise NotImplementedError
+
+    def state_for_logging(self) -> dict[str, torch.Tensor]:
+        """Extra server state worth saving with the run (e.g. FedFomo's affinity matrix)."""
+        return {}

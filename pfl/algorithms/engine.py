@@ -1,0 +1,126 @@
+"""The single round loop shared by every algorithm.
+
+Round r (1-based): sample ``num_join_clients`` clients without replacement, ask the
+algorithm where each starts, train each locally, let the algorithm aggregate, and
+every ``eval_gap`` rounds (and after the last) evaluate every client's
+personalized model on its own test split. Observers (MLflow logging, progress
+bars, pruning) are :class:`Callback` objects; the engine imports neither mlflow
+nor optuna.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pfl.algorithms.base import Algorithm, ClientUpdate
+from pfl.metrics import aggregate_clients, classification_metrics
+from pfl.seed import derive_seed
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Evaluation of all clients' personalized models after a round.
+
+    Attributes:
+        round: the round just finished (0 = before training).
+        metrics: test-sample-weighted means (``test_acc``, ``test_nll``, ``test_ece`` = F-ECE,
+            ``test_brier``) and unweighted stds across clients (``test_acc_std``, ...).
+        per_client: one dict per client: ``client``, ``num_test``, ``acc``, ``nll``, ``ece``, ``brier``.
+    """
+
+    round: int
+    metrics: dict[str, float]
+    per_client: list[dict[str, float]] = field(default_factory=list)
+
+
+class Callback:
+    """Observer of a federated run; override any hook. Raising from a hook aborts the run."""
+
+    def on_round_end(self, rnd: int, metrics: dict[str, float]) -> None:
+        """After aggregation; ``metrics`` holds ``train_loss`` and ``round_time`` (seconds)."""
+
+    def on_evaluate(self, evaluation: Evaluation) -> None:
+        """After an evaluation of all clients."""
+
+    def on_run_end(self, final: Evaluation) -> None:
+        """After the last round's evaluation."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Round schedule: ``global_rounds`` rounds, ``num_join_clients`` per round, evaluation every ``eval_gap``."""
+
+    global_rounds: int
+    num_join_clients: int
+    eval_gap: int = 1
+    ece_bins: int = 20
+
+
+class Engine:
+    """Runs an :class:`Algorithm` for ``schedule.global_rounds`` rounds.
+
+    Args:
+        algorithm: the federated algorithm (holds the context: clients, trainer, seed).
+        schedule: rounds, participation and evaluation cadence.
+        callbacks: observers, called in order.
+    """
+
+    def __init__(self, algorithm: Algorithm, schedule: Schedule, callbacks: list[Callback] | None = None):
+        self.algorithm = algorithm
+        self.ctx = algorithm.ctx
+        self.schedule = schedule
+        self.callbacks = callbacks or []
+
+    def sample_clients(self, rnd: int) -> list[int]:
+        """Sorted ids of the clients taking part in round ``rnd`` (uniform, without replacement)."""
+        rng = np.random.default_rng(derive_seed(self.ctx.seed, rnd))
+        return sorted(rng.choice(self.ctx.num_clients, self.schedule.num_join_clients, replace=False).tolist())
+
+    def train_client(self, client_id: int, rnd: int) -> ClientUpdate:
+        """Local training of one client from the algorithm's starting point."""
+        start = self.algorithm.configure_fit(client_id, rnd)
+        fit = self.ctx.clients[client_id].fit
+        params, loss = self.ctx.trainer.train(start, fit, derive_seed(self.ctx.seed, rnd, client_id))
+        return ClientUpdate(client_id, params, len(fit), loss)
+
+    def run_round(self, rnd: int) -> dict[str, float]:
+        """One round; returns ``train_loss`` (sample-weighted mean over the round's clients) and ``round_time``."""
+        start = time.perf_counter()
+        updates = [self.train_client(cid, rnd) for cid in self.sample_clients(rnd)]
+        self.algorithm.aggregate_fit(rnd, updates)
+        losses = torch.stack([u.loss for u in updates]).double()  # one host sync per round
+        samples = torch.tensor([u.num_samples for u in updates], dtype=torch.float64)
+        train_loss = float((losses.cpu() * samples).sum() / samples.sum())
+        return {"train_loss": train_loss, "round_time": time.perf_counter() - start}
+
+    def evaluate(self, rnd: int) -> Evaluation:
+        """Every client's personalized model on its own test split; aggregates weighted by test samples."""
+        per_client = []
+        for cid, data in enumerate(self.ctx.clients):
+            probs = self.ctx.trainer.probs(self.algorithm.personalized_model(cid), data.test)
+            labels = self.ctx.trainer.data.labels[data.test].cpu()
+            m = classification_metrics(probs, labels, self.schedule.ece_bins)
+            per_client.append({"client": cid, "num_test": len(data.test), **m})
+        weights = [c["num_test"] for c in per_client]
+        scores = [{k: c[k] for k in ("acc", "nll", "ece", "brier")} for c in per_client]
+        metrics = {f"test_{k}": v for k, v in aggregate_clients(scores, weights).items()}
+        return Evaluation(rnd, metrics, per_client)
+
+    def run(self) -> Evaluation:
+        """All rounds; returns the final evaluation."""
+        final = None
+        for rnd in range(1, self.schedule.global_rounds + 1):
+            metrics = self.run_round(rnd)
+            for cb in self.callbacks:
+                cb.on_round_end(rnd, metrics)
+            if rnd % self.schedule.eval_gap == 0 or rnd == self.schedule.global_rounds:
+                final = self.evaluate(rnd)
+                for cb in self.callbacks:
+                    cb.on_evaluate(final)
+        for cb in self.callbacks:
+            cb.on_run_end(final)
+        return final

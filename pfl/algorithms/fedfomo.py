@@ -1,0 +1,127 @@
+"""FedFomo: first-order model optimization for personalized FL (Zhang et al., ICLR 2021).
+
+Reproduces PFLlib's ``serverfomo.py`` / ``clientfomo.py`` when ``epsilon = 0``:
+
+* The server keeps the latest uploaded model of every client (initially the global
+  initial model) and an affinity matrix P (num_clients x num_clients, starts at the
+  identity).
+* A sampled client receives the top-``M'`` models by its row of P, with
+  ``M' = min(M, clients sampled per round, clients that uploaded last round)``
+  (ties broken by lower client id).
+* It scores each received model n on its validation split (the last ``val_ratio``
+  of its train split) against its anchor model theta_old, the model it held after
+  its previous aggregation (PFLlib's ``old_model``; paper Eq. 6):
+  ``w_n = (L(theta_old) - L(theta_n)) / (||theta_n - theta_old||_2 + 1e-5)``.
+  Negative weights are clipped to 0 and the rest normalized; if none is positive
+  the client keeps its current model. The aggregate becomes the new anchor and the
+  start of local training.
+* The server adds the raw (unclipped) weights to the client's row of P.
+
+``epsilon`` adds the epsilon-greedy exploration of the official implementation
+(NVlabs/FedFomo): with probability ``epsilon * epsilon_decay ** (round - 1)`` a client
+receives ``M'`` models drawn uniformly at random instead of the top-``M'``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pfl.algorithms.base import Algorithm, ClientUpdate, FederatedContext
+from pfl.algorithms.store import ClientStore
+from pfl.seed import derive_seed
+
+_DIST_EPS = 1e-5  # PFLlib's denominator guard
+
+
+def fomo_weights(loss_old: float, losses: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """Raw FedFomo weights ``(L_old - L_n) / (||theta_n - theta_old|| + 1e-5)`` (Zhang et al., Eq. 6).
+
+    Args:
+        loss_old: validation loss of the client's anchor model (nats).
+        losses: validation losses of the M received models, shape (M,).
+        distances: L2 distances from the anchor to each received model, shape (M,).
+
+    Returns:
+        float64 tensor (M,), possibly negative.
+    """
+    return (loss_old - losses.double()) / (distances.double() + _DIST_EPS)
+
+
+def normalize_weights(raw: torch.Tensor) -> torch.Tensor | None:
+    """Clip raw weights (M,) at 0 and normalize to sum 1; ``None`` when no weight is positive."""
+    clipped = raw.clamp_min(0)
+    total = clipped.sum()
+    return clipped / total if total > 0 else None
+
+
+class FedFomo(Algorithm):
+    """FedFomo with PFLlib's semantics; see the module docstring.
+
+    Args:
+        ctx: federated context (clients must carry validation splits).
+        M: models each client receives per round (PFLlib default 5).
+        epsilon: initial exploration probability (0 = PFLlib's behaviour).
+        epsilon_decay: per-round multiplicative decay of ``epsilon``.
+    """
+
+    name = "fedfomo"
+    needs_validation = True
+    hyperparameters = ("M", "epsilon", "epsilon_decay")
+
+    def __init__(self, ctx: FederatedContext, M: int = 5, epsilon: float = 0.0, epsilon_decay: float = 1.0):
+        super().__init__(ctx)
+        n = ctx.num_clients
+        self.M = min(M, ctx.num_join_clients)
+        self.epsilon = epsilon
+        self.epsilon_decay = epsilon_decay
+        self.models = ClientStore(ctx.init_params)   # latest model of each client (= personalized model)
+        self.anchors = ClientStore(ctx.init_params)  # theta_old of each client
+        self.P = torch.eye(n, dtype=torch.float64)
+        self.num_uploaded = 0
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def select(self, client_id: int, m: int, rnd: int) -> torch.Tensor:
+        """Ids (m,) of the models sent to ``client_id``: top-m of its row of P, or random when exploring."""
+        eps = self.epsilon * self.epsilon_decay ** (rnd - 1)
+        if eps > 0:
+            rng = np.random.default_rng(derive_seed(self.ctx.seed, rnd, client_id, 7))
+            if rng.random() < eps:
+                return torch.from_numpy(rng.choice(self.ctx.num_clients, m, replace=False))
+        return torch.argsort(self.P[client_id], descending=True, stable=True)[:m]
+
+    def score(self, client_id: int, ids: torch.Tensor) -> torch.Tensor:
+        """Raw weights (len(ids),) of the received models on the client's validation split."""
+        trainer, val = self.ctx.trainer, self.ctx.clients[client_id].val
+        anchor = self.anchors[client_id]
+        loss_old = trainer.loss(anchor, val)
+        losses = torch.tensor([trainer.loss(self.models[int(i)], val) for i in ids])
+        distances = torch.stack([torch.linalg.vector_norm(self.models[int(i)] - anchor) for i in ids])
+        return fomo_weights(loss_old, losses, distances)
+
+    def configure_fit(self, client_id: int, rnd: int) -> torch.Tensor:
+        start = self.models[client_id]
+        m = min(self.M, self.num_uploaded)
+        if m > 0:
+            ids = self.select(client_id, m, rnd)
+            raw = self.score(client_id, ids)
+            self._pending[client_id] = (ids, raw)
+            weights = normalize_weights(raw)
+            if weights is not None:
+                start = weights.float() @ torch.stack([self.models[int(i)] for i in ids])
+        self.anchors[client_id] = start
+        return start
+
+    def aggregate_fit(self, rnd: int, updates: list[ClientUpdate]) -> None:
+        for u in updates:
+            self.models[u.client_id] = u.params
+            if u.client_id in self._pending:
+                ids, raw = self._pending.pop(u.client_id)
+                self.P[u.client_id].index_add_(0, ids, raw)
+        self.num_uploaded = len(updates)
+
+    def personalized_model(self, client_id: int) -> torch.Tensor:
+        return self.models[client_id]
+
+    def state_for_logging(self) -> dict[str, torch.Tensor]:
+        return {"affinity": self.P.clone()}

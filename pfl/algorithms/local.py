@@ -1,0 +1,84 @@
+"""Local work on one client: SGD training, loss and prediction on a model given as a flat vector.
+
+One :class:`LocalTrainer` owns the single model instance on the training device;
+each client's parameters are copied into it for the duration of its work, so the
+device holds one client's model at a time whatever the number of clients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pfl.data.loader import DeviceImages
+from pfl.models.flat import get_flat, set_flat
+
+
+class LocalTrainer:
+    """Local SGD (PFLlib's client update: plain SGD, cross-entropy, ``local_epochs`` epochs).
+
+    Args:
+        model: the network, already on ``data.device``.
+        data: the device-resident pool.
+        batch_size: minibatch size; the last incomplete batch of an epoch is dropped
+            (PFLlib's ``drop_last=True``) unless the client has fewer samples than one batch.
+        lr: SGD learning rate.
+        local_epochs: passes over the client's training indices per round.
+        eval_batch_size: batch size of inference.
+    """
+
+    def __init__(self, model: nn.Module, data: DeviceImages, batch_size: int, lr: float,
+                 local_epochs: int, eval_batch_size: int = 2000):
+        self.model = model
+        self.data = data
+        self.batch_size = batch_size
+        self.local_epochs = local_epochs
+        self.eval_batch_size = eval_batch_size
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def train(self, start: torch.Tensor, indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train from flat parameters ``start`` (P,) on ``indices`` (n,).
+
+        Batch order comes from a generator seeded with ``seed``, so results do not
+        depend on which other clients trained before.
+
+        Returns:
+            ``(params, mean_loss)``: trained flat parameters (P,) on the host and the mean
+            minibatch loss as a 0-d tensor (no host sync inside the loop).
+        """
+        set_flat(self.model, start)
+        self.model.train()
+        gen = torch.Generator().manual_seed(seed)
+        n = len(indices)
+        bs = min(self.batch_size, n)
+        steps = n // bs
+        loss_sum = torch.zeros((), device=self.data.device)
+        for _ in range(self.local_epochs):
+            order = indices[torch.randperm(n, generator=gen).to(indices.device)]
+            for b in range(steps):
+                x, y = self.data.batch(order[b * bs:(b + 1) * bs])
+                loss = self.loss_fn(self.model(x), y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                loss_sum += loss.detach()
+        return get_flat(self.model).cpu(), loss_sum / (steps * self.local_epochs)
+
+    @torch.inference_mode()
+    def logits(self, params: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Logits (n, K) on the training device of the model with flat ``params`` on ``indices`` (n,)."""
+        set_flat(self.model, params)
+        self.model.eval()
+        chunks = [self.model(self.data.batch(indices[i:i + self.eval_batch_size])[0])
+                  for i in range(0, len(indices), self.eval_batch_size)]
+        return torch.cat(chunks)
+
+    def probs(self, params: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (n, K) on the host."""
+        return torch.softmax(self.logits(params, indices).float(), dim=1).cpu()
+
+    def loss(self, params: torch.Tensor, indices: torch.Tensor) -> float:
+        """Mean cross-entropy (nats) of the model with flat ``params`` on ``indices``."""
+        logits = self.logits(params, indices)
+        return nn.functional.cross_entropy(logits, self.data.labels[indices]).item()

@@ -1,0 +1,225 @@
+"""Typed, validated run configuration: YAML templates plus ``key=value`` overrides.
+
+Every knob of a federated run lives in :class:`RunConfig`. Invalid input raises
+:class:`ConfigError` naming the field and the fix, before any data is loaded or
+any MLflow run is started.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pfl.algorithms import REGISTRY as _ALGORITHM_REGISTRY
+
+ALGORITHMS = tuple(_ALGORITHM_REGISTRY)
+DATASETS = ("cifar10",)
+MODELS = ("cnn",)
+# PFLlib's classes-per-client defaults for the pathological partition.
+DEFAULT_CLASSES_PER_CLIENT = {"cifar10": 2}
+
+
+class ConfigError(ValueError):
+    """Invalid run configuration; the message names the field and how to fix it."""
+
+
+class RunConfig(BaseModel):
+    """One federated run (or ``repeats`` runs with consecutive seeds).
+
+    Field names follow the PFL literature and PFLlib's flags (``join_ratio``,
+    ``global_rounds``, ``local_epochs``, ``eval_gap``). Algorithm-specific knobs
+    (FedFomo's ``M``, ``val_ratio``, ``epsilon``, ``epsilon_decay``) sit beside the shared ones.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # what to run
+    algo: str = "fedfomo"
+    dataset: str = "cifar10"
+    model: str = "cnn"
+    experiment: str = "pfl"
+    # data
+    data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("PFL_DATA_DIR", "data")))
+    cache_dir: Path = Field(default_factory=lambda: Path(os.environ.get("PFL_CACHE_DIR", ".pfl_cache")))
+    download: bool = False
+    # partition (PFLlib semantics)
+    partition: Literal["pathological", "dirichlet"] = "pathological"
+    alpha: float = 0.1
+    classes_per_client: int | None = None
+    balance: bool = False
+    num_clients: int = 20
+    train_ratio: float = 0.75
+    # federated schedule
+    join_ratio: float = 0.2
+    global_rounds: int = 100
+    local_epochs: int = 1
+    batch_size: int = 10
+    lr: float = 0.005
+    eval_gap: int = 1
+    seed: int = 0
+    repeats: int = 1
+    # FedFomo (Zhang et al., ICLR 2021)
+    M: int = 5
+    val_ratio: float = 0.2
+    epsilon: float = 0.0
+    epsilon_decay: float = 1.0
+    # evaluation and runtime
+    ece_bins: int = 20
+    eval_batch_size: int = 2000
+    device: str = "auto"
+    num_threads: int = 0
+
+    @field_validator("algo")
+    @classmethod
+    def _known_algo(cls, v: str) -> str:
+        if v not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {v!r}; choose one of {', '.join(ALGORITHMS)}")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; choose one of {', '.join(DATASETS)}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; choose one of {', '.join(MODELS)}")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _positive_alpha(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("Dirichlet alpha must be > 0 (e.g. alpha=0.1)")
+        return v
+
+    @field_validator("join_ratio")
+    @classmethod
+    def _join_ratio_range(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("join_ratio (participation ratio) must be in (0, 1], e.g. join_ratio=0.2")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("learning rate must be > 0, e.g. lr=0.005")
+        return v
+
+    @field_validator("train_ratio", "val_ratio")
+    @classmethod
+    def _open_unit_interval(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError("must be in (0, 1), e.g. 0.75 for train_ratio or 0.2 for val_ratio")
+        return v
+
+    @field_validator("epsilon")
+    @classmethod
+    def _probability(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError("epsilon is a probability: use a value in [0, 1]")
+        return v
+
+    @field_validator("epsilon_decay")
+    @classmethod
+    def _decay(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("epsilon_decay multiplies epsilon each round: use a value in (0, 1]")
+        return v
+
+    @field_validator("num_clients", "global_rounds", "local_epochs", "batch_size", "eval_gap",
+                     "repeats", "M", "ece_bins", "eval_batch_size")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be a positive integer (>= 1)")
+        return v
+
+    @field_validator("num_threads", "seed")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0 (num_threads=0 means all cores)")
+        return v
+
+    @model_validator(mode="after")
+    def _fill_and_cross_check(self) -> RunConfig:
+        if self.classes_per_client is None:
+            object.__setattr__(self, "classes_per_client", DEFAULT_CLASSES_PER_CLIENT[self.dataset])
+        if self.classes_per_client < 1:
+            raise ValueError("classes_per_client must be >= 1 (PFLlib default: 2 for cifar10)")
+        return self
+
+    def flat_params(self) -> dict[str, Any]:
+        """Flat, searchable run parameters for tracking (paths as strings)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.model_dump().items()}
+
+    @property
+    def num_join_clients(self) -> int:
+        """Clients sampled per round: ``round(join_ratio * num_clients)``, at least 1."""
+        return max(1, round(self.join_ratio * self.num_clients))
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field; valid fields are: {', '.join(RunConfig.model_fields)}"
+        lines.append(f"  {field}: {msg} (got {e.get('input')!r})")
+    return "invalid run configuration:\n" + "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are read as YAML scalars (``0.2`` -> float, ``true`` -> bool).
+
+    Empty values (``key=``) are skipped, so launchers can pass unset parameters.
+
+    Raises:
+        ConfigError: an item has no ``=``.
+    """
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. global_rounds=5)")
+        if raw.strip() == "":
+            continue
+        parsed[key.strip()] = yaml.safe_load(raw)
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a validated :class:`RunConfig` from an optional YAML file and ``key=value`` overrides.
+
+    Overrides win over the file; the file wins over the defaults.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, an override is malformed, or a
+            field is unknown or out of range (the message lists every bad field).
+    """
+    values: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a file from configs/, e.g. "
+                              "configs/fedfomo_cifar10_pr0.2.yaml")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of field: value")
+        values.update(loaded)
+    values.update(parse_overrides(overrides or []))
+    try:
+        return RunConfig(**values)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None

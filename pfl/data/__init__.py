@@ -1,0 +1,1 @@
+"""Datasets as uint8 tensors, PFLlib-style partitions, and on-device batching."""

@@ -1,0 +1,59 @@
+"""On-device batching: the uint8 pool lives on the training device, batches are index gathers.
+
+Replaces per-sample PIL transforms and DataLoader workers (DESIGN: speed). A batch
+is ``images[idx]`` converted to float and normalized on the fly with PFLlib's
+CIFAR normalization, ``(x / 255 - 0.5) / 0.5``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pfl.data.datasets import ImageDataset
+from pfl.data.partition import Partition, split_validation
+
+
+class DeviceImages:
+    """A dataset's images and labels resident on one device.
+
+    Args:
+        dataset: the pool; its uint8 images (N, C, H, W) are copied to ``device`` once.
+        device: training device.
+    """
+
+    def __init__(self, dataset: ImageDataset, device: torch.device):
+        self.device = device
+        self.images = dataset.images.to(device)
+        self.labels = dataset.labels.to(device)
+        self.num_classes = dataset.num_classes
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized float images (B, C, H, W) in [-1, 1] and int64 labels (B,) for indices ``idx`` (B,) on device."""
+        x = self.images[idx].float().div_(127.5).sub_(1.0)
+        return x, self.labels[idx]
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's index tensors on the training device.
+
+    Attributes:
+        fit: indices used for local training (the train split minus ``val``).
+        val: held-out part of the train split (``None`` when the algorithm needs none).
+        test: the client's test split; only evaluation reads it.
+    """
+
+    fit: torch.Tensor
+    val: torch.Tensor | None
+    test: torch.Tensor
+
+
+def client_data(partition: Partition, device: torch.device, val_ratio: float | None = None) -> list[ClientData]:
+    """Move a partition's index tensors to ``device``, holding out validation splits when ``val_ratio`` is set."""
+    out = []
+    for split in partition.clients:
+        fit, val = split_validation(split.train, val_ratio) if val_ratio else (split.train, None)
+        out.append(ClientData(fit.to(device), None if val is None else val.to(device), split.test.to(device)))
+    return out

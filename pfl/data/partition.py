@@ -1,0 +1,237 @@
+"""Non-IID partitions of a labelled pool among clients, with PFLlib's semantics.
+
+Two schemes, as in PFLlib's ``utils/dataset_utils.py`` (``separate_data`` and
+``split_data``) so that numbers compare with the literature:
+
+* **pathological** (McMahan et al., AISTATS 2017; PFLlib ``pat``): classes are dealt
+  in order to the first ``ceil(num_clients / num_classes * classes_per_client)``
+  clients that still need classes, so each client holds exactly
+  ``classes_per_client`` classes; a class's samples are split evenly
+  (``balance``) or in random sizes of at least ``max(n/10, least_samples/K)``.
+* **dirichlet** (Hsu et al., 2019; PFLlib ``dir``): per class, client shares are
+  drawn from Dirichlet(``alpha``); clients already holding more than N/num_clients
+  samples get no more; redrawn until every client has ``least_samples`` samples.
+
+Each client's share is then shuffled and split ``train_ratio`` / rest into train and
+test (PFLlib: 75/25). Everything is drawn from one ``numpy.random.Generator``
+seeded by ``seed``, and the result is cached on disk keyed by the partition
+config and the dataset fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# PFLlib's dataset_utils fixes batch_size = 10 when it computes least_samples.
+_PFLLIB_BATCH_SIZE = 10
+_MAX_DIRICHLET_TRIES = 1000
+_CACHE_VERSION = 1
+
+
+class PartitionError(ValueError):
+    """The requested partition cannot be built; the message names the field to change."""
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """Everything that determines a partition (the cache key, with the dataset fingerprint).
+
+    ``alpha`` is used by ``dirichlet`` only, ``classes_per_client`` by ``pathological`` only.
+    """
+
+    scheme: str
+    num_clients: int
+    seed: int
+    alpha: float = 0.1
+    classes_per_client: int = 2
+    balance: bool = False
+    train_ratio: float = 0.75
+
+    def key(self, dataset_fingerprint: str) -> str:
+        """16-hex-char hash of the spec, the dataset fingerprint and the cache format version."""
+        used = {k: v for k, v in self.__dict__.items()
+                if not (k == "alpha" and self.scheme != "dirichlet")
+                and not (k == "classes_per_client" and self.scheme != "pathological")}
+        blob = json.dumps({"spec": used, "data": dataset_fingerprint, "v": _CACHE_VERSION}, sort_keys=True)
+        return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class ClientSplit:
+    """One client's data as int64 index tensors into the pool: ``train`` (n_train,), ``test`` (n_test,)."""
+
+    train: torch.Tensor
+    test: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The clients' splits, in client-id order."""
+
+    spec: PartitionSpec
+    clients: tuple[ClientSplit, ...]
+
+    def label_counts(self, labels: torch.Tensor, num_classes: int) -> dict:
+        """Per-client label histograms (JSON-ready): ``{"spec": ..., "clients": [{"client", "train", "test", ...}]}``."""
+        def hist(idx: torch.Tensor) -> dict[str, int]:
+            counts = torch.bincount(labels[idx], minlength=num_classes).tolist()
+            return {str(c): n for c, n in enumerate(counts) if n}
+
+        return {
+            "spec": self.spec.__dict__,
+            "clients": [
+                {"client": i, "num_train": len(c.train), "num_test": len(c.test),
+                 "train": hist(c.train), "test": hist(c.test)}
+                for i, c in enumerate(self.clients)
+            ],
+        }
+
+
+def least_samples(num_samples: int, num_clients: int, train_ratio: float) -> int:
+    """PFLlib's minimum samples per client: ``int(min(10 / (1 - train_ratio), N / num_clients / 2))``."""
+    return int(min(_PFLLIB_BATCH_SIZE / (1 - train_ratio), num_samples / num_clients / 2))
+
+
+def pathological(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
+                 rng: np.random.Generator) -> list[np.ndarray]:
+    """Pathological (``pat``) split of sample indices; returns one index array per client.
+
+    Raises:
+        PartitionError: ``classes_per_client`` exceeds the number of classes, or too few
+            client slots remain for some class (raise ``num_clients`` or ``classes_per_client``).
+    """
+    n, cpc = spec.num_clients, spec.classes_per_client
+    if cpc > num_classes:
+        raise PartitionError(f"classes_per_client={cpc} exceeds the {num_classes} classes of the dataset")
+    least = least_samples(len(labels), n, spec.train_ratio)
+    remaining = [cpc] * n
+    owned: list[list[np.ndarray]] = [[] for _ in range(n)]
+    per_class = math.ceil(n / num_classes * cpc)
+    for c in range(num_classes):
+        idx_c = np.flatnonzero(labels == c)
+        selected = [i for i in range(n) if remaining[i] > 0][:per_class]
+        if not selected:
+            raise PartitionError(
+                f"pathological partition: no client left for class {c} with num_clients={n} and "
+                f"classes_per_client={cpc}; raise num_clients or classes_per_client so that "
+                f"num_clients * classes_per_client >= {num_classes} classes")
+        num_per = len(idx_c) / len(selected)
+        if spec.balance:
+            sizes = [int(num_per)] * (len(selected) - 1)
+        else:
+            low = int(max(num_per / 10, least / num_classes))
+            sizes = rng.integers(low, max(low + 1, int(num_per)), len(selected) - 1).tolist()
+        sizes.append(len(idx_c) - sum(sizes))
+        for client, chunk in zip(selected, np.split(idx_c, np.cumsum(sizes)[:-1])):
+            owned[client].append(chunk)
+            remaining[client] -= 1
+    return [np.concatenate(parts) if parts else np.empty(0, np.int64) for parts in owned]
+
+
+def dirichlet(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
+              rng: np.random.Generator) -> list[np.ndarray]:
+    """Dirichlet(``alpha``) (``dir``) split of sample indices; returns one index array per client.
+
+    Raises:
+        PartitionError: no draw gave every client PFLlib's minimum number of samples
+            within 1,000 tries (raise ``alpha`` or lower ``num_clients``).
+    """
+    n, total = spec.num_clients, len(labels)
+    least = least_samples(total, n, spec.train_ratio)
+    for _ in range(_MAX_DIRICHLET_TRIES):
+        batches: list[list[int]] = [[] for _ in range(n)]
+        for c in range(num_classes):
+            idx_c = np.flatnonzero(labels == c)
+            rng.shuffle(idx_c)
+            p = rng.dirichlet(np.repeat(spec.alpha, n))
+            p = np.array([pj * (len(b) < total / n) for pj, b in zip(p, batches)])
+            p = p / p.sum()
+            cuts = (np.cumsum(p) * len(idx_c)).astype(int)[:-1]
+            for b, chunk in zip(batches, np.split(idx_c, cuts)):
+                b.extend(chunk.tolist())
+        if min(len(b) for b in batches) >= least:
+            return [np.asarray(b, dtype=np.int64) for b in batches]
+    raise PartitionError(
+        f"dirichlet partition: no draw in {_MAX_DIRICHLET_TRIES} tries gave every one of {n} clients "
+        f"at least {least} samples; raise alpha (now {spec.alpha}) or lower num_clients")
+
+
+_SCHEMES = {"pathological": pathological, "dirichlet": dirichlet}
+
+
+def _train_test(idx: np.ndarray, train_ratio: float, rng: np.random.Generator) -> ClientSplit:
+    idx = rng.permutation(idx)
+    n_test = math.ceil(len(idx) * (1 - train_ratio))  # sklearn's train_test_split rounding
+    return ClientSplit(train=torch.from_numpy(idx[n_test:].copy()), test=torch.from_numpy(idx[:n_test].copy()))
+
+
+def make_partition(labels: torch.Tensor, num_classes: int, spec: PartitionSpec) -> Partition:
+    """Split a labelled pool among ``spec.num_clients`` clients (no cache).
+
+    Args:
+        labels: int64 tensor (N,) of the whole pool.
+        num_classes: number of classes K.
+        spec: partition settings.
+
+    Raises:
+        PartitionError: the scheme is unknown, there are more clients than samples, or a
+            client ends up with no train or no test sample.
+    """
+    if spec.scheme not in _SCHEMES:
+        raise PartitionError(f"unknown partition {spec.scheme!r}; choose one of {', '.join(_SCHEMES)}")
+    if spec.num_clients > len(labels):
+        raise PartitionError(f"num_clients={spec.num_clients} exceeds the {len(labels)} samples of the dataset")
+    rng = np.random.default_rng(spec.seed)
+    shares = _SCHEMES[spec.scheme](labels.numpy(), num_classes, spec, rng)
+    clients = tuple(_train_test(s, spec.train_ratio, rng) for s in shares)
+    empty = [i for i, c in enumerate(clients) if len(c.train) == 0 or len(c.test) == 0]
+    if empty:
+        raise PartitionError(f"clients {empty} got no train or test samples; lower num_clients")
+    return Partition(spec, clients)
+
+
+def load_or_make_partition(labels: torch.Tensor, num_classes: int, spec: PartitionSpec,
+                           dataset_fingerprint: str, cache_dir: str | Path) -> tuple[Partition, bool]:
+    """Return the partition for ``spec``, from ``<cache_dir>/partitions/<key>.npz`` when present.
+
+    Returns:
+        ``(partition, cache_hit)``.
+    """
+    path = Path(cache_dir) / "partitions" / f"{spec.key(dataset_fingerprint)}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            clients = tuple(ClientSplit(torch.from_numpy(z[f"train_{i}"]), torch.from_numpy(z[f"test_{i}"]))
+                            for i in range(spec.num_clients))
+        return Partition(spec, clients), True
+    partition = make_partition(labels, num_classes, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{part}_{i}": getattr(c, part).numpy() for i, c in enumerate(partition.clients)
+              for part in ("train", "test")}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return partition, False
+
+
+def split_validation(train: torch.Tensor, val_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out the last ``int(val_ratio * n)`` (at least 1) train indices as validation, as PFLlib's FedFomo does.
+
+    Returns:
+        ``(fit, val)`` index tensors; ``fit`` is what local training uses.
+
+    Raises:
+        PartitionError: fewer than 2 train samples, so no split leaves both parts non-empty.
+    """
+    n = len(train)
+    if n < 2:
+        raise PartitionError(f"a client with {n} train sample(s) cannot hold out a validation split; "
+                             "lower num_clients or val_ratio")
+    n_val = min(n - 1, max(1, int(val_ratio * n)))
+    return train[: n - n_val], train[n - n_val:]

@@ -1,0 +1,118 @@
+"""Classification and reliability metrics, shared by FL evaluation and head methods.
+
+All functions take predicted class probabilities ``probs`` (N, K) (rows sum to 1;
+softmax outputs or an ensemble's mean of softmaxes) and integer ``labels`` (N,).
+
+* ECE (Guo et al., ICML 2017; Naeini et al., AAAI 2015): confidences (max prob)
+  are binned, ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)|. ``adaptive`` bins hold
+  equal numbers of samples (equal-mass, Nixon et al., CVPR-W 2019); ``uniform``
+  bins split [0, 1] evenly.
+* F-ECE (Chen et al., AAAI 2024, "Watch Your Head", Sec. 5): the mean of per-client
+  ECE weighted by test samples, i.e. :func:`weighted_mean` of client ECEs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_EPS = 1e-12
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of samples whose argmax class equals the label, in [0, 1]."""
+    return (probs.argmax(dim=1) == labels).float().mean().item()
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the true class, in nats (probabilities clamped at 1e-12)."""
+    p_true = probs.gather(1, labels.view(-1, 1)).squeeze(1)
+    return -(p_true.clamp_min(_EPS).log()).mean().item()
+
+
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over samples of the squared L2 distance between probs and the one-hot label, in [0, 2]."""
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).to(probs.dtype)
+    return ((probs - onehot) ** 2).sum(dim=1).mean().item()
+
+
+def _bin_ids(conf: torch.Tensor, n_bins: int, binning: str) -> torch.Tensor:
+    n = len(conf)
+    if binning == "adaptive":
+        order = torch.argsort(conf, stable=True)
+        ids = torch.empty(n, dtype=torch.long)
+        # equal-mass bins: sample at rank r goes to bin floor(r * n_bins / n)
+        ids[order] = torch.arange(n) * n_bins // n
+        return ids
+    if binning == "uniform":
+        # bins (b/n_bins, (b+1)/n_bins]; confidence 0 falls into bin 0
+        return (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
+    raise ValueError(f"unknown binning {binning!r}; use 'adaptive' or 'uniform'")
+
+
+def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 20, binning: str = "adaptive") -> float:
+    """Expected calibration error with ``n_bins`` bins (default: 20 equal-mass bins), in [0, 1].
+
+    Raises:
+        ValueError: unknown ``binning`` or empty input.
+    """
+    if len(labels) == 0:
+        raise ValueError("ECE of an empty set is undefined")
+    probs, labels = probs.detach().double().cpu(), labels.cpu()
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).double()
+    ids = _bin_ids(conf, n_bins, binning)
+    count = torch.bincount(ids, minlength=n_bins).double()
+    gap = torch.bincount(ids, weights=correct - conf, minlength=n_bins)
+    return (gap.abs().sum() / count.sum()).item()
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 20,
+                     binning: str = "uniform") -> dict[str, list[float]]:
+    """Per-bin sample counts, mean confidence and accuracy, for reliability diagrams."""
+    probs, labels = probs.detach().double().cpu(), labels.cpu()
+    conf, pred = probs.max(dim=1)
+    ids = _bin_ids(conf, n_bins, binning)
+    count = torch.bincount(ids, minlength=n_bins).double()
+    safe = count.clamp_min(1)
+    return {
+        "count": count.tolist(),
+        "confidence": (torch.bincount(ids, weights=conf, minlength=n_bins) / safe).tolist(),
+        "accuracy": (torch.bincount(ids, weights=(pred == labels).double(), minlength=n_bins) / safe).tolist(),
+    }
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 20) -> dict[str, float]:
+    """``acc``, ``nll``, ``ece`` (adaptive, ``n_bins``) and ``brier`` of one set of predictions."""
+    return {"acc": accuracy(probs, labels), "nll": nll(probs, labels),
+            "ece": ece(probs, labels, n_bins), "brier": brier(probs, labels)}
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """``sum(w * v) / sum(w)``; with client ECEs and test-sample weights this is F-ECE.
+
+    Raises:
+        ValueError: lengths differ or the weights sum to zero.
+    """
+    if len(values) != len(weights):
+        raise ValueError(f"{len(values)} values but {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    return sum(v * w for v, w in zip(values, weights)) / total
+
+
+def aggregate_clients(per_client: Sequence[dict[str, float]], weights: Sequence[float]) -> dict[str, float]:
+    """Test-sample-weighted means of every metric, plus the unweighted std across clients (``<name>_std``).
+
+    Args:
+        per_client: one dict of metric name -> value per client (same keys).
+        weights: test samples per client.
+    """
+    out: dict[str, float] = {}
+    for name in per_client[0]:
+        values = torch.tensor([m[name] for m in per_client], dtype=torch.float64)
+        out[name] = weighted_mean(values.tolist(), weights)
+        out[f"{name}_std"] = values.std(unbiased=False).item() if len(values) > 1 else 0.0
+    return out

@@ -1,0 +1,130 @@
+"""Everything pfl writes to or reads from MLflow; the only module that imports mlflow.
+
+Run hierarchy: a *launch* run (one per command) holds one nested *FL run* per seed
+(repeats). An FL run carries flat searchable params, per-round metrics with
+``step=round``, the partition's label counts, per-client test metrics, and every
+client's personalized model as ``clients/client_XXX.safetensors`` next to
+``model.json`` (the :class:`~pfl.models.ModelSpec`), so
+:func:`load_client_model` rebuilds a client's model from the run id alone.
+
+The tracking store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///mlflow.db``
+in the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from safetensors.torch import load_file, save_file
+
+from pfl.algorithms.engine import Callback, Evaluation
+from pfl.models import ModelSpec, SplitModel, build_model
+from pfl.models.flat import set_flat
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CLIENT_DIR = "clients"
+MODEL_SPEC_FILE = "model.json"
+
+
+def configure_tracking(uri: str | None = None) -> str:
+    """Point MLflow at ``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; returns the URI used."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@contextmanager
+def launch_run(experiment: str, name: str, params: dict[str, Any]) -> Iterator[str]:
+    """Start the top-level launch run; yields its run id. An exception marks it FAILED and propagates.
+
+    When ``MLFLOW_RUN_ID`` is set (``mlflow run`` starts the run for us) that run is resumed.
+    """
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=name, tags={"pfl.kind": "launch"}) as run:
+        mlflow.log_params(params)
+        yield run.info.run_id
+
+
+@contextmanager
+def fl_run(name: str, params: dict[str, Any]) -> Iterator[str]:
+    """Start an FL run nested under the active launch run; yields its run id (FAILED on exception)."""
+    with mlflow.start_run(run_name=name, nested=True, tags={"pfl.kind": "fl"}) as run:
+        mlflow.log_params(params)
+        yield run.info.run_id
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    """Write a JSON-serializable object as an artifact of the active run."""
+    mlflow.log_dict(obj, artifact_file)
+
+
+class MLflowCallback(Callback):
+    """Logs round metrics and evaluations of the active run with ``step=round``, and per-client metrics at the end."""
+
+    def on_round_end(self, rnd: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=rnd)
+
+    def on_evaluate(self, evaluation: Evaluation) -> None:
+        mlflow.log_metrics(evaluation.metrics, step=evaluation.round)
+
+    def on_run_end(self, final: Evaluation) -> None:
+        log_json({"round": final.round, "clients": final.per_client}, "client_metrics.json")
+
+
+def _client_file(client_id: int) -> str:
+    return f"client_{client_id:03d}.safetensors"
+
+
+def log_client_models(model: SplitModel, spec: ModelSpec, params: list[torch.Tensor]) -> None:
+    """Save every client's personalized model (flat vectors (P,), in client order) as safetensors artifacts.
+
+    Files are written one client at a time through ``model``; nothing is pickled.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / CLIENT_DIR
+        folder.mkdir()
+        for cid, flat in enumerate(params):
+            set_flat(model, flat)
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, folder / _client_file(cid), metadata={"client_id": str(cid)})
+        (Path(tmp) / MODEL_SPEC_FILE).write_text(json.dumps(spec.to_dict()))
+        mlflow.log_artifacts(str(folder), CLIENT_DIR)
+        mlflow.log_artifact(str(Path(tmp) / MODEL_SPEC_FILE))
+
+
+def load_client_model(run_id: str, client_id: int, map_location: str = "cpu") -> SplitModel:
+    """Rebuild client ``client_id``'s personalized model from an FL run's artifacts.
+
+    Only the run id is needed: the architecture comes from ``model.json``, the weights
+    from ``clients/client_XXX.safetensors`` of that run. Uses the current tracking URI.
+
+    Returns:
+        the model in eval mode on ``map_location``.
+
+    Raises:
+        FileNotFoundError: the run has no saved model for that client (the message lists
+            the clients it has).
+    """
+    client = mlflow.MlflowClient()
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, CLIENT_DIR)}
+    wanted = _client_file(client_id)
+    if wanted not in names:
+        have = sorted(int(n[7:10]) for n in names if n.startswith("client_"))
+        raise FileNotFoundError(f"run {run_id} has no model for client {client_id}; saved clients: {have}")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_SPEC_FILE, dst_path=tmp)
+        weights = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CLIENT_DIR}/{wanted}",
+                                                      dst_path=tmp)
+        spec = ModelSpec(**json.loads(Path(spec_path).read_text()))
+        model = build_model(spec)
+        model.load_state_dict(load_file(weights, device=map_location))
+    return model.to(map_location).eval()

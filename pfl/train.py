@@ -1,0 +1,151 @@
+"""The main job: config -> data -> partition -> model -> rounds -> evaluation -> MLflow.
+
+:func:`prepare` does every check that can fail on bad input (data present and valid,
+partition feasible) before :func:`run_training` opens any MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pfl.algorithms import REGISTRY, Algorithm, FederatedContext
+from pfl.algorithms.engine import Callback, Engine, Evaluation, Schedule
+from pfl.algorithms.local import LocalTrainer
+from pfl.config import ConfigError, RunConfig
+from pfl.data.datasets import ImageDataset, load_dataset
+from pfl.data.loader import DeviceImages, client_data
+from pfl.data.partition import Partition, PartitionError, PartitionSpec, load_or_make_partition
+from pfl.models import ModelSpec, build_model
+from pfl.models.flat import flat_size, get_flat
+from pfl.seed import seed_everything
+
+
+@dataclass
+class Prepared:
+    """Validated inputs of a federated run, shared by all its repeats."""
+
+    cfg: RunConfig
+    dataset: ImageDataset
+    fingerprint: str
+    partition: Partition
+    device: torch.device
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        _, c, h, _ = self.dataset.images.shape
+        return ModelSpec(self.cfg.model, self.dataset.num_classes, in_channels=c, image_size=h)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``.
+
+    Raises:
+        ConfigError: a CUDA device is requested on a machine without one.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but no CUDA device is available; use device=cpu or auto")
+    return device
+
+
+def partition_spec(cfg: RunConfig) -> PartitionSpec:
+    """The partition settings of a run config (seeded by the run's base seed, shared by repeats)."""
+    return PartitionSpec(scheme=cfg.partition, num_clients=cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha,
+                         classes_per_client=cfg.classes_per_client, balance=cfg.balance,
+                         train_ratio=cfg.train_ratio)
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load and validate data and build (or load the cached) partition; no tracking yet.
+
+    Raises:
+        DatasetNotFoundError, DatasetFormatError: the data folder is missing or malformed.
+        ConfigError: the partition is infeasible for this dataset (message names the field).
+    """
+    torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+    device = resolve_device(cfg.device)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    if cfg.num_clients > len(dataset):
+        raise ConfigError(f"num_clients: {cfg.num_clients} clients but only {len(dataset)} samples; "
+                          "lower num_clients")
+    fingerprint = dataset.fingerprint()
+    try:
+        partition, _ = load_or_make_partition(dataset.labels, dataset.num_classes, partition_spec(cfg),
+                                              fingerprint, cfg.cache_dir)
+    except PartitionError as err:
+        raise ConfigError(f"partition: {err}") from None
+    return Prepared(cfg, dataset, fingerprint, partition, device)
+
+
+def build_algorithm(prepared: Prepared, seed: int) -> Algorithm:
+    """Seed everything with ``seed``, initialize the model and wrap it in the configured algorithm."""
+    cfg = prepared.cfg
+    seed_everything(seed)
+    model = build_model(prepared.model_spec).to(prepared.device)
+    cls = REGISTRY[cfg.algo]
+    clients = client_data(prepared.partition, prepared.device, cfg.val_ratio if cls.needs_validation else None)
+    trainer = LocalTrainer(model, DeviceImages(prepared.dataset, prepared.device), cfg.batch_size, cfg.lr,
+                           cfg.local_epochs, cfg.eval_batch_size)
+    ctx = FederatedContext(clients, trainer, get_flat(model).cpu(), cfg.num_join_clients, seed)
+    return cls(ctx, **{name: getattr(cfg, name) for name in cls.hyperparameters})
+
+
+def run_federated(prepared: Prepared, seed: int, callbacks: list[Callback]) -> tuple[Algorithm, Evaluation]:
+    """Run all global rounds for one seed without any tracking; returns the algorithm and final evaluation."""
+    cfg = prepared.cfg
+    algorithm = build_algorithm(prepared, seed)
+    schedule = Schedule(cfg.global_rounds, cfg.num_join_clients, cfg.eval_gap, cfg.ece_bins)
+    final = Engine(algorithm, schedule, callbacks).run()
+    return algorithm, final
+
+
+def run_params(prepared: Prepared, seed: int) -> dict:
+    """Flat searchable MLflow params of one FL run."""
+    model = build_model(prepared.model_spec)
+    return {**prepared.cfg.flat_params(), "seed": seed, "dataset_fingerprint": prepared.fingerprint,
+            "partition_key": prepared.partition.spec.key(prepared.fingerprint),
+            "num_join_clients": prepared.cfg.num_join_clients, "num_params": flat_size(model),
+            "device_used": str(prepared.device)}
+
+
+def run_training(cfg: RunConfig, extra_callbacks: list[Callback] | None = None,
+                 progress: bool = True) -> dict[str, list[str] | str]:
+    """The main job: validate, then a launch run with one nested FL run per repeat (seeds ``seed + k``).
+
+    Each FL run logs params, per-round metrics, the partition's label counts, per-client
+    metrics, the algorithm's server state and every client's personalized model.
+
+    Returns:
+        ``{"launch_run_id": ..., "fl_run_ids": [...]}``.
+
+    Raises:
+        ConfigError, DatasetNotFoundError, DatasetFormatError: before any run is created.
+        Any error of training: the runs it interrupts end FAILED; earlier artifacts stay.
+    """
+    from pfl import tracking
+    from pfl.progress import ProgressBar
+
+    prepared = prepare(cfg)
+    counts = prepared.partition.label_counts(prepared.dataset.labels, prepared.dataset.num_classes)
+    name = f"{cfg.algo}-{cfg.dataset}-{cfg.partition}-jr{cfg.join_ratio}"
+    fl_ids = []
+    with tracking.launch_run(cfg.experiment, name, prepared.cfg.flat_params()) as launch_id:
+        for k in range(cfg.repeats):
+            seed = cfg.seed + k
+            with tracking.fl_run(f"{cfg.algo}-seed{seed}", run_params(prepared, seed)) as run_id:
+                fl_ids.append(run_id)
+                tracking.log_json(counts, "partition/label_counts.json")
+                callbacks = [tracking.MLflowCallback(), *(extra_callbacks or [])]
+                if progress:
+                    callbacks.append(ProgressBar(cfg.global_rounds, desc=f"{cfg.algo} seed {seed}"))
+                algorithm, _ = run_federated(prepared, seed, callbacks)
+                for key, tensor in algorithm.state_for_logging().items():
+                    tracking.log_json(tensor.tolist(), f"server/{key}.json")
+                tracking.log_client_models(algorithm.ctx.trainer.model, prepared.model_spec,
+                                           [algorithm.personalized_model(c) for c in range(cfg.num_clients)])
+    return {"launch_run_id": launch_id, "fl_run_ids": fl_ids}
