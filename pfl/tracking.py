@@ -45,12 +45,16 @@ def configure_tracking(uri: str | None = None) -> str:
 def launch_run(experiment: str, name: str, params: dict[str, Any]) -> Iterator[str]:
     """Start the top-level launch run; yields its run id. An exception marks it FAILED and propagates.
 
-    When ``MLFLOW_RUN_ID`` is set (``mlflow run`` starts the run for us) that run is resumed.
+    When ``MLFLOW_RUN_ID`` is set (``mlflow run`` started the run and logged its entry-point
+    parameters, which MLflow does not let us change), that run is resumed and only the
+    params it lacks are added; the resolved config is always saved as ``config.json``.
     """
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=name, tags={"pfl.kind": "launch"}) as run:
-        mlflow.log_params(params)
+        logged = run.data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+        mlflow.log_dict(params, "config.json")
         yield run.info.run_id
 
 

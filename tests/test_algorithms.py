@@ -1,0 +1,200 @@
+"""FedAvg averaging, FedFomo weights and model selection, the client store and flat parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pfl.algorithms.base import ClientUpdate, FederatedContext
+from pfl.algorithms.fedavg import weighted_average
+from pfl.algorithms.fedfomo import FedFomo, fomo_weights, normalize_weights
+from pfl.algorithms.store import ClientStore
+from pfl.data.loader import ClientData
+from pfl.models.flat import flat_size, get_flat, set_flat
+
+# ---------------------------------------------------------------- FedAvg
+
+
+def test_weighted_average_hand_vectors():
+    # ([1, 2] * 1 + [3, 4] * 3) / (1 + 3) = ([1, 2] + [9, 12]) / 4 = [10, 14] / 4 = [2.5, 3.5]
+    out = weighted_average([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])], [1, 3])
+    assert out.shape == (2,)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.tensor([2.5, 3.5]))
+
+
+def test_weighted_average_equal_weights_is_mean_and_zero_weight_ignored():
+    vs = [torch.tensor([0.0, 6.0]), torch.tensor([2.0, 0.0]), torch.tensor([100.0, 100.0])]
+    # weights 5, 5, 0: (5*[0,6] + 5*[2,0]) / 10 = [1, 3]; the third vector has no influence
+    assert torch.allclose(weighted_average(vs, [5, 5, 0]), torch.tensor([1.0, 3.0]))
+
+
+def test_weighted_average_errors():
+    with pytest.raises(ValueError, match="zero vectors"):
+        weighted_average([], [])
+    with pytest.raises(ValueError, match="positive"):
+        weighted_average([torch.ones(2), torch.ones(2)], [0, 0])
+
+
+# ---------------------------------------------------------------- FedFomo weights
+
+
+def test_fomo_weights_hand_computed():
+    # loss_old = 2.0; received models with losses 1.0, 2.5, 1.5 at distances 1.0, 0.5, 2.0:
+    #   w_0 = (2.0 - 1.0) / (1.0 + 1e-5) =  1.0 / 1.00001 =  0.99999
+    #   w_1 = (2.0 - 2.5) / (0.5 + 1e-5) = -0.5 / 0.50001 = -0.99998
+    #   w_2 = (2.0 - 1.5) / (2.0 + 1e-5) =  0.5 / 2.00001 =  0.2499988
+    raw = fomo_weights(2.0, torch.tensor([1.0, 2.5, 1.5]), torch.tensor([1.0, 0.5, 2.0]))
+    assert raw.dtype == torch.float64
+    expected = torch.tensor([1.0 / 1.00001, -0.5 / 0.50001, 0.5 / 2.00001], dtype=torch.float64)
+    assert torch.allclose(raw, expected, rtol=1e-6, atol=1e-9)
+    # clip at 0 -> [0.99999, 0, 0.2499988]; sum 1.2499888; normalized ~= [0.8, 0, 0.2]
+    w = normalize_weights(raw)
+    assert w is not None
+    assert torch.allclose(w, torch.tensor([0.8, 0.0, 0.2], dtype=torch.float64), atol=1e-5)
+    assert w.sum().item() == pytest.approx(1.0)
+    assert w[1].item() == 0.0
+
+
+def test_fomo_weights_zero_distance_uses_guard():
+    # identical model (distance 0) that is better by 1e-3: (1e-3) / (0 + 1e-5) = 100, finite
+    raw = fomo_weights(1.0, torch.tensor([0.999]), torch.tensor([0.0]))
+    assert torch.isfinite(raw).all()
+    assert raw.item() == pytest.approx(100.0, rel=1e-4)
+
+
+def test_normalize_weights_all_nonpositive_returns_none():
+    assert normalize_weights(torch.tensor([-1.0, 0.0, -0.5], dtype=torch.float64)) is None
+    assert normalize_weights(torch.zeros(3, dtype=torch.float64)) is None
+
+
+def test_normalize_weights_single_positive_gets_all_mass():
+    w = normalize_weights(torch.tensor([-3.0, 0.5, -1.0], dtype=torch.float64))
+    assert w is not None
+    assert w.tolist() == [0.0, 1.0, 0.0]
+
+
+# ---------------------------------------------------------------- ClientStore
+
+
+def test_client_store_default_is_shared():
+    default = torch.arange(4, dtype=torch.float32)
+    store = ClientStore(default)
+    assert len(store) == 0
+    # unwritten clients all return the very same default tensor (no per-client copies)
+    assert store[0] is store.default
+    assert store[7] is store[3]
+    assert torch.equal(store[5], default)
+
+
+def test_client_store_copies_on_set():
+    store = ClientStore(torch.zeros(3))
+    source = torch.tensor([1.0, 2.0, 3.0])
+    store[2] = source
+    source.add_(10.0)  # mutating the source after set must not change the stored value
+    assert torch.equal(store[2], torch.tensor([1.0, 2.0, 3.0]))
+    assert len(store) == 1
+    assert torch.equal(store[0], torch.zeros(3))  # other clients still see the default
+
+
+def test_client_store_rejects_wrong_shape():
+    store = ClientStore(torch.zeros(3))
+    with pytest.raises(ValueError, match="client 1"):
+        store[1] = torch.zeros(4)
+    assert len(store) == 0
+
+
+# ---------------------------------------------------------------- flat parameters
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    # float state: Linear weight 2*3 + bias 2, BatchNorm weight 2 + bias 2 + running_mean 2 + running_var 2
+    # = 16 floats; BatchNorm's num_batches_tracked is an integer buffer and is excluded.
+    return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+
+
+def test_flat_round_trip():
+    model = _tiny_model()
+    assert flat_size(model) == 16
+    flat = get_flat(model)
+    assert flat.shape == (16,) and flat.dtype == torch.float32
+    new = torch.arange(16, dtype=torch.float32)
+    set_flat(model, new)
+    assert torch.equal(get_flat(model), new)
+    # state_dict order: linear.weight (0..5), linear.bias (6,7), bn.weight (8,9), bn.bias (10,11),
+    # bn.running_mean (12,13), bn.running_var (14,15)
+    assert torch.equal(model[0].weight, torch.arange(6, dtype=torch.float32).view(2, 3))
+    assert torch.equal(model[1].running_var, torch.tensor([14.0, 15.0]))
+    assert model[1].num_batches_tracked.item() == 0
+    # get_flat is detached from the model: changing the model does not change an earlier vector
+    snapshot = get_flat(model)
+    set_flat(model, torch.zeros(16))
+    assert torch.equal(snapshot, new)
+
+
+def test_set_flat_wrong_length_raises():
+    model = _tiny_model()
+    before = get_flat(model)
+    with pytest.raises(ValueError, match="15 entries"):
+        set_flat(model, torch.zeros(15))
+    assert torch.equal(get_flat(model), before)
+
+
+# ---------------------------------------------------------------- FedFomo selection
+
+
+def _fomo(num_clients: int, num_join: int, M: int = 5, epsilon: float = 0.0, seed: int = 0) -> FedFomo:
+    idx = torch.arange(4)
+    clients = [ClientData(fit=idx[:2], val=idx[2:3], test=idx[3:]) for _ in range(num_clients)]
+    # select() never touches the trainer; the context needs only clients, init params and counts
+    ctx = FederatedContext(clients=clients, trainer=None, init_params=torch.zeros(3),
+                           num_join_clients=num_join, seed=seed)
+    return FedFomo(ctx, M=M, epsilon=epsilon)
+
+
+def test_fedfomo_initial_state():
+    algo = _fomo(num_clients=4, num_join=2, M=5)
+    assert algo.M == 2  # M' = min(M, clients sampled per round)
+    assert torch.equal(algo.P, torch.eye(4, dtype=torch.float64))
+    # before anything was uploaded, a client starts from (and anchors on) its current model
+    start = algo.configure_fit(1, rnd=1)
+    assert torch.equal(start, torch.zeros(3))
+    assert torch.equal(algo.anchors[1], torch.zeros(3))
+
+
+def test_fedfomo_select_top_m_ties_by_lower_id():
+    algo = _fomo(num_clients=5, num_join=5)
+    algo.P[2] = torch.tensor([0.5, 0.9, 0.1, 0.9, 0.5], dtype=torch.float64)
+    # descending by value: 0.9 (ids 1, 3 -> lower id first), 0.5 (ids 0, 4), 0.1 (id 2)
+    assert algo.select(2, 3, rnd=1).tolist() == [1, 3, 0]
+    assert algo.select(2, 5, rnd=1).tolist() == [1, 3, 0, 4, 2]
+    # an untouched row is the identity row: the client itself first, then the others by id
+    assert algo.select(4, 3, rnd=1).tolist() == [4, 0, 1]
+
+
+def test_fedfomo_select_exploration_is_random_but_seeded():
+    a = _fomo(num_clients=10, num_join=10, epsilon=1.0, seed=3)
+    b = _fomo(num_clients=10, num_join=10, epsilon=1.0, seed=3)
+    picks = [a.select(0, 4, rnd=r).tolist() for r in range(1, 6)]
+    assert picks == [b.select(0, 4, rnd=r).tolist() for r in range(1, 6)]
+    for ids in picks:
+        assert len(set(ids)) == 4 and all(0 <= i < 10 for i in ids)
+    # with P = identity, greedy selection would always be [0, 1, 2, 3]; exploration must differ at least once
+    assert any(ids != [0, 1, 2, 3] for ids in picks)
+
+
+def test_fedfomo_aggregate_adds_raw_weights_to_affinity_row():
+    algo = _fomo(num_clients=3, num_join=3)
+    ids = torch.tensor([2, 0])
+    raw = torch.tensor([0.25, -0.5], dtype=torch.float64)
+    algo._pending[1] = (ids, raw)
+    update = ClientUpdate(client_id=1, params=torch.tensor([1.0, 2.0, 3.0]), num_samples=2, loss=0.0)
+    algo.aggregate_fit(1, [update])
+    # row 1 of the identity plus the raw (unclipped) weights at columns 2 and 0: [-0.5, 1, 0.25]
+    assert algo.P[1].tolist() == [-0.5, 1.0, 0.25]
+    assert algo.P[0].tolist() == [1.0, 0.0, 0.0]
+    assert torch.equal(algo.personalized_model(1), torch.tensor([1.0, 2.0, 3.0]))
+    assert algo.num_uploaded == 1
+    assert 1 not in algo._pending

@@ -1,0 +1,168 @@
+"""Run configuration: YAML + overrides, validation messages, shipped templates, and CLI errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pfl.config import ConfigError, RunConfig, load_config, parse_overrides
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_yaml_values_and_override_wins(tmp_path):
+    path = _write(tmp_path, "algo: fedavg\nnum_clients: 10\nlr: 0.01\nglobal_rounds: 7\n")
+    cfg = load_config(path, ["lr=0.5", "global_rounds=3", "balance=true"])
+    assert cfg.algo == "fedavg"          # from the file
+    assert cfg.num_clients == 10         # from the file
+    assert cfg.lr == 0.5                 # override beats the file's 0.01
+    assert cfg.global_rounds == 3        # override beats the file's 7
+    assert cfg.balance is True           # YAML scalar parsing of "true"
+    assert cfg.batch_size == RunConfig().batch_size  # untouched default
+
+
+def test_no_file_gives_defaults_and_empty_override_is_skipped():
+    cfg = load_config(None, ["seed=", "seed=4", "M="])
+    assert cfg.seed == 4
+    assert cfg.M == 5
+
+
+def test_parse_overrides_yaml_scalars():
+    assert parse_overrides(["a=0.2", "b=3", "c=true", "d=text", "e="]) == {"a": 0.2, "b": 3, "c": True, "d": "text"}
+
+
+# ---------------------------------------------------------------- validation errors
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "fix"),
+    [
+        (["algo=fedfoo"], "algo", "choose one of fedavg, fedfomo"),
+        (["dataset=mnist"], "dataset", "choose one of cifar10"),
+        (["alpha=0"], "alpha", "alpha=0.1"),
+        (["alpha=-1"], "alpha", "alpha=0.1"),
+        (["join_ratio=0"], "join_ratio", "join_ratio=0.2"),
+        (["join_ratio=1.5"], "join_ratio", "join_ratio=0.2"),
+        (["lr=-0.1"], "lr", "lr=0.005"),
+        (["foo=1"], "foo", "valid fields are"),
+        (["classes_per_client=0"], "classes_per_client", "2 for cifar10"),
+    ],
+)
+def test_invalid_values_raise_config_error_naming_field_and_fix(overrides, field, fix):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    msg = str(info.value)
+    assert f"{field}:" in msg
+    assert fix in msg
+
+
+def test_every_bad_field_is_listed():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["alpha=0", "lr=-1"])
+    assert "alpha:" in str(info.value) and "lr:" in str(info.value)
+
+
+def test_malformed_override_raises():
+    with pytest.raises(ConfigError, match=r"'foo' is not key=value.*global_rounds=5"):
+        load_config(None, ["foo"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(None, ["=3"])
+
+
+def test_missing_config_file_raises(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing)
+    msg = str(info.value)
+    assert str(missing) in msg and "does not exist" in msg
+    assert "configs/fedfomo_cifar10_pr0.2.yaml" in msg
+
+
+def test_config_file_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+# ---------------------------------------------------------------- derived values
+
+
+@pytest.mark.parametrize(
+    ("join_ratio", "num_clients", "expected"),
+    [(0.2, 20, 4), (0.01, 20, 1), (1.0, 20, 20), (0.15, 20, 3), (0.5, 10, 5)],
+)
+def test_num_join_clients(join_ratio, num_clients, expected):
+    cfg = load_config(None, [f"join_ratio={join_ratio}", f"num_clients={num_clients}"])
+    assert cfg.num_join_clients == expected
+
+
+def test_classes_per_client_default_fill():
+    assert load_config().classes_per_client == 2
+    assert load_config(None, ["dataset=cifar10"]).classes_per_client == 2
+    assert load_config(None, ["classes_per_client=3"]).classes_per_client == 3
+
+
+@pytest.mark.parametrize(("name", "algo"), [("fedfomo_cifar10_pr0.2.yaml", "fedfomo"),
+                                            ("fedavg_cifar10_pr0.2.yaml", "fedavg")])
+def test_shipped_templates(name, algo):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.algo == algo
+    assert cfg.dataset == "cifar10"
+    assert cfg.num_clients == 20
+    assert cfg.join_ratio == 0.2
+    assert cfg.num_join_clients == 4
+    assert cfg.partition == "pathological"
+    assert cfg.classes_per_client == 2
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def restore_mlflow_uri():
+    """The CLI may point MLflow at a store; put the process-wide tracking URI back afterwards."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old = utils._tracking_uri
+    yield
+    mlflow.set_tracking_uri(old)
+
+
+def test_cli_bad_alpha_exits_2_without_tracking_store(tmp_path, monkeypatch, capsys, restore_mlflow_uri):
+    from pfl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["train", "alpha=0"]) == 2
+    err = capsys.readouterr().err
+    assert "alpha" in err
+    assert "pfl: error:" in err
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_cli_missing_data_exits_2_naming_path(tmp_path, monkeypatch, capsys, restore_mlflow_uri):
+    from pfl.cli import main
+
+    empty = tmp_path / "empty_data"
+    empty.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code = main(["train", "--no-progress", f"data_dir={empty}", f"cache_dir={tmp_path / 'cache'}",
+                 "global_rounds=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(empty / "cifar-10-batches-py") in err
+    assert "data_dir=" in err or "PFL_DATA_DIR" in err  # says how to point pfl at the data
+    # the data check happens before any MLflow run is opened
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,286 @@
+"""Pathological and Dirichlet partitions of the real CIFAR-10 labels (the ``cifar10`` fixture's slice)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pfl.data.datasets import load_cifar10
+from pfl.data.partition import (
+    Partition,
+    PartitionError,
+    PartitionSpec,
+    least_samples,
+    load_or_make_partition,
+    make_partition,
+    split_validation,
+)
+
+SCHEMES = {
+    # PFLlib's CIFAR-10 pathological setting: 20 clients, 2 classes each
+    "pathological": PartitionSpec("pathological", num_clients=20, seed=0, classes_per_client=2),
+    "dirichlet": PartitionSpec("dirichlet", num_clients=10, seed=0, alpha=0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def partitions(cifar10) -> dict[str, Partition]:
+    return {name: make_partition(cifar10.labels, cifar10.num_classes, spec) for name, spec in SCHEMES.items()}
+
+
+def _share(client) -> torch.Tensor:
+    return torch.cat([client.train, client.test])
+
+
+def _same(a: Partition, b: Partition) -> bool:
+    return len(a.clients) == len(b.clients) and all(
+        torch.equal(x.train, y.train) and torch.equal(x.test, y.test) for x, y in zip(a.clients, b.clients))
+
+
+def test_fixture_holds_real_cifar10(cifar10_dir, cifar10):
+    # the partition tests run on real labels: loading the fixture folder gives the same pool
+    again = load_cifar10(cifar10_dir)
+    assert torch.equal(again.labels, cifar10.labels)
+    assert cifar10.num_classes == 10
+    assert cifar10.labels.dtype == torch.int64
+    assert set(cifar10.labels.unique().tolist()) == set(range(10))
+
+
+# ---------------------------------------------------------------- properties of both schemes
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_deterministic_for_same_spec_and_seed(cifar10, partitions, scheme):
+    again = make_partition(cifar10.labels, cifar10.num_classes, SCHEMES[scheme])
+    assert _same(again, partitions[scheme])
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_different_seed_gives_different_partition(cifar10, partitions, scheme):
+    spec = SCHEMES[scheme]
+    other = make_partition(cifar10.labels, cifar10.num_classes,
+                           PartitionSpec(**{**spec.__dict__, "seed": spec.seed + 1}))
+    assert not _same(other, partitions[scheme])
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_every_client_has_train_and_test(partitions, scheme):
+    p = partitions[scheme]
+    assert len(p.clients) == SCHEMES[scheme].num_clients
+    for c in p.clients:
+        assert len(c.train) > 0 and len(c.test) > 0
+        assert c.train.dtype == torch.int64 and c.test.dtype == torch.int64
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_train_test_disjoint_and_shares_disjoint_covering_pool(cifar10, partitions, scheme):
+    seen = torch.zeros(len(cifar10), dtype=torch.long)
+    for c in partitions[scheme].clients:
+        share = _share(c)
+        # train and test are disjoint and together are exactly the client's share (no duplicates)
+        assert len(set(c.train.tolist()) & set(c.test.tolist())) == 0
+        assert len(share.unique()) == len(share)
+        seen.index_add_(0, share, torch.ones_like(share))
+    # shares are pairwise disjoint (no index counted twice) and every sample of the pool is dealt out
+    assert seen.max().item() == 1
+    assert seen.min().item() == 1
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_train_ratio_075(partitions, scheme):
+    for c in partitions[scheme].clients:
+        n = len(c.train) + len(c.test)
+        assert len(c.test) == math.ceil(0.25 * n)
+        assert len(c.train) / n == pytest.approx(0.75, abs=1 / n + 1e-9)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_label_counts_sums_match(cifar10, partitions, scheme):
+    p = partitions[scheme]
+    counts = p.label_counts(cifar10.labels, cifar10.num_classes)
+    assert counts["spec"]["scheme"] == scheme
+    assert len(counts["clients"]) == len(p.clients)
+    total = 0
+    for i, (entry, c) in enumerate(zip(counts["clients"], p.clients)):
+        assert entry["client"] == i
+        assert entry["num_train"] == len(c.train) == sum(entry["train"].values())
+        assert entry["num_test"] == len(c.test) == sum(entry["test"].values())
+        for cls, n in entry["train"].items():
+            assert n == int((cifar10.labels[c.train] == int(cls)).sum())
+        total += entry["num_train"] + entry["num_test"]
+    assert total == len(cifar10)
+
+
+# ---------------------------------------------------------------- pathological
+
+
+def test_pathological_two_classes_per_client(cifar10, partitions):
+    for c in partitions["pathological"].clients:
+        classes = cifar10.labels[_share(c)].unique()
+        assert len(classes) == 2
+
+
+def test_pathological_deals_classes_in_order(cifar10, partitions):
+    # ceil(20 / 10 * 2) = 4 clients per class: classes 0 and 1 go to clients 0-3, 2 and 3 to 4-7, ...
+    for i, c in enumerate(partitions["pathological"].clients):
+        first = 2 * (i // 4)
+        assert cifar10.labels[_share(c)].unique().tolist() == [first, first + 1]
+
+
+def test_pathological_class_chunks_respect_pfllib_lower_bound(cifar10, partitions):
+    # PFLlib: a class's chunk has at least int(max(num_per / 10, least_samples / K)) samples
+    spec = SCHEMES["pathological"]
+    least = least_samples(len(cifar10), spec.num_clients, spec.train_ratio)
+    class_sizes = torch.bincount(cifar10.labels, minlength=10)
+    for c in partitions["pathological"].clients:
+        hist = torch.bincount(cifar10.labels[_share(c)], minlength=10)
+        for cls in hist.nonzero().flatten().tolist():
+            num_per = class_sizes[cls].item() / 4
+            assert hist[cls].item() >= int(max(num_per / 10, least / 10))
+
+
+def test_pathological_balance_gives_equal_chunks(cifar10):
+    spec = PartitionSpec("pathological", num_clients=20, seed=0, classes_per_client=2, balance=True)
+    p = make_partition(cifar10.labels, 10, spec)
+    class_sizes = torch.bincount(cifar10.labels, minlength=10)
+    for i, c in enumerate(p.clients):
+        hist = torch.bincount(cifar10.labels[_share(c)], minlength=10)
+        for cls in hist.nonzero().flatten().tolist():
+            per = class_sizes[cls].item() / 4
+            if i % 4 < 3:   # the first 3 owners get int(n_c / 4); the last one the remainder
+                assert hist[cls].item() == int(per)
+            else:
+                assert hist[cls].item() == class_sizes[cls].item() - 3 * int(per)
+
+
+def test_pathological_infeasible_raises(cifar10):
+    # 4 clients * 2 classes = 8 slots < 10 classes
+    spec = PartitionSpec("pathological", num_clients=4, seed=0, classes_per_client=2)
+    with pytest.raises(PartitionError, match="classes_per_client") as info:
+        make_partition(cifar10.labels, 10, spec)
+    assert "num_clients" in str(info.value)
+
+
+def test_pathological_too_many_classes_per_client_raises(cifar10):
+    spec = PartitionSpec("pathological", num_clients=20, seed=0, classes_per_client=11)
+    with pytest.raises(PartitionError, match="classes_per_client=11"):
+        make_partition(cifar10.labels, 10, spec)
+
+
+def test_unknown_scheme_and_too_many_clients_raise(cifar10):
+    with pytest.raises(PartitionError, match="unknown partition"):
+        make_partition(cifar10.labels, 10, PartitionSpec("iid", num_clients=5, seed=0))
+    with pytest.raises(PartitionError, match="num_clients"):
+        make_partition(cifar10.labels[:10], 10, PartitionSpec("dirichlet", num_clients=11, seed=0))
+
+
+# ---------------------------------------------------------------- Dirichlet
+
+
+def _mean_max_class_fraction(cifar10, alpha: float, seeds=(0, 1, 2)) -> float:
+    fractions = []
+    for seed in seeds:
+        p = make_partition(cifar10.labels, 10, PartitionSpec("dirichlet", num_clients=10, seed=seed, alpha=alpha))
+        for c in p.clients:
+            hist = torch.bincount(cifar10.labels[_share(c)], minlength=10).double()
+            fractions.append((hist.max() / hist.sum()).item())
+    return float(np.mean(fractions))
+
+
+def test_dirichlet_skew_decreases_with_alpha(cifar10):
+    skew = [_mean_max_class_fraction(cifar10, a) for a in (0.05, 0.5, 5.0)]
+    assert skew[0] > skew[1] > skew[2]
+    # near-IID at alpha = 5: the largest class is close to 1/10 of a client's data
+    assert skew[2] < 0.35
+    # strongly non-IID at alpha = 0.05: most of a client's data is one class
+    assert skew[0] > 0.5
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5])
+def test_dirichlet_pfllib_minimum_samples(cifar10, alpha):
+    spec = PartitionSpec("dirichlet", num_clients=20, seed=0, alpha=alpha)
+    p = make_partition(cifar10.labels, 10, spec)
+    least = least_samples(len(cifar10), 20, 0.75)
+    # PFLlib: int(min(10 / (1 - 0.75), N / 20 / 2)) = int(min(40, N / 40))
+    assert least == int(min(40, len(cifar10) / 40))
+    assert least > 0
+    assert min(len(c.train) + len(c.test) for c in p.clients) >= least
+
+
+def test_least_samples_formula():
+    assert least_samples(60000, 20, 0.75) == 40      # min(10 / 0.25 = 40, 60000 / 20 / 2 = 1500)
+    assert least_samples(600, 20, 0.75) == 15        # min(40, 600 / 20 / 2 = 15)
+    assert least_samples(60000, 20, 0.5) == 20       # min(10 / 0.5 = 20, 1500)
+
+
+def test_dirichlet_infeasible_raises(cifar10):
+    # 20 clients from 40 samples: every client needs least_samples(40, 20, .75) = int(min(40, 1)) = 1
+    # sample, impossible to guarantee in a draw at alpha = 1e-3 where each class goes to one client
+    spec = PartitionSpec("dirichlet", num_clients=20, seed=0, alpha=1e-3)
+    with pytest.raises(PartitionError, match="raise alpha"):
+        make_partition(cifar10.labels[:40], 10, spec)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_disk_cache_round_trip(cifar10, tmp_path):
+    spec = SCHEMES["pathological"]
+    fp = cifar10.fingerprint()
+    first, hit1 = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)
+    assert hit1 is False
+    assert (tmp_path / "partitions" / f"{spec.key(fp)}.npz").is_file()
+    second, hit2 = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)
+    assert hit2 is True
+    assert second.spec == spec
+    assert _same(first, second)
+    for c in second.clients:
+        assert c.train.dtype == torch.int64 and c.test.dtype == torch.int64
+    # and the cached partition is exactly what make_partition computes
+    assert _same(second, make_partition(cifar10.labels, 10, spec))
+
+
+def test_cache_key_depends_on_spec_and_data(cifar10, tmp_path):
+    fp = cifar10.fingerprint()
+    base = SCHEMES["pathological"]
+    other = PartitionSpec(**{**base.__dict__, "seed": 1})
+    assert base.key(fp) != other.key(fp)
+    assert base.key(fp) != base.key("0" * 16)
+    assert len(base.key(fp)) == 16
+    # alpha is unused by the pathological scheme, so it does not change the key
+    assert base.key(fp) == PartitionSpec(**{**base.__dict__, "alpha": 0.9}).key(fp)
+    # a different spec misses the cache and gets its own file
+    load_or_make_partition(cifar10.labels, 10, base, fp, tmp_path)
+    part, hit = load_or_make_partition(cifar10.labels, 10, other, fp, tmp_path)
+    assert hit is False
+    assert len(list((tmp_path / "partitions").glob("*.npz"))) == 2
+    assert _same(part, make_partition(cifar10.labels, 10, other))
+
+
+# ---------------------------------------------------------------- validation split
+
+
+def test_split_validation_takes_last_samples():
+    train = torch.arange(10) * 7
+    fit, val = split_validation(train, 0.2)
+    # int(0.2 * 10) = 2 -> the last two indices
+    assert val.tolist() == [56, 63]
+    assert fit.tolist() == [0, 7, 14, 21, 28, 35, 42, 49]
+    fit, val = split_validation(torch.arange(10), 0.25)   # int(2.5) = 2
+    assert val.tolist() == [8, 9] and len(fit) == 8
+
+
+def test_split_validation_keeps_both_parts_non_empty():
+    fit, val = split_validation(torch.arange(3), 0.2)     # int(0.6) = 0 -> at least 1
+    assert fit.tolist() == [0, 1] and val.tolist() == [2]
+    fit, val = split_validation(torch.arange(2), 0.9)     # int(1.8) = 1, at most n - 1 = 1
+    assert fit.tolist() == [0] and val.tolist() == [1]
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_split_validation_too_small_raises(n):
+    with pytest.raises(PartitionError, match="validation"):
+        split_validation(torch.arange(n), 0.2)
