@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pfl.algorithms import REGISTRY as _ALGORITHM_REGISTRY
 
@@ -21,6 +22,24 @@ DATASETS = ("cifar10",)
 MODELS = ("cnn",)
 # PFLlib's classes-per-client defaults for the pathological partition.
 DEFAULT_CLASSES_PER_CLIENT = {"cifar10": 2}
+
+
+_CHOICES = {"algo": ("algorithm", ALGORITHMS), "dataset": ("dataset", DATASETS), "model": ("model", MODELS)}
+# Range rules: field -> (predicate, message naming the fix).
+_POSITIVE_INT = (lambda v: v >= 1, "must be a positive integer (>= 1)")
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "alpha": (lambda v: v > 0, "Dirichlet alpha must be > 0 (e.g. alpha=0.1)"),
+    "join_ratio": (lambda v: 0 < v <= 1, "join_ratio (participation ratio) must be in (0, 1], e.g. join_ratio=0.2"),
+    "lr": (lambda v: v > 0, "learning rate must be > 0, e.g. lr=0.005"),
+    "train_ratio": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. train_ratio=0.75"),
+    "val_ratio": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. val_ratio=0.2"),
+    "epsilon": (lambda v: 0 <= v <= 1, "epsilon is a probability: use a value in [0, 1]"),
+    "epsilon_decay": (lambda v: 0 < v <= 1, "epsilon_decay multiplies epsilon each round: use a value in (0, 1]"),
+    "seed": (lambda v: v >= 0, "must be >= 0"),
+    "num_threads": (lambda v: v >= 0, "must be >= 0 (0 means all cores)"),
+    **{name: _POSITIVE_INT for name in ("num_clients", "global_rounds", "local_epochs", "batch_size",
+                                         "eval_gap", "repeats", "M", "ece_bins", "eval_batch_size")},
+}
 
 
 class ConfigError(ValueError):
@@ -73,82 +92,20 @@ class RunConfig(BaseModel):
     device: str = "auto"
     num_threads: int = 0
 
-    @field_validator("algo")
+    @field_validator(*_CHOICES)
     @classmethod
-    def _known_algo(cls, v: str) -> str:
-        if v not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {v!r}; choose one of {', '.join(ALGORITHMS)}")
+    def _known_choice(cls, v: str, info: ValidationInfo) -> str:
+        what, choices = _CHOICES[info.field_name]
+        if v not in choices:
+            raise ValueError(f"unknown {what} {v!r}; choose one of {', '.join(choices)}")
         return v
 
-    @field_validator("dataset")
+    @field_validator(*_RULES)
     @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; choose one of {', '.join(DATASETS)}")
-        return v
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; choose one of {', '.join(MODELS)}")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _positive_alpha(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("Dirichlet alpha must be > 0 (e.g. alpha=0.1)")
-        return v
-
-    @field_validator("join_ratio")
-    @classmethod
-    def _join_ratio_range(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError("join_ratio (participation ratio) must be in (0, 1], e.g. join_ratio=0.2")
-        return v
-
-    @field_validator("lr")
-    @classmethod
-    def _positive_lr(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("learning rate must be > 0, e.g. lr=0.005")
-        return v
-
-    @field_validator("train_ratio", "val_ratio")
-    @classmethod
-    def _open_unit_interval(cls, v: float) -> float:
-        if not 0 < v < 1:
-            raise ValueError("must be in (0, 1), e.g. 0.75 for train_ratio or 0.2 for val_ratio")
-        return v
-
-    @field_validator("epsilon")
-    @classmethod
-    def _probability(cls, v: float) -> float:
-        if not 0 <= v <= 1:
-            raise ValueError("epsilon is a probability: use a value in [0, 1]")
-        return v
-
-    @field_validator("epsilon_decay")
-    @classmethod
-    def _decay(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError("epsilon_decay multiplies epsilon each round: use a value in (0, 1]")
-        return v
-
-    @field_validator("num_clients", "global_rounds", "local_epochs", "batch_size", "eval_gap",
-                     "repeats", "M", "ece_bins", "eval_batch_size")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be a positive integer (>= 1)")
-        return v
-
-    @field_validator("num_threads", "seed")
-    @classmethod
-    def _non_negative(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0 (num_threads=0 means all cores)")
+    def _check_rule(cls, v: Any, info: ValidationInfo) -> Any:
+        ok, fix = _RULES[info.field_name]
+        if not ok(v):
+            raise ValueError(fix)
         return v
 
     @model_validator(mode="after")

@@ -25,13 +25,14 @@ class ClientUpdate:
         client_id: the client.
         params: trained flat parameters (P,) on the host.
         num_samples: samples local training used (FedAvg's aggregation weight).
-        loss: mean minibatch training loss (nats).
+        loss: mean minibatch training loss (nats), a 0-d tensor on the training device
+            (read once per round, so local training never waits on the device).
     """
 
     client_id: int
     params: torch.Tensor
     num_samples: int
-    loss: float
+    loss: torch.Tensor
 
 
 @dataclass

@@ -28,7 +28,8 @@ class Evaluation:
     Attributes:
         round: the round just finished (0 = before training).
         metrics: test-sample-weighted means (``test_acc``, ``test_nll``, ``test_ece`` = F-ECE,
-            ``test_brier``) and unweighted stds across clients (``test_acc_std``, ...).
+            ``test_brier``), unweighted stds across clients (``test_acc_std``, ...) and
+            ``eval_time`` (seconds).
         per_client: one dict per client: ``client``, ``num_test``, ``acc``, ``nll``, ``ece``, ``brier``.
     """
 
@@ -99,6 +100,7 @@ class Engine:
 
     def evaluate(self, rnd: int) -> Evaluation:
         """Every client's personalized model on its own test split; aggregates weighted by test samples."""
+        start = time.perf_counter()
         per_client = []
         for cid, data in enumerate(self.ctx.clients):
             probs = self.ctx.trainer.probs(self.algorithm.personalized_model(cid), data.test)
@@ -108,6 +110,7 @@ class Engine:
         weights = [c["num_test"] for c in per_client]
         scores = [{k: c[k] for k in ("acc", "nll", "ece", "brier")} for c in per_client]
         metrics = {f"test_{k}": v for k, v in aggregate_clients(scores, weights).items()}
+        metrics["eval_time"] = time.perf_counter() - start
         return Evaluation(rnd, metrics, per_client)
 
     def run(self) -> Evaluation:
