@@ -36,6 +36,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epsilon": (lambda v: 0 <= v <= 1, "epsilon is a probability: use a value in [0, 1]"),
     "epsilon_decay": (lambda v: 0 < v <= 1, "epsilon_decay multiplies epsilon each round: use a value in (0, 1]"),
     "seed": (lambda v: v >= 0, "must be >= 0"),
+    "classes_per_client": (lambda v: v is None or v >= 1, "must be >= 1 (PFLlib default: 2 for cifar10)"),
     "num_threads": (lambda v: v >= 0, "must be >= 0 (0 means all cores)"),
     **{name: _POSITIVE_INT for name in ("num_clients", "global_rounds", "local_epochs", "batch_size",
                                          "eval_gap", "repeats", "M", "ece_bins", "eval_batch_size")},
@@ -109,11 +110,9 @@ class RunConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _fill_and_cross_check(self) -> RunConfig:
+    def _fill_dataset_defaults(self) -> RunConfig:
         if self.classes_per_client is None:
             object.__setattr__(self, "classes_per_client", DEFAULT_CLASSES_PER_CLIENT[self.dataset])
-        if self.classes_per_client < 1:
-            raise ValueError("classes_per_client must be >= 1 (PFLlib default: 2 for cifar10)")
         return self
 
     def flat_params(self) -> dict[str, Any]:

@@ -151,8 +151,8 @@ def dirichlet(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
             idx_c = np.flatnonzero(labels == c)
             rng.shuffle(idx_c)
             p = rng.dirichlet(np.repeat(spec.alpha, n))
-            p = np.array([pj * (len(b) < total / n) for pj, b in zip(p, batches)])
-            p = p / p.sum()
+            capped = np.array([pj * (len(b) < total / n) for pj, b in zip(p, batches)])
+            p = capped / capped.sum() if capped.sum() > 0 else p  # all open clients drew 0: keep the draw
             cuts = (np.cumsum(p) * len(idx_c)).astype(int)[:-1]
             for b, chunk in zip(batches, np.split(idx_c, cuts)):
                 b.extend(chunk.tolist())
