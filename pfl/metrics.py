@@ -68,21 +68,6 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 20, binning: st
     return (gap.abs().sum() / count.sum()).item()
 
 
-def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 20,
-                     binning: str = "uniform") -> dict[str, list[float]]:
-    """Per-bin sample counts, mean confidence and accuracy, for reliability diagrams."""
-    probs, labels = probs.detach().double().cpu(), labels.cpu()
-    conf, pred = probs.max(dim=1)
-    ids = _bin_ids(conf, n_bins, binning)
-    count = torch.bincount(ids, minlength=n_bins).double()
-    safe = count.clamp_min(1)
-    return {
-        "count": count.tolist(),
-        "confidence": (torch.bincount(ids, weights=conf, minlength=n_bins) / safe).tolist(),
-        "accuracy": (torch.bincount(ids, weights=(pred == labels).double(), minlength=n_bins) / safe).tolist(),
-    }
-
-
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 20) -> dict[str, float]:
     """``acc``, ``nll``, ``ece`` (adaptive, ``n_bins``) and ``brier`` of one set of predictions."""
     return {"acc": accuracy(probs, labels), "nll": nll(probs, labels),

@@ -106,10 +106,10 @@ def run_federated(prepared: Prepared, seed: int, callbacks: list[Callback]) -> t
 
 def run_params(prepared: Prepared, seed: int) -> dict:
     """Flat searchable MLflow params of one FL run."""
-    model = build_model(prepared.model_spec)
     return {**prepared.cfg.flat_params(), "seed": seed, "dataset_fingerprint": prepared.fingerprint,
             "partition_key": prepared.partition.spec.key(prepared.fingerprint),
-            "num_join_clients": prepared.cfg.num_join_clients, "num_params": flat_size(model),
+            "num_join_clients": prepared.cfg.num_join_clients,
+            "num_params": flat_size(build_model(prepared.model_spec)),
             "device_used": str(prepared.device)}
 
 
