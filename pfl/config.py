@@ -8,8 +8,8 @@ any MLflow run is started.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml

@@ -19,7 +19,7 @@ from pfl.data.datasets import ImageDataset, load_dataset
 from pfl.data.loader import DeviceImages, client_data
 from pfl.data.partition import Partition, PartitionError, PartitionSpec, load_or_make_partition
 from pfl.models import ModelSpec, build_model
-from pfl.models.flat import flat_size, get_flat
+from pfl.models.flat import get_flat
 from pfl.seed import seed_everything
 
 
@@ -95,22 +95,24 @@ def build_algorithm(prepared: Prepared, seed: int) -> Algorithm:
     return cls(ctx, **{name: getattr(cfg, name) for name in cls.hyperparameters})
 
 
-def run_federated(prepared: Prepared, seed: int, callbacks: list[Callback]) -> tuple[Algorithm, Evaluation]:
-    """Run all global rounds for one seed without any tracking; returns the algorithm and final evaluation."""
-    cfg = prepared.cfg
-    algorithm = build_algorithm(prepared, seed)
+def run_rounds(algorithm: Algorithm, cfg: RunConfig, callbacks: list[Callback]) -> Evaluation:
+    """Run all global rounds of ``cfg`` for a built algorithm; returns the final evaluation."""
     schedule = Schedule(cfg.global_rounds, cfg.num_join_clients, cfg.eval_gap, cfg.ece_bins)
-    final = Engine(algorithm, schedule, callbacks).run()
-    return algorithm, final
+    return Engine(algorithm, schedule, callbacks).run()
 
 
-def run_params(prepared: Prepared, seed: int) -> dict:
-    """Flat searchable MLflow params of one FL run."""
-    return {**prepared.cfg.flat_params(), "seed": seed, "dataset_fingerprint": prepared.fingerprint,
+def run_federated(prepared: Prepared, seed: int, callbacks: list[Callback]) -> tuple[Algorithm, Evaluation]:
+    """Build the algorithm for ``seed`` and run it without any tracking; returns it and the final evaluation."""
+    algorithm = build_algorithm(prepared, seed)
+    return algorithm, run_rounds(algorithm, prepared.cfg, callbacks)
+
+
+def run_params(prepared: Prepared, algorithm: Algorithm) -> dict:
+    """Flat searchable MLflow params of one FL run (config, seed, data and model identity)."""
+    return {**prepared.cfg.flat_params(), "seed": algorithm.ctx.seed, "dataset_fingerprint": prepared.fingerprint,
             "partition_key": prepared.partition.spec.key(prepared.fingerprint),
             "num_join_clients": prepared.cfg.num_join_clients,
-            "num_params": flat_size(build_model(prepared.model_spec)),
-            "device_used": str(prepared.device)}
+            "num_params": algorithm.ctx.init_params.numel(), "device_used": str(prepared.device)}
 
 
 def run_training(cfg: RunConfig, extra_callbacks: list[Callback] | None = None,
@@ -137,13 +139,14 @@ def run_training(cfg: RunConfig, extra_callbacks: list[Callback] | None = None,
     with tracking.launch_run(cfg.experiment, name, prepared.cfg.flat_params()) as launch_id:
         for k in range(cfg.repeats):
             seed = cfg.seed + k
-            with tracking.fl_run(f"{cfg.algo}-seed{seed}", run_params(prepared, seed)) as run_id:
+            algorithm = build_algorithm(prepared, seed)
+            with tracking.fl_run(f"{cfg.algo}-seed{seed}", run_params(prepared, algorithm)) as run_id:
                 fl_ids.append(run_id)
                 tracking.log_json(counts, "partition/label_counts.json")
                 callbacks = [tracking.MLflowCallback(), *(extra_callbacks or [])]
                 if progress:
                     callbacks.append(ProgressBar(cfg.global_rounds, desc=f"{cfg.algo} seed {seed}"))
-                algorithm, _ = run_federated(prepared, seed, callbacks)
+                run_rounds(algorithm, cfg, callbacks)
                 for key, tensor in algorithm.state_for_logging().items():
                     tracking.log_json(tensor.tolist(), f"server/{key}.json")
                 tracking.log_client_models(algorithm.ctx.trainer.model, prepared.model_spec,

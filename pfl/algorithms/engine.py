@@ -26,7 +26,7 @@ class Evaluation:
     """Evaluation of all clients' personalized models after a round.
 
     Attributes:
-        round: the round just finished (0 = before training).
+        round: the global round just finished (1-based).
         metrics: test-sample-weighted means (``test_acc``, ``test_nll``, ``test_ece`` = F-ECE,
             ``test_brier``), unweighted stds across clients (``test_acc_std``, ...) and
             ``eval_time`` (seconds).
@@ -101,14 +101,13 @@ class Engine:
     def evaluate(self, rnd: int) -> Evaluation:
         """Every client's personalized model on its own test split; aggregates weighted by test samples."""
         start = time.perf_counter()
-        per_client = []
+        scores, weights = [], []
         for cid, data in enumerate(self.ctx.clients):
             probs = self.ctx.trainer.probs(self.algorithm.personalized_model(cid), data.test)
             labels = self.ctx.trainer.data.labels[data.test].cpu()
-            m = classification_metrics(probs, labels, self.schedule.ece_bins)
-            per_client.append({"client": cid, "num_test": len(data.test), **m})
-        weights = [c["num_test"] for c in per_client]
-        scores = [{k: c[k] for k in ("acc", "nll", "ece", "brier")} for c in per_client]
+            scores.append(classification_metrics(probs, labels, self.schedule.ece_bins))
+            weights.append(len(data.test))
+        per_client = [{"client": cid, "num_test": n, **m} for cid, (n, m) in enumerate(zip(weights, scores))]
         metrics = {f"test_{k}": v for k, v in aggregate_clients(scores, weights).items()}
         metrics["eval_time"] = time.perf_counter() - start
         return Evaluation(rnd, metrics, per_client)

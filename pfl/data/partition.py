@@ -152,7 +152,8 @@ def dirichlet(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
             rng.shuffle(idx_c)
             p = rng.dirichlet(np.repeat(spec.alpha, n))
             capped = np.array([pj * (len(b) < total / n) for pj, b in zip(p, batches)])
-            p = capped / capped.sum() if capped.sum() > 0 else p  # all open clients drew 0: keep the draw
+            mass = capped.sum()
+            p = capped / mass if mass > 0 else p  # every open client drew 0: keep the uncapped draw
             cuts = (np.cumsum(p) * len(idx_c)).astype(int)[:-1]
             for b, chunk in zip(batches, np.split(idx_c, cuts)):
                 b.extend(chunk.tolist())
