@@ -73,10 +73,14 @@ def main() -> None:
             print(f"{algo:8} {mode:10} s/round {r['s_per_round_min']:.2f} / {r['s_per_round_median']:.2f} / "
                   f"{r['s_per_round_max']:.2f}  samples/s {r['train_samples_per_s']:.0f}  shares local "
                   f"{r['share_local']:.2f} agg {r['share_aggregate']:.2f} eval {r['share_eval']:.2f}  "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB" + _device_memory(r), flush=True)
         ratio = results[(algo, "sequential")]["s_per_round_median"] / results[(algo, "vectorized")]["s_per_round_median"]
         print(f"{algo:8} sequential / vectorized median s/round: {ratio:.2f}x", flush=True)
     _log(results, args)
+
+
+def _device_memory(figures: dict[str, float]) -> str:
+    return f"  peak device {figures['peak_device_mb']:.0f} MB" if "peak_device_mb" in figures else ""
 
 
 def _log(results: dict, args: argparse.Namespace) -> None:

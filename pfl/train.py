@@ -136,7 +136,8 @@ def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Alg
         trainer = LocalTrainer(model, DeviceImages(prepared.dataset, prepared.device), cfg.batch_size, cfg.lr,
                                cfg.local_epochs, cfg.eval_batch_size)
         budget = cfg.client_state_budget_mb * 2**20 or None
-        ctx = FederatedContext(clients, trainer, get_flat(model).cpu(), cfg.num_join_clients, seed, budget)
+        ctx = FederatedContext(clients, trainer, get_flat(model).cpu(), cfg.num_join_clients, seed, budget,
+                               cfg.client_parallelism)
         return cls(ctx, **{name: getattr(cfg, name) for name in cls.hyperparameters})
     except ValueError as err:  # PartitionError and the algorithms' hyperparameter checks
         raise ConfigError(f"{cfg.algo} with model={cfg.model}: {err}") from None
@@ -144,8 +145,7 @@ def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Alg
 
 def run_rounds(algorithm: Algorithm, cfg: RunConfig, callbacks: list[Callback], eval_split: str = "test") -> Evaluation:
     """Run all global rounds of ``cfg`` for a built algorithm, evaluating on ``eval_split``; returns the final evaluation."""
-    schedule = Schedule(cfg.global_rounds, cfg.num_join_clients, cfg.eval_gap, cfg.ece_bins, eval_split,
-                        cfg.client_parallelism)
+    schedule = Schedule(cfg.global_rounds, cfg.num_join_clients, cfg.eval_gap, cfg.ece_bins, eval_split)
     return Engine(algorithm, schedule, callbacks).run()
 
 

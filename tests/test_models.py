@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pfl._torchvision import import_torchvision
-from pfl.models import ModelSpec, ResNet18, build_model
+from pfl.models import CNN, ModelSpec, ResNet18, build_model
 
 # positions in ResNet18.base -> torchvision's ResNet-18 module names
 _RESNET_BASE = {0: "conv1", 1: "bn1", 4: "layer1", 5: "layer2", 6: "layer3", 7: "layer4"}
@@ -33,6 +33,24 @@ def _unsplit_copy(split: ResNet18, num_classes: int) -> torch.nn.Module:
     # strict loading: every key of the unsplit model must be matched by exactly the split one's
     reference.load_state_dict({_unsplit_name(k): v for k, v in split.state_dict().items()})
     return reference
+
+
+def test_cnn_pooling_before_relu_equals_pfllibs_order_exactly():
+    torch.manual_seed(0)
+    ours = CNN(10)
+    convs = [ours.base[0], ours.base[3]]
+    pfllib = torch.nn.Sequential(convs[0], torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                 convs[1], torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), ours.head)
+    x = torch.randn(6, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    grads = []
+    for net in (ours, pfllib):
+        net.zero_grad()
+        out = net(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        grads.append([out.detach(), *[p.grad.clone() for p in ours.parameters()]])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert grads[0][1].abs().sum() > 0  # the first conv's weight gradient is not trivially zero
 
 
 @pytest.mark.parametrize("image_size", [32, 64])

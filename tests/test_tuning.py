@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from pfl import tracking
-from pfl.algorithms.local import LocalTrainer
 from pfl.config import ConfigError, load_config
+from pfl.data.loader import DeviceImages
 from tuning.objective import validation_score
 from tuning.spaces import load_space, search_space, suggest
 from tuning.study import StudySettings, run_study
@@ -65,10 +65,8 @@ def test_yaml_space_overrides_and_errors(tmp_path):
 
 def test_objective_reads_validation_splits_never_test(cifar10_dir, tmp_path, monkeypatch):
     touched: list = []
-    real_probs, real_train = LocalTrainer.probs, LocalTrainer.train
-    monkeypatch.setattr(LocalTrainer, "probs", lambda self, p, idx: touched.append(idx.clone()) or real_probs(self, p, idx))
-    monkeypatch.setattr(LocalTrainer, "train",
-                        lambda self, s, idx, seed: touched.append(idx.clone()) or real_train(self, s, idx, seed))
+    real_batch = DeviceImages.batch  # every image read (training, scoring, evaluation) goes through it
+    monkeypatch.setattr(DeviceImages, "batch", lambda self, idx: touched.append(idx.clone()) or real_batch(self, idx))
     for algo in ("fedfomo", "fedavg"):
         cfg = _cfg(cifar10_dir, tmp_path, algo=algo)
         score = validation_score(cfg, "val_acc", [])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pfl.algorithms.base import FederatedContext
+from pfl.algorithms.inference import batched_logits
 from pfl.algorithms.local import LocalTrainer
 from pfl.algorithms.vectorized import _orders, can_vectorize, train_vectorized
 from pfl.config import load_config
@@ -14,11 +16,11 @@ from pfl.models.flat import get_flat
 from pfl.train import prepare, run_federated
 
 
-def _trainer(cifar10, local_epochs=2):
+def _trainer(cifar10, local_epochs=2, eval_batch_size=2000):
     torch.manual_seed(0)
     model = build_model(ModelSpec("cnn", 10))
     return LocalTrainer(model, DeviceImages(cifar10, torch.device("cpu")), batch_size=10, lr=0.05,
-                        local_epochs=local_epochs)
+                        local_epochs=local_epochs, eval_batch_size=eval_batch_size)
 
 
 def test_orders_are_the_sequential_batches_padded_and_masked():
@@ -67,3 +69,32 @@ def test_engine_vectorized_rounds_match_sequential(cifar10_dir, tmp_path, algo):
     for seq, vec in zip(results["sequential"][0], results["vectorized"][0]):
         assert torch.allclose(seq, vec, atol=1e-4), (seq - vec).abs().max()
     assert results["vectorized"][1]["test_acc"] == pytest.approx(results["sequential"][1]["test_acc"], abs=2e-3)
+
+
+def test_batched_inference_equals_one_model_at_a_time(cifar10):
+    trainer = _trainer(cifar10, eval_batch_size=64)  # 3 models: chunks of 21, so padding and several calls
+    start = get_flat(trainer.model).clone()
+    vectors = [start, start + 0.02 * torch.randn_like(start), start - 0.02 * torch.randn_like(start)]
+    indices = [torch.arange(7, 8), torch.arange(100, 137), torch.arange(400, 650)]  # 1, 37 and 250 samples
+    batched = batched_logits(trainer, vectors, indices)
+    for z, v, i in zip(batched, vectors, indices):
+        ref = trainer.logits(v, i)
+        assert z.shape == ref.shape
+        assert torch.allclose(z, ref, atol=1e-4), (z - ref).abs().max()
+
+
+def test_context_losses_are_the_same_batched_or_sequential(cifar10):
+    trainer = _trainer(cifar10)
+    start = get_flat(trainer.model).clone()
+    vectors = [start + 0.05 * torch.randn_like(start) for _ in range(4)]
+    val = torch.arange(200, 331)
+    losses = {}
+    for mode in ("sequential", "vectorized"):
+        ctx = FederatedContext([], trainer, start, num_join_clients=4, seed=0, client_parallelism=mode)
+        assert ctx.batched == (mode == "vectorized")
+        losses[mode] = ctx.losses(vectors, val)
+    labels = cifar10.labels[val].long()
+    expected = torch.stack([torch.nn.functional.cross_entropy(trainer.logits(v, val), labels) for v in vectors])
+    assert losses["sequential"].shape == (4,) and len(set(losses["sequential"].tolist())) == 4
+    assert torch.allclose(losses["sequential"], expected.double())
+    assert torch.allclose(losses["vectorized"], losses["sequential"], atol=1e-5)

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from torch import nn
+
+from pfl.algorithms.inference import batched_logits
 from pfl.algorithms.local import LocalTrainer
 from pfl.algorithms.store import ClientStore
+from pfl.algorithms.vectorized import can_vectorize
 from pfl.data.loader import ClientData
 
 
@@ -48,6 +52,8 @@ class FederatedContext:
         num_join_clients: clients sampled per round.
         seed: run seed; algorithms derive their own random streams from it.
         store_budget_bytes: memory budget of each per-client store (``None``: unlimited).
+        client_parallelism: ``"sequential"``, or ``"vectorized"``: the round's clients train, and
+            several models are scored or evaluated, as one batched computation.
     """
 
     clients: list[ClientData]
@@ -56,6 +62,7 @@ class FederatedContext:
     num_join_clients: int
     seed: int
     store_budget_bytes: int | None = None
+    client_parallelism: str = "sequential"
 
     def new_store(self, default: torch.Tensor) -> ClientStore:
         """A per-client vector store holding at most ``store_budget_bytes`` in memory (the rest on disk)."""
@@ -64,6 +71,23 @@ class FederatedContext:
     @property
     def num_clients(self) -> int:
         return len(self.clients)
+
+    @property
+    def batched(self) -> bool:
+        """Whether several clients' models run as one batched computation (vectorized, buffer-free model)."""
+        return self.client_parallelism == "vectorized" and can_vectorize(self.trainer.model)
+
+    def logits(self, vectors: list[torch.Tensor], indices: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Logits (n_c, K) on the training device of each model (flat vector (P,)) on its own indices (n_c,)."""
+        if self.batched:
+            return batched_logits(self.trainer, vectors, indices)
+        return [self.trainer.logits(v, i) for v, i in zip(vectors, indices)]
+
+    def losses(self, vectors: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (nats) of each of M models on the same indices (n,): a float64 tensor (M,) on the host."""
+        labels = self.trainer.data.labels[indices]
+        logits = self.logits(vectors, [indices] * len(vectors))
+        return torch.stack([nn.functional.cross_entropy(z, labels) for z in logits]).double().cpu()
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ nor optuna.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +41,11 @@ class Evaluation:
     per_client: list[dict[str, float]] = field(default_factory=list)
 
 
+def _digest(vector: torch.Tensor) -> bytes:
+    """SHA-256 of a flat parameter vector's bytes: equal digests mean a bit-identical model."""
+    return hashlib.sha256(vector.detach().cpu().contiguous().numpy()).digest()
+
+
 class Callback:
     """Observer of a federated run; override any hook. Raising from a hook aborts the run."""
 
@@ -63,7 +69,6 @@ class Schedule:
     eval_gap: int = 1
     ece_bins: int = 20
     eval_split: str = "test"  # "val" scores the clients' validation splits (hyperparameter search)
-    client_parallelism: str = "sequential"  # "vectorized": the round's clients train as one batched computation
 
 
 class Engine:
@@ -80,6 +85,8 @@ class Engine:
         self.ctx = algorithm.ctx
         self.schedule = schedule
         self.callbacks = callbacks or []
+        self._scores: dict[int, tuple[bytes, dict[str, float]]] = {}  # client -> (model digest, metrics)
+        self._computed = 0
 
     def sample_clients(self, rnd: int) -> list[int]:
         """Sorted ids of the clients taking part in round ``rnd`` (uniform, without replacement)."""
@@ -114,7 +121,7 @@ class Engine:
         start = time.perf_counter()
         selected = self.sample_clients(rnd)
         self.algorithm.begin_round(rnd, selected)
-        if self.schedule.client_parallelism == "vectorized":
+        if self.ctx.client_parallelism == "vectorized":
             updates = self.train_clients_vectorized(selected, rnd)
         else:
             updates = [self.train_client(cid, rnd) for cid in selected]
@@ -129,24 +136,50 @@ class Engine:
     def evaluate(self, rnd: int) -> Evaluation:
         """Every client's personalized model on its own ``eval_split``; aggregates weighted by its sample counts.
 
+        A client whose model is bit-identical to the one scored at its previous evaluation (a
+        FedFomo client that did not take part since) keeps those scores: the same model on the
+        same samples gives the same metrics, so only changed models are run. The others run
+        ``num_join_clients`` at a time (one batched computation when vectorized). Adds
+        ``eval_time`` (seconds) and ``eval_reused`` (clients whose scores were kept) to the metrics.
+
         Raises:
             ValueError: ``eval_split="val"`` but the clients hold no validation split.
         """
         start = time.perf_counter()
         split = self.schedule.eval_split
-        scores, weights = [], []
-        for cid, data in enumerate(self.ctx.clients):
-            idx = getattr(data, split)
-            if idx is None:
-                raise ValueError(f"client {cid} has no {split} split; build the clients with a validation split")
-            probs = self.ctx.trainer.probs(self.algorithm.personalized_model(cid), idx)
-            labels = self.ctx.trainer.data.labels[idx].cpu()
-            scores.append(classification_metrics(probs, labels, self.schedule.ece_bins))
-            weights.append(len(idx))
+        indices = [self._split_indices(cid, split) for cid in range(self.ctx.num_clients)]
+        pending: list[tuple[int, torch.Tensor, bytes]] = []
+        for cid in range(self.ctx.num_clients):
+            vector = self.algorithm.personalized_model(cid)
+            key = _digest(vector)
+            if self._scores.get(cid, (None,))[0] != key:
+                pending.append((cid, vector, key))
+            if len(pending) == self.ctx.num_join_clients or (pending and cid == self.ctx.num_clients - 1):
+                self._score(pending, indices)
+                pending = []
+        scores = [self._scores[cid][1] for cid in range(self.ctx.num_clients)]
+        weights = [len(idx) for idx in indices]
         per_client = [{"client": cid, f"num_{split}": n, **m} for cid, (n, m) in enumerate(zip(weights, scores))]
         metrics = {f"{split}_{k}": v for k, v in aggregate_clients(scores, weights).items()}
+        metrics["eval_reused"] = float(self.ctx.num_clients - self._computed)
         metrics["eval_time"] = time.perf_counter() - start
+        self._computed = 0
         return Evaluation(rnd, metrics, per_client)
+
+    def _split_indices(self, cid: int, split: str) -> torch.Tensor:
+        idx = getattr(self.ctx.clients[cid], split)
+        if idx is None:
+            raise ValueError(f"client {cid} has no {split} split; build the clients with a validation split")
+        return idx
+
+    def _score(self, pending: list[tuple[int, torch.Tensor, bytes]], indices: list[torch.Tensor]) -> None:
+        """Metrics of the pending clients' models on their splits, stored with each model's digest."""
+        logits = self.ctx.logits([v for _, v, _ in pending], [indices[cid] for cid, _, _ in pending])
+        for (cid, _, key), z in zip(pending, logits):
+            probs = torch.softmax(z.float(), dim=1).cpu()
+            labels = self.ctx.trainer.data.labels[indices[cid]].cpu()
+            self._scores[cid] = (key, classification_metrics(probs, labels, self.schedule.ece_bins))
+        self._computed += len(pending)
 
     def run(self) -> Evaluation:
         """All rounds; returns the final evaluation."""

@@ -94,12 +94,11 @@ class FedFomo(Algorithm):
 
     def score(self, client_id: int, ids: torch.Tensor) -> torch.Tensor:
         """Raw weights (len(ids),) of the received models on the client's validation split."""
-        trainer, val = self.ctx.trainer, self.ctx.clients[client_id].val
         anchor = self.anchors[client_id]
-        loss_old = trainer.loss(anchor, val)
-        losses = torch.tensor([trainer.loss(self.models[int(i)], val) for i in ids])
-        distances = torch.stack([torch.linalg.vector_norm(self.models[int(i)] - anchor) for i in ids])
-        return fomo_weights(loss_old, losses, distances)
+        received = [self.models[int(i)] for i in ids]
+        losses = self.ctx.losses([anchor, *received], self.ctx.clients[client_id].val)  # one batch when vectorized
+        distances = torch.stack([torch.linalg.vector_norm(m - anchor) for m in received])
+        return fomo_weights(float(losses[0]), losses[1:], distances)
 
     def configure_fit(self, client_id: int, rnd: int) -> torch.Tensor:
         start = self.models[client_id]

@@ -73,12 +73,3 @@ class LocalTrainer:
         chunks = [self.model(self.data.batch(indices[i:i + self.eval_batch_size])[0])
                   for i in range(0, len(indices), self.eval_batch_size)]
         return torch.cat(chunks)
-
-    def probs(self, params: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (n, K) on the host."""
-        return torch.softmax(self.logits(params, indices).float(), dim=1).cpu()
-
-    def loss(self, params: torch.Tensor, indices: torch.Tensor) -> float:
-        """Mean cross-entropy (nats) of the model with flat ``params`` on ``indices``."""
-        logits = self.logits(params, indices)
-        return nn.functional.cross_entropy(logits, self.data.labels[indices]).item()

@@ -1,0 +1,78 @@
+"""Inference of several client models at once: FedFomo's scoring and the all-client evaluation.
+
+Sequentially, each model is copied into the trainer's single model instance in
+turn (:meth:`LocalTrainer.logits`). Batched (``client_parallelism=vectorized``), the
+models' parameters are stacked (C, ...) and ``vmap(functional_call)`` runs C
+forward passes as one computation, as :mod:`pfl.algorithms.vectorized` does for
+training. Work is packed as (model, chunk of its samples) items, so models with
+more samples take more items instead of padding every other model to the largest:
+only each model's last chunk is padded. Models with buffers (BatchNorm) are run
+sequentially, like their training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from pfl.algorithms.local import LocalTrainer
+from pfl.models.flat import flat_layout
+
+
+def stack_params(model: nn.Module, vectors: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Flat vectors C x (P,) as ``functional_call`` parameters: name -> contiguous (C, *shape) on ``device``."""
+    stacked = torch.stack([v.to(device) for v in vectors])
+    return {e.name: stacked[:, e.span].reshape(len(vectors), *e.shape).contiguous() for e in flat_layout(model)}
+
+
+def _chunks(indices: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every model's samples cut into chunks of ``size`` (the last one padded by repeating its first index).
+
+    Returns:
+        ``(owner, chunks)``: the model of each chunk (R,) and the chunks' pool indices (R, size).
+    """
+    owners, chunks = [], []
+    for m, idx in enumerate(indices):
+        count = math.ceil(len(idx) / size)
+        pad = idx[:1].expand(count * size - len(idx))
+        chunks.append(torch.cat([idx, pad]).view(count, size))
+        owners += [m] * count
+    return torch.tensor(owners), torch.cat(chunks)
+
+
+@torch.no_grad()
+def batched_logits(trainer: LocalTrainer, vectors: list[torch.Tensor], indices: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits of C models, model c on its own indices, in batched forward passes.
+
+    Equal to ``[trainer.logits(v, i) for v, i in zip(vectors, indices)]`` up to float rounding (tested).
+
+    Args:
+        trainer: supplies the model (architecture only), the data and ``eval_batch_size``.
+        vectors: flat parameters (P,) per model, on any device.
+        indices: pool indices (n_c,) per model (n_c >= 1), on the training device.
+
+    Returns:
+        Logits (n_c, K) per model on the training device.
+    """
+    model, data = trainer.model, trainer.data
+    params = stack_params(model, vectors, data.device)
+    size = max(1, trainer.eval_batch_size // len(vectors))
+    owner, chunks = _chunks(indices, size)
+    forward = vmap(lambda p, x: functional_call(model, p, (x,)))
+    model.eval()
+    outputs = []
+    for lo in range(0, len(chunks), len(vectors)):  # C chunks per call: about eval_batch_size samples
+        rows = chunks[lo:lo + len(vectors)]
+        x, _ = data.batch(rows.reshape(-1))
+        group = owner[lo:lo + len(vectors)].to(data.device)
+        outputs.append(forward({k: v[group] for k, v in params.items()}, x.view(len(rows), size, *x.shape[1:])))
+    logits = torch.cat(outputs)  # (R, size, K)
+    per_model, start = [], 0
+    for idx in indices:
+        count = math.ceil(len(idx) / size)
+        per_model.append(logits[start:start + count].reshape(-1, logits.shape[-1])[:len(idx)])
+        start += count
+    return per_model

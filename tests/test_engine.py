@@ -1,0 +1,45 @@
+"""The round engine's evaluation: unchanged client models keep their scores, changed ones are re-run."""
+
+from __future__ import annotations
+
+from pfl.algorithms.engine import Engine, Schedule
+from pfl.config import load_config
+from pfl.train import build_algorithm, prepare
+
+
+def _fedfomo(cifar10_dir, tmp_path, mode: str = "sequential"):
+    cfg = load_config(None, [f"data_dir={cifar10_dir}", f"cache_dir={tmp_path / 'cache'}", "algo=fedfomo",
+                             "num_clients=6", "join_ratio=0.5", "classes_per_client=5", "device=cpu",
+                             f"client_parallelism={mode}"])
+    return build_algorithm(prepare(cfg), seed=0)
+
+
+def test_evaluation_reruns_only_changed_models_and_equals_a_fresh_evaluation(cifar10_dir, tmp_path):
+    algorithm = _fedfomo(cifar10_dir, tmp_path)
+    engine = Engine(algorithm, Schedule(global_rounds=3, num_join_clients=3))
+    first = engine.evaluate(0)
+    assert first.metrics["eval_reused"] == 0
+    again = engine.evaluate(0)
+    assert again.metrics["eval_reused"] == 6 and again.per_client == first.per_client
+    engine.run_round(1)  # FedFomo changes the models of the round's 3 clients only
+    after = engine.evaluate(1)
+    assert after.metrics["eval_reused"] == 3
+    fresh = Engine(algorithm, engine.schedule).evaluate(1)
+    assert fresh.metrics["eval_reused"] == 0
+    assert after.per_client == fresh.per_client
+    assert {k: v for k, v in after.metrics.items() if not k.startswith("eval_")} == \
+        {k: v for k, v in fresh.metrics.items() if not k.startswith("eval_")}
+    changed = set(engine.sample_clients(1))
+    assert [c for c in range(6) if after.per_client[c] != first.per_client[c]] == sorted(changed)
+
+
+def test_batched_evaluation_matches_sequential(cifar10_dir, tmp_path):
+    per_client = {}
+    for mode in ("sequential", "vectorized"):
+        algorithm = _fedfomo(cifar10_dir, tmp_path, mode)
+        engine = Engine(algorithm, Schedule(global_rounds=1, num_join_clients=3))
+        engine.run_round(1)
+        per_client[mode] = engine.evaluate(1).per_client
+    for seq, vec in zip(per_client["sequential"], per_client["vectorized"]):
+        assert seq["num_test"] == vec["num_test"] and abs(seq["acc"] - vec["acc"]) <= 1 / seq["num_test"]
+        assert abs(seq["nll"] - vec["nll"]) < 1e-3
