@@ -23,6 +23,28 @@ def _trainer(cifar10, local_epochs=2, eval_batch_size=2000):
                         local_epochs=local_epochs, eval_batch_size=eval_batch_size)
 
 
+def test_local_sgd_is_torch_sgd_bit_for_bit(cifar10):
+    trainer = _trainer(cifar10, local_epochs=1)
+    start = get_flat(trainer.model).clone()
+    indices = torch.arange(0, 45)
+    params, loss = trainer.train(start, indices, seed=5)
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("cnn", 10)).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    order = indices[torch.randperm(45, generator=torch.Generator().manual_seed(5))]
+    losses = []
+    for b in range(4):
+        x, y = trainer.data.batch(order[b * 10:(b + 1) * 10])
+        step_loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        step_loss.backward()
+        optimizer.step()
+        losses.append(step_loss.item())
+    assert not torch.equal(params, start)
+    assert torch.equal(params, get_flat(model))
+    assert loss.item() == pytest.approx(sum(losses) / 4, rel=1e-6)
+
+
 def test_orders_are_the_sequential_batches_padded_and_masked():
     idx = [torch.arange(100, 125), torch.arange(300, 342)]
     batches, active = _orders(idx, [3, 4], epochs=2, batch_size=10)

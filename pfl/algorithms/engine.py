@@ -138,8 +138,8 @@ class Engine:
 
         A client whose model is bit-identical to the one scored at its previous evaluation (a
         FedFomo client that did not take part since) keeps those scores: the same model on the
-        same samples gives the same metrics, so only changed models are run. The others run
-        ``num_join_clients`` at a time (one batched computation when vectorized). Adds
+        same samples gives the same metrics, so only changed models are run: one at a time, or
+        ``num_join_clients`` at a time as one batched computation when vectorized. Adds
         ``eval_time`` (seconds) and ``eval_reused`` (clients whose scores were kept) to the metrics.
 
         Raises:
@@ -148,13 +148,14 @@ class Engine:
         start = time.perf_counter()
         split = self.schedule.eval_split
         indices = [self._split_indices(cid, split) for cid in range(self.ctx.num_clients)]
+        group = self.ctx.num_join_clients if self.ctx.batched else 1  # models held at once
         pending: list[tuple[int, torch.Tensor, bytes]] = []
         for cid in range(self.ctx.num_clients):
             vector = self.algorithm.personalized_model(cid)
             key = _digest(vector)
             if self._scores.get(cid, (None,))[0] != key:
                 pending.append((cid, vector, key))
-            if len(pending) == self.ctx.num_join_clients or (pending and cid == self.ctx.num_clients - 1):
+            if len(pending) == group or (pending and cid == self.ctx.num_clients - 1):
                 self._score(pending, indices)
                 pending = []
         scores = [self._scores[cid][1] for cid in range(self.ctx.num_clients)]

@@ -34,7 +34,8 @@ class LocalTrainer:
         self.batch_size = batch_size
         self.local_epochs = local_epochs
         self.eval_batch_size = eval_batch_size
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.lr = lr
+        self.params = list(model.parameters())
         self.loss_fn = nn.CrossEntropyLoss()
 
     def train(self, start: torch.Tensor, indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,11 +60,19 @@ class LocalTrainer:
             for b in range(steps):
                 x, y = self.data.batch(order[b * bs:(b + 1) * bs])
                 loss = self.loss_fn(self.model(x), y)
-                self.optimizer.zero_grad(set_to_none=True)
+                for p in self.params:
+                    p.grad = None
                 loss.backward()
-                self.optimizer.step()
+                self._sgd_step()
                 loss_sum += loss.detach()
         return get_flat(self.model).cpu(), loss_sum / (steps * self.local_epochs)
+
+    @torch.no_grad()
+    def _sgd_step(self) -> None:
+        """theta <- theta - lr * grad: torch.optim.SGD's update (no momentum, no weight decay), bit for bit,
+        as one fused multi-tensor op without the optimizer's per-step bookkeeping (5% of a CNN step on CPU)."""
+        params = [p for p in self.params if p.grad is not None]  # as SGD, skip parameters without a gradient
+        torch._foreach_add_(params, [p.grad for p in params], alpha=-self.lr)
 
     @torch.inference_mode()
     def logits(self, params: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,7 @@ def train_vectorized(trainer: LocalTrainer, starts: list[torch.Tensor], indices:
     step_fn = vmap(grad_and_value(client_loss))
     c, t_max, b = batches.shape
     loss_sum = torch.zeros(c, device=device)
-    lr = trainer.optimizer.param_groups[0]["lr"]
+    lr = trainer.lr
     for t in range(t_max):
         x, y = data.batch(batches[:, t].reshape(-1))
         x, y = x.view(c, b, *x.shape[1:]), y.view(c, b)
