@@ -42,8 +42,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eta": (lambda v: v > 0, "FedALA's weight learning rate must be > 0 (PFLlib default eta=1.0)"),
     "rand_percent": (lambda v: 0 < v <= 100, "FedALA samples rand_percent% of local data: use 1..100 (default 80)"),
     "threshold": (lambda v: v > 0, "FedALA's loss-std stopping threshold must be > 0 (default 0.1)"),
+    "eval_batch_size": (lambda v: v is None or v >= 1,
+                        "must be a positive integer, or left unset for the device's default"),
     **{name: _POSITIVE_INT for name in ("num_clients", "global_rounds", "local_epochs", "batch_size",
-                                         "eval_gap", "repeats", "M", "ece_bins", "eval_batch_size",
+                                         "eval_gap", "repeats", "M", "ece_bins",
                                          "layer_idx", "num_pre_loss")},
 }
 
@@ -104,7 +106,7 @@ class RunConfig(BaseModel):
     num_pre_loss: int = 10
     # evaluation and runtime
     ece_bins: int = 20
-    eval_batch_size: int = 2000
+    eval_batch_size: int | None = None  # unset: pfl.data.loader.inference_batch_size's default for the device
     device: str = "auto"
     num_threads: int = 0
     client_parallelism: Literal["sequential", "vectorized"] = "sequential"
@@ -174,7 +176,7 @@ class HeadConfig(BaseModel):
     seed: int = Field(0, ge=0)
     ece_bins: int = Field(20, ge=1)
     global_ece_bins: int = Field(15, ge=1)
-    eval_batch_size: int = Field(2000, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)  # unset: the device's default (pfl.data.loader)
     data_dir: Path | None = None
     device: str = "auto"
     num_threads: int = Field(0, ge=0)

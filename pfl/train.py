@@ -16,7 +16,7 @@ from pfl.algorithms.engine import Callback, Engine, Evaluation, Schedule
 from pfl.algorithms.local import LocalTrainer
 from pfl.config import DATASETS, ConfigError, RunConfig
 from pfl.data.datasets import ImageDataset, load_dataset
-from pfl.data.loader import DeviceImages, client_data
+from pfl.data.loader import DeviceImages, client_data, inference_batch_size
 from pfl.data.partition import Partition, PartitionError, PartitionSpec, load_or_make_partition
 from pfl.data.pfllib import PfllibImportError, load_imported
 from pfl.models import ModelSpec, build_model
@@ -100,7 +100,7 @@ def prepare(cfg: RunConfig, like: Prepared | None = None) -> Prepared:
     device = resolve_device(cfg.device)
     if cfg.partition == "pfllib":
         dataset, partition = load_pfllib_import(cfg)
-        return Prepared(cfg, dataset, dataset.fingerprint(), partition, device)
+        return _prepared(cfg, dataset, dataset.fingerprint(), partition, device)
     same = like is not None and (like.cfg.dataset, like.cfg.data_dir) == (cfg.dataset, cfg.data_dir)
     dataset = like.dataset if same else load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
     if cfg.num_clients > len(dataset):
@@ -112,7 +112,14 @@ def prepare(cfg: RunConfig, like: Prepared | None = None) -> Prepared:
                                               fingerprint, cfg.cache_dir)
     except PartitionError as err:
         raise ConfigError(f"partition: {err}") from None
-    return Prepared(cfg, dataset, fingerprint, partition, device)
+    return _prepared(cfg, dataset, fingerprint, partition, device)
+
+
+def _prepared(cfg: RunConfig, dataset: ImageDataset, fingerprint: str, partition: Partition,
+              device: torch.device) -> Prepared:
+    """A :class:`Prepared` whose config has ``eval_batch_size`` set (the device's default when unset)."""
+    batch = inference_batch_size(cfg.eval_batch_size, device, tuple(dataset.images.shape[1:]))
+    return Prepared(cfg.model_copy(update={"eval_batch_size": batch}), dataset, fingerprint, partition, device)
 
 
 def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Algorithm:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from pfl.algorithms.engine import Engine, Schedule
-from pfl.config import load_config
+from pfl.config import ConfigError, load_config
+from pfl.data.loader import inference_batch_size
 from pfl.train import build_algorithm, prepare
 
 
@@ -43,3 +47,15 @@ def test_batched_evaluation_matches_sequential(cifar10_dir, tmp_path):
     for seq, vec in zip(per_client["sequential"], per_client["vectorized"]):
         assert seq["num_test"] == vec["num_test"] and abs(seq["acc"] - vec["acc"]) <= 1 / seq["num_test"]
         assert abs(seq["nll"] - vec["nll"]) < 1e-3
+
+
+def test_inference_batch_follows_the_device_unless_configured(cifar10_dir, tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert inference_batch_size(None, cpu, (3, 32, 32)) == 195
+    assert inference_batch_size(None, cpu, (3, 64, 64)) == 48
+    assert inference_batch_size(None, cuda, (3, 32, 32)) == 2000
+    assert inference_batch_size(7, cpu, (3, 32, 32)) == 7
+    algorithm = _fedfomo(cifar10_dir, tmp_path)  # eval_batch_size unset: resolved by prepare() for the CPU
+    assert algorithm.ctx.trainer.eval_batch_size == 195
+    with pytest.raises(ConfigError, match="eval_batch_size"):
+        load_config(None, ["eval_batch_size=0"])

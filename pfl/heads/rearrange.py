@@ -62,7 +62,8 @@ class _Features:
 
     def __init__(self, model: SplitModel, data: DeviceImages, train: torch.Tensor, s: HeadConfig,
                  gen: torch.Generator):
-        self.model, self.data, self.train, self.chunk = model, data, train, s.eval_batch_size
+        self.model, self.data, self.train = model, data, train
+        self.chunk = data.inference_batch_size(s.eval_batch_size)
         self.bases = None
         if s.perturb_scope == "model":
             names = [n for n, _ in model.base.named_parameters()]
@@ -120,5 +121,5 @@ def rearrange_client(model: SplitModel, data: DeviceImages, train: torch.Tensor,
                          s.weight_decay, member_seeds)
     probs = ensemble_probs(members, features.test(test)).cpu()
     with torch.no_grad():
-        probs_wo = torch.softmax(_chunked(lambda i: model(data.batch(i)[0]), test, s.eval_batch_size), 1).cpu()
+        probs_wo = torch.softmax(_chunked(lambda i: model(data.batch(i)[0]), test, features.chunk), 1).cpu()
     return ClientHeads(members.cpu(), lrs, probs_wo, probs, loss, time.perf_counter() - start)

@@ -72,6 +72,7 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
                           f"the FL run's ({inputs.params.get('dataset_fingerprint')}); set data_dir= to the "
                           "folder the run was trained on")
     data = DeviceImages(prepared.dataset, prepared.device)
+    hc = hc.model_copy(update={"eval_batch_size": data.inference_batch_size(hc.eval_batch_size)})
     params = {**hc.flat_params(), "fl_run_id": fl_run_id, "algo": cfg.algo, "dataset": cfg.dataset,
               "partition": cfg.partition, "alpha": cfg.alpha, "join_ratio": cfg.join_ratio,
               "fl_seed": inputs.params.get("seed"), "num_clients": inputs.num_clients}
