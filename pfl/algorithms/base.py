@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
 from torch import nn
 
 from pfl.algorithms.inference import batched_logits

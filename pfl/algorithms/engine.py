@@ -86,7 +86,6 @@ class Engine:
         self.schedule = schedule
         self.callbacks = callbacks or []
         self._scores: dict[int, tuple[bytes, dict[str, float]]] = {}  # client -> (model digest, metrics)
-        self._computed = 0
 
     def sample_clients(self, rnd: int) -> list[int]:
         """Sorted ids of the clients taking part in round ``rnd`` (uniform, without replacement)."""
@@ -150,21 +149,25 @@ class Engine:
         indices = [self._split_indices(cid, split) for cid in range(self.ctx.num_clients)]
         group = self.ctx.num_join_clients if self.ctx.batched else 1  # models held at once
         pending: list[tuple[int, torch.Tensor, bytes]] = []
+        reused = 0
         for cid in range(self.ctx.num_clients):
             vector = self.algorithm.personalized_model(cid)
             key = _digest(vector)
-            if self._scores.get(cid, (None,))[0] != key:
-                pending.append((cid, vector, key))
-            if len(pending) == group or (pending and cid == self.ctx.num_clients - 1):
+            if self._scores.get(cid, (None,))[0] == key:
+                reused += 1
+                continue
+            pending.append((cid, vector, key))
+            if len(pending) == group:
                 self._score(pending, indices)
                 pending = []
+        if pending:
+            self._score(pending, indices)
         scores = [self._scores[cid][1] for cid in range(self.ctx.num_clients)]
         weights = [len(idx) for idx in indices]
         per_client = [{"client": cid, f"num_{split}": n, **m} for cid, (n, m) in enumerate(zip(weights, scores))]
         metrics = {f"{split}_{k}": v for k, v in aggregate_clients(scores, weights).items()}
-        metrics["eval_reused"] = float(self.ctx.num_clients - self._computed)
+        metrics["eval_reused"] = float(reused)
         metrics["eval_time"] = time.perf_counter() - start
-        self._computed = 0
         return Evaluation(rnd, metrics, per_client)
 
     def _split_indices(self, cid: int, split: str) -> torch.Tensor:
@@ -180,7 +183,6 @@ class Engine:
             probs = torch.softmax(z.float(), dim=1).cpu()
             labels = self.ctx.trainer.data.labels[indices[cid]].cpu()
             self._scores[cid] = (key, classification_metrics(probs, labels, self.schedule.ece_bins))
-        self._computed += len(pending)
 
     def run(self) -> Evaluation:
         """All rounds; returns the final evaluation."""

@@ -28,19 +28,16 @@ def stack_params(model: nn.Module, vectors: list[torch.Tensor], device: torch.de
     return {e.name: stacked[:, e.span].reshape(len(vectors), *e.shape).contiguous() for e in flat_layout(model)}
 
 
-def _chunks(indices: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunks(indices: list[torch.Tensor], size: int) -> tuple[list[int], torch.Tensor]:
     """Every model's samples cut into chunks of ``size`` (the last one padded by repeating its first index).
 
     Returns:
-        ``(owner, chunks)``: the model of each chunk (R,) and the chunks' pool indices (R, size).
+        ``(counts, chunks)``: the number of chunks of each model and all chunks' pool indices (R, size),
+        model by model.
     """
-    owners, chunks = [], []
-    for m, idx in enumerate(indices):
-        count = math.ceil(len(idx) / size)
-        pad = idx[:1].expand(count * size - len(idx))
-        chunks.append(torch.cat([idx, pad]).view(count, size))
-        owners += [m] * count
-    return torch.tensor(owners), torch.cat(chunks)
+    counts = [math.ceil(len(idx) / size) for idx in indices]
+    chunks = [torch.cat([idx, idx[:1].expand(n * size - len(idx))]).view(n, size) for idx, n in zip(indices, counts)]
+    return counts, torch.cat(chunks)
 
 
 @torch.no_grad()
@@ -60,7 +57,8 @@ def batched_logits(trainer: LocalTrainer, vectors: list[torch.Tensor], indices: 
     model, data = trainer.model, trainer.data
     params = stack_params(model, vectors, data.device)
     size = max(1, trainer.eval_batch_size // len(vectors))
-    owner, chunks = _chunks(indices, size)
+    counts, chunks = _chunks(indices, size)
+    owner = torch.repeat_interleave(torch.arange(len(vectors)), torch.tensor(counts))  # model of each chunk (R,)
     forward = vmap(lambda p, x: functional_call(model, p, (x,)))
     model.eval()
     outputs = []
@@ -70,9 +68,5 @@ def batched_logits(trainer: LocalTrainer, vectors: list[torch.Tensor], indices: 
         group = owner[lo:lo + len(vectors)].to(data.device)
         outputs.append(forward({k: v[group] for k, v in params.items()}, x.view(len(rows), size, *x.shape[1:])))
     logits = torch.cat(outputs)  # (R, size, K)
-    per_model, start = [], 0
-    for idx in indices:
-        count = math.ceil(len(idx) / size)
-        per_model.append(logits[start:start + count].reshape(-1, logits.shape[-1])[:len(idx)])
-        start += count
-    return per_model
+    per_model = logits.split(counts)
+    return [z.reshape(-1, z.shape[-1])[:len(idx)] for z, idx in zip(per_model, indices)]
