@@ -15,17 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from torch.func import functional_call, vmap
 
 from pfl.algorithms.local import LocalTrainer
-from pfl.models.flat import flat_layout
-
-
-def stack_params(model: nn.Module, vectors: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Flat vectors C x (P,) as ``functional_call`` parameters: name -> contiguous (C, *shape) on ``device``."""
-    stacked = torch.stack([v.to(device) for v in vectors])
-    return {e.name: stacked[:, e.span].reshape(len(vectors), *e.shape).contiguous() for e in flat_layout(model)}
+from pfl.models.flat import stack_flat
 
 
 def _chunks(indices: list[torch.Tensor], size: int) -> tuple[list[int], torch.Tensor]:
@@ -55,7 +48,7 @@ def batched_logits(trainer: LocalTrainer, vectors: list[torch.Tensor], indices: 
         Logits (n_c, K) per model on the training device.
     """
     model, data = trainer.model, trainer.data
-    params = stack_params(model, vectors, data.device)
+    params = stack_flat(model, vectors, data.device)
     size = max(1, trainer.eval_batch_size // len(vectors))
     counts, chunks = _chunks(indices, size)
     owner = torch.repeat_interleave(torch.arange(len(vectors)), torch.tensor(counts))  # model of each chunk (R,)

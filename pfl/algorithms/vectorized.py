@@ -19,9 +19,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from pfl.algorithms.inference import stack_params
 from pfl.algorithms.local import LocalTrainer
-from pfl.models.flat import flat_layout
+from pfl.models.flat import flat_layout, stack_flat
 
 
 def can_vectorize(model: nn.Module) -> bool:
@@ -82,7 +81,7 @@ def train_vectorized(trainer: LocalTrainer, starts: list[torch.Tensor], indices:
                          "with at least one full batch (fewer samples than one batch: train sequentially)")
     layout = flat_layout(model)
     device = data.device
-    params = stack_params(model, starts, device)  # fresh (C, ...) tensors, updated in place below
+    params = stack_flat(model, starts, device)  # fresh (C, ...) tensors, updated in place below
     batches, active = _orders(indices, seeds, trainer.local_epochs, trainer.batch_size)
     active = active.to(device)
     loss_fn = trainer.loss_fn

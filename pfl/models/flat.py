@@ -66,6 +66,16 @@ def get_flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).float() for _, t in _float_entries(model)])
 
 
+def stack_flat(model: nn.Module, vectors: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """C flat vectors (P,) of ``model`` as stacked named tensors for ``torch.func.functional_call`` under ``vmap``.
+
+    Returns:
+        state-dict name -> a fresh contiguous tensor (C, *shape) on ``device``, in :func:`flat_layout` order.
+    """
+    stacked = torch.stack([v.to(device) for v in vectors])
+    return {e.name: stacked[:, e.span].reshape(len(vectors), *e.shape).contiguous() for e in flat_layout(model)}
+
+
 @torch.no_grad()
 def set_flat(model: nn.Module, flat: torch.Tensor) -> None:
     """Copy a flat vector (P,) into the model's float state in place (any device).
