@@ -47,15 +47,14 @@ def _load_member(model: nn.Module, members: MemberHeads, j: int) -> nn.Module:
 def naive_client(model, data: DeviceImages, train, test, hc, client_id: int) -> float:
     """Seconds of the naive loop for one client: S sequential heads, full model forward every step."""
     start = time.perf_counter()
-    seed = derive_seed(hc.seed, client_id)
-    members = build_members(model, hc, torch.Generator().manual_seed(seed))
-    lrs = sample_learning_rates(hc.sampling_num, hc.lower_lr, hc.upper_lr, derive_seed(seed, 1))
+    members = build_members(model, hc, torch.Generator().manual_seed(derive_seed(hc.seed, "head_members", client_id)))
+    lrs = sample_learning_rates(hc.sampling_num, hc.lower_lr, hc.upper_lr, derive_seed(hc.seed, "head_lrs", client_id))
     probs = 0
     for j in range(hc.sampling_num):
         net = _load_member(model, members, j).to(data.device).eval()
         net.base.requires_grad_(False)
         opt = torch.optim.SGD(net.head.parameters(), lr=float(lrs[j]), weight_decay=hc.weight_decay)
-        gen = torch.Generator().manual_seed(derive_seed(seed, 2, j))
+        gen = torch.Generator().manual_seed(derive_seed(hc.seed, "head_batches", client_id, j))
         for _ in range(hc.global_epoch):
             order = train[torch.randperm(len(train), generator=gen)]
             for b in range(0, len(order), hc.batch_size):

@@ -34,7 +34,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train_ratio": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. train_ratio=0.75"),
     "val_ratio": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. val_ratio=0.2"),
     "epsilon": (lambda v: 0 <= v <= 1, "epsilon is a probability: use a value in [0, 1]"),
-    "epsilon_decay": (lambda v: 0 < v <= 1, "epsilon_decay multiplies epsilon each round: use a value in (0, 1]"),
+    "epsilon_decay": (lambda v: 0 <= v <= 1, "epsilon_decay is subtracted from epsilon each round (linear, NVlabs "
+                      "default 0.05): use a value in [0, 1]"),
     "seed": (lambda v: v >= 0, "must be >= 0"),
     "classes_per_client": (lambda v: v is None or v >= 1, "must be >= 1 (PFLlib default: 2 for cifar10)"),
     "num_threads": (lambda v: v >= 0, "must be >= 0 (0 means all cores)"),
@@ -96,7 +97,7 @@ class RunConfig(BaseModel):
     M: int = 5
     val_ratio: float = 0.2
     epsilon: float = 0.0
-    epsilon_decay: float = 1.0
+    epsilon_decay: float = 0.05  # linear: exploration threshold epsilon - (round - 1) * epsilon_decay
     # FedALA (Zhang et al., AAAI 2023, Sec. "Adaptive Local Aggregation"; defaults from PFLlib's main.py
     # (eta, rand_percent, layer_idx) and its utils/ALA.py (threshold, num_pre_loss))
     eta: float = 1.0
@@ -157,7 +158,10 @@ class HeadConfig(BaseModel):
     ``perturb_scope=head`` perturbs the head only (the paper); ``model`` also gives every
     member a noisy frozen copy of the base (the official code). LoRAPH's ``rank`` and
     ``lora_init`` (``prior``: B_j from APH's noise rule; ``standard``: B_j = 0).
-    ``data_dir`` (when set) replaces the FL run's data folder.
+    ``data_dir`` (when set) replaces the FL run's data folder. ``ood_dataset`` is the
+    out-of-distribution set every client's models are also scored on (:mod:`pfl.heads.ood`):
+    ``auto`` picks cifar100 for cifar10 models, cifar10 for cifar100 and cifar100 (resized to
+    64x64) for tinyimagenet; ``none`` skips OOD detection.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -180,6 +184,7 @@ class HeadConfig(BaseModel):
     data_dir: Path | None = None
     device: str = "auto"
     num_threads: int = Field(0, ge=0)
+    ood_dataset: Literal["auto", "none", "cifar10", "cifar100", "tinyimagenet"] = "auto"
 
     @model_validator(mode="after")
     def _lr_range(self) -> HeadConfig:

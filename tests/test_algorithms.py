@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -176,13 +178,15 @@ def test_set_flat_wrong_length_raises():
 # ---------------------------------------------------------------- FedFomo selection
 
 
-def _fomo(num_clients: int, num_join: int, M: int = 5, epsilon: float = 0.0, seed: int = 0) -> FedFomo:
+def _fomo(num_clients: int, num_join: int, M: int = 5, epsilon: float = 0.0, seed: int = 0,
+          epsilon_decay: float = 0.05, model: nn.Module | None = None) -> FedFomo:
     idx = torch.arange(4)
     clients = [ClientData(fit=idx[:2], val=idx[2:3], test=idx[3:]) for _ in range(num_clients)]
-    # select() never touches the trainer; the context needs only clients, init params and counts
-    ctx = FederatedContext(clients=clients, trainer=None, init_params=torch.zeros(3),
+    model = model or nn.Linear(2, 1)  # 3 float parameters, no buffers
+    # select() never trains or scores; the context needs only clients, the model, init params and counts
+    ctx = FederatedContext(clients=clients, trainer=SimpleNamespace(model=model), init_params=get_flat(model),
                            num_join_clients=num_join, seed=seed)
-    return FedFomo(ctx, M=M, epsilon=epsilon)
+    return FedFomo(ctx, M=M, epsilon=epsilon, epsilon_decay=epsilon_decay)
 
 
 def test_fedfomo_initial_state():
@@ -191,8 +195,8 @@ def test_fedfomo_initial_state():
     assert torch.equal(algo.P, torch.eye(4, dtype=torch.float64))
     # before anything was uploaded, a client starts from (and anchors on) its current model
     start = algo.configure_fit(1, rnd=1)
-    assert torch.equal(start, torch.zeros(3))
-    assert torch.equal(algo.anchors[1], torch.zeros(3))
+    assert torch.equal(start, algo.ctx.init_params)
+    assert torch.equal(algo.anchors[1], algo.ctx.init_params)
 
 
 def test_fedfomo_select_top_m_ties_by_lower_id():
@@ -205,15 +209,52 @@ def test_fedfomo_select_top_m_ties_by_lower_id():
     assert algo.select(4, 3, rnd=1).tolist() == [4, 0, 1]
 
 
-def test_fedfomo_select_exploration_is_random_but_seeded():
-    a = _fomo(num_clients=10, num_join=10, epsilon=1.0, seed=3)
-    b = _fomo(num_clients=10, num_join=10, epsilon=1.0, seed=3)
-    picks = [a.select(0, 4, rnd=r).tolist() for r in range(1, 6)]
-    assert picks == [b.select(0, 4, rnd=r).tolist() for r in range(1, 6)]
-    for ids in picks:
-        assert len(set(ids)) == 4 and all(0 <= i < 10 for i in ids)
-    # with P = identity, greedy selection would always be [0, 1, 2, 3]; exploration must differ at least once
-    assert any(ids != [0, 1, 2, 3] for ids in picks)
+def test_fedfomo_e_greedy_exploits_by_affinity_once_epsilon_has_decayed():
+    # NVlabs e_greedy: [self] + M' others. epsilon - (round - 1) * decay = 0.3 - 7 * 0.05 < 0 at round 8,
+    # so every slot exploits: the others of row 2 by affinity are 1 (0.9), 4 (0.7), 0 (0.5), 3 (0.1);
+    # the client itself (affinity 5.0, the highest) is kept once, first, and never drawn again.
+    algo = _fomo(num_clients=5, num_join=5, M=3, epsilon=0.3, epsilon_decay=0.05)
+    algo.P[2] = torch.tensor([0.5, 0.9, 5.0, 0.1, 0.7], dtype=torch.float64)
+    assert algo.select(2, 3, rnd=8).tolist() == [2, 1, 4, 0]
+    # M' capped by the n - 1 other clients
+    assert algo.select(2, 9, rnd=8).tolist() == [2, 1, 4, 0, 3]
+
+
+def test_fedfomo_e_greedy_explores_per_slot_with_linear_decay():
+    # round 1: threshold 1.0 - 0 * 0.1 = 1.0 > every uniform draw: all slots take the shuffled others
+    a = _fomo(num_clients=10, num_join=10, epsilon=1.0, epsilon_decay=0.1, seed=3)
+    b = _fomo(num_clients=10, num_join=10, epsilon=1.0, epsilon_decay=0.1, seed=3)
+    for algo in (a, b):  # affinity falls with the id (no ties): exploiting takes the lowest other ids
+        algo.P[:] = -torch.arange(10, dtype=torch.float64)
+    picks = [a.select(c, 4, rnd=1).tolist() for c in range(10)]
+    assert picks == [b.select(c, 4, rnd=1).tolist() for c in range(10)]  # seeded
+    for c, ids in enumerate(picks):
+        assert ids[0] == c and c not in ids[1:] and len(set(ids)) == 5 and all(0 <= i < 10 for i in ids)
+    # exploring must differ from exploiting somewhere
+    assert any(ids[1:] != [i for i in range(10) if i != c][:4] for c, ids in enumerate(picks))
+    # round 11: threshold 1.0 - 10 * 0.1 = 0 (linear, not 1.0 * 0.1 ** 10 > 0): never explores
+    for c in range(10):
+        assert a.select(c, 4, rnd=11).tolist() == [c] + [i for i in range(10) if i != c][:4]
+
+
+def test_fedfomo_distances_and_blend_use_parameters_only():
+    # Linear(3, 2) + BatchNorm1d(2): flat = 6 weight, 2 bias, 2 bn weight, 2 bn bias (params: 0..11),
+    # then running_mean (12, 13) and running_var (14, 15) (buffers)
+    algo = _fomo(num_clients=3, num_join=3, model=nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+    anchor = torch.zeros(16)
+    a = torch.zeros(16)
+    a[0], a[13] = 3.0, 100.0   # parameter moved by 3, a buffer by 100
+    b = torch.zeros(16)
+    b[1], b[2], b[14] = 3.0, 4.0, -7.0
+    # ||a - anchor|| over parameters = 3 (not sqrt(9 + 10000)); ||b - anchor|| = sqrt(9 + 16) = 5
+    assert algo.distances(anchor, [a, b]).tolist() == [3.0, 5.0]
+    own = torch.arange(16, dtype=torch.float32)
+    mixed = algo.blend(own, torch.tensor([0.25, 0.75], dtype=torch.float64), [a, b])
+    # parameters: 0.25 * a + 0.75 * b = [0.75, 2.25, 3, 0, ...]; buffers: the client's own [12, 13, 14, 15]
+    expected = torch.zeros(16)
+    expected[:3] = torch.tensor([0.75, 2.25, 3.0])
+    expected[12:] = torch.tensor([12.0, 13.0, 14.0, 15.0])
+    assert torch.equal(mixed, expected)
 
 
 def test_fedfomo_aggregate_adds_raw_weights_to_affinity_row():

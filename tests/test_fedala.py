@@ -116,7 +116,7 @@ def test_top_layers_are_the_last_layer_idx_parameter_tensors(cifar10):
 
 def test_round_one_skips_ala_while_models_equal_the_global_model(cifar10):
     alg = _fedala(cifar10)
-    alg.begin_round(1, [0])
+    alg.initialize_clients(1)
     assert len(alg.models) == 0 and alg.started == set()
     assert torch.equal(alg.configure_fit(2, 1), alg.ctx.init_params)
 
@@ -134,7 +134,7 @@ def _diverge(alg: FedALA, client: int, seed: int = 1) -> tuple[torch.Tensor, tor
 def test_lower_layers_take_global_and_top_layers_are_blended(cifar10):
     alg = _fedala(cifar10, layer_idx=2)
     local, glob = _diverge(alg, 1)
-    alg.begin_round(2, [1])
+    alg.initialize_clients(2)
     new = alg.models[1]
     s = _spans(alg)
     for lower in ("head.0.weight", "head.0.bias"):
@@ -150,7 +150,7 @@ def test_lower_layers_take_global_and_top_layers_are_blended(cifar10):
 def test_layer_idx_one_blends_only_the_last_bias(cifar10):
     alg = _fedala(cifar10, layer_idx=1)
     local, glob = _diverge(alg, 0)
-    alg.begin_round(2, [0])
+    alg.initialize_clients(2)
     s = _spans(alg)
     assert torch.equal(alg.top_index, torch.arange(s["head.2.bias"].start, s["head.2.bias"].stop))
     assert torch.equal(alg.models[0][s["head.2.weight"]], glob[s["head.2.weight"]])
@@ -159,7 +159,7 @@ def test_layer_idx_one_blends_only_the_last_bias(cifar10):
 def test_weights_persist_between_rounds(cifar10, monkeypatch):
     alg = _fedala(cifar10)
     _diverge(alg, 2)
-    alg.begin_round(2, [2])
+    alg.initialize_clients(2)
     w1 = alg.weights[2].clone()
     # a new round from a different global model; with eta = 0 the weights must stay exactly w1
     local2 = alg.models[2]
@@ -169,7 +169,7 @@ def test_weights_persist_between_rounds(cifar10, monkeypatch):
     real = fedala_module.learn_weights
     monkeypatch.setattr(fedala_module, "learn_weights", lambda *a, **k: flags.append(a[6]) or real(*a, **k))
     alg.eta = 0.0
-    alg.begin_round(3, [2])
+    alg.initialize_clients(3)
     # every client ran its first ALA in round 2 (the global model moved away from all of them): one pass now
     assert flags == [False, False, False]
     assert torch.equal(alg.weights[2], w1)
@@ -187,20 +187,48 @@ def test_every_client_runs_ala_each_round_and_slices_are_seeded(cifar10):
     assert torch.equal(idx, alg.sample_slice(1, rnd=4))
     engine = Engine(alg, Schedule(global_rounds=2, num_join_clients=2))
     engine.run_round(1)
-    assert alg.started == set()
-    glob = alg.global_params  # the average of round 1's two uploads: differs from every local model
-    engine.run_round(2)
-    assert alg.started == {0, 1, 2}  # every client, selected or not, ran ALA at the start of round 2
-    (unselected,) = set(range(3)) - set(engine.sample_clients(2))
+    # right after round 1's aggregation every client, selected or not, ran its (first) ALA toward the
+    # new global model, the average of the round's two uploads, which differs from every local model
+    assert alg.started == {0, 1, 2}
+    (unselected,) = set(range(3)) - set(engine.sample_clients(1))
     lower = _spans(alg)["head.0.weight"]
-    assert torch.equal(alg.models[unselected][lower], glob[lower])
+    assert torch.equal(alg.models[unselected][lower], alg.global_params[lower])
 
 
-def test_aggregate_is_fedavg_and_uploads_become_local_models(cifar10):
+def test_evaluation_scores_and_saves_the_ala_initialized_models_as_pfllib(cifar10, monkeypatch):
+    # PFLlib: send_models (ALA) -> evaluate -> train -> aggregate. After a round, a participant's
+    # personalized model is ALA(its upload -> the new global model), not its raw upload.
+    alg = _fedala(cifar10, num_clients=3, num_join=2)
+    uploads, seen = {}, {}
+    real_aggregate, real_ala = alg.aggregate_fit, alg.local_aggregation
+    monkeypatch.setattr(alg, "aggregate_fit",
+                        lambda rnd, ups: uploads.update({u.client_id: u.params for u in ups}) or real_aggregate(rnd, ups))
+    monkeypatch.setattr(alg, "local_aggregation",
+                        lambda cid, rnd: seen.update({(cid, rnd): alg.models[cid]}) or real_ala(cid, rnd))
+    engine = Engine(alg, Schedule(global_rounds=2, num_join_clients=2))
+    engine.run_round(1)
+    evaluation = engine.evaluate(1)
+    lower = _spans(alg)["head.0.weight"]
+    for cid, upload in uploads.items():
+        assert torch.equal(seen[(cid, 2)], upload)  # ALA of round 2 started from the raw upload ...
+        scored = alg.personalized_model(cid)       # ... and that ALA-initialized model is what is scored
+        assert not torch.equal(scored, upload)
+        assert torch.equal(scored[lower], alg.global_params[lower])
+        probs = torch.softmax(alg.ctx.trainer.logits(scored, alg.ctx.clients[cid].test), 1)
+        acc = (probs.argmax(1) == cifar10.labels[alg.ctx.clients[cid].test]).double().mean().item()
+        assert evaluation.per_client[cid]["acc"] == pytest.approx(acc)
+    assert torch.equal(alg.configure_fit(0, 2), alg.personalized_model(0))  # round 2 starts from it
+
+
+def test_aggregate_is_fedavg_and_uploads_become_local_models(cifar10, monkeypatch):
     alg = _fedala(cifar10)
     p = alg.ctx.init_params
+    local_at_ala = {}
+    monkeypatch.setattr(alg, "local_aggregation",
+                        lambda cid, rnd: local_at_ala.update({cid: (rnd, alg.models[cid])}))
     ups = [ClientUpdate(0, p + 1, 30, torch.tensor(0.0)), ClientUpdate(2, p + 4, 10, torch.tensor(0.0))]
     alg.aggregate_fit(1, ups)
     assert torch.allclose(alg.global_params, p + (30 * 1 + 10 * 4) / 40)
-    assert torch.equal(alg.personalized_model(2), p + 4)
-    assert torch.equal(alg.personalized_model(1), p)
+    # every client's ALA (for round 2) starts from its local model: the upload, or the old model
+    assert local_at_ala[2][0] == 2 and torch.equal(local_at_ala[2][1], p + 4)
+    assert torch.equal(local_at_ala[0][1], p + 1) and torch.equal(local_at_ala[1][1], p)

@@ -17,6 +17,7 @@ from pfl.data.partition import (
     load_or_make_partition,
     make_partition,
     split_validation,
+    train_test_sizes,
 )
 
 SCHEMES = {
@@ -87,6 +88,23 @@ def test_train_test_disjoint_and_shares_disjoint_covering_pool(cifar10, partitio
     # shares are pairwise disjoint (no index counted twice) and every sample of the pool is dealt out
     assert seen.max().item() == 1
     assert seen.min().item() == 1
+
+
+@pytest.mark.parametrize("train_ratio", [0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.33])
+def test_train_test_sizes_match_scikit_learn(train_ratio):
+    """PFLlib's split_data calls train_test_split(train_size=train_ratio): sizes must agree at every ratio."""
+    from sklearn.model_selection import train_test_split
+
+    for n in range(math.ceil(1 / train_ratio), 2000):  # below, scikit-learn refuses an empty train set
+        train, test = train_test_split(np.arange(n), train_size=train_ratio, shuffle=True, random_state=0)
+        assert train_test_sizes(n, train_ratio) == (len(train), len(test)), (n, train_ratio)
+
+
+def test_partition_split_sizes_at_07(cifar10):
+    spec = PartitionSpec("dirichlet", num_clients=10, seed=0, alpha=0.5, train_ratio=0.7)
+    for c in make_partition(cifar10.labels, cifar10.num_classes, spec).clients:
+        n = len(c.train) + len(c.test)
+        assert len(c.train) == math.floor(0.7 * n)
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))

@@ -1,10 +1,10 @@
 """The algorithm contract: a few hooks called by the shared round loop (:mod:`pfl.algorithms.engine`).
 
 Modelled on Flower's ``Strategy``: an algorithm never owns the loop. Per round the
-engine calls :meth:`Algorithm.begin_round` once, then :meth:`Algorithm.configure_fit` for every sampled client (the
+engine calls :meth:`Algorithm.configure_fit` for every sampled client (the
 parameters that client starts local training from), trains it, and hands all
-updates to :meth:`Algorithm.aggregate_fit`. Evaluation asks
-:meth:`Algorithm.personalized_model` for every client.
+updates to :meth:`Algorithm.aggregate_fit` (where FedALA also initializes every client).
+Evaluation asks :meth:`Algorithm.personalized_model` for every client.
 """
 
 from __future__ import annotations
@@ -127,9 +127,6 @@ class Algorithm:
 
     def __init__(self, ctx: FederatedContext):
         self.ctx = ctx
-
-    def begin_round(self, rnd: int, selected: list[int]) -> None:
-        """Called once per round before any client trains (FedALA initializes every client here)."""
 
     def configure_fit(self, client_id: int, rnd: int) -> torch.Tensor:
         """Flat parameters (P,) the client starts local training from in round ``rnd`` (1-based)."""

@@ -1,7 +1,7 @@
 """The single round loop shared by every algorithm.
 
-Round r (1-based): sample ``num_join_clients`` clients without replacement, let the
-algorithm prepare the round, ask it where each sampled client starts, train each
+Round r (1-based): sample ``num_join_clients`` clients without replacement, ask the
+algorithm where each sampled client starts, train each
 locally, let the algorithm aggregate, and every ``eval_gap`` rounds (and after the
 last) evaluate every client's personalized model on its own test split. Observers (MLflow logging, progress
 bars, pruning) are :class:`Callback` objects; the engine imports neither mlflow
@@ -89,14 +89,14 @@ class Engine:
 
     def sample_clients(self, rnd: int) -> list[int]:
         """Sorted ids of the clients taking part in round ``rnd`` (uniform, without replacement)."""
-        rng = np.random.default_rng(derive_seed(self.ctx.seed, rnd))
+        rng = np.random.default_rng(derive_seed(self.ctx.seed, "client_sampling", rnd))
         return sorted(rng.choice(self.ctx.num_clients, self.schedule.num_join_clients, replace=False).tolist())
 
     def train_client(self, client_id: int, rnd: int) -> ClientUpdate:
         """Local training of one client from the algorithm's starting point."""
         start = self.algorithm.configure_fit(client_id, rnd)
         fit = self.ctx.clients[client_id].fit
-        params, loss = self.ctx.trainer.train(start, fit, derive_seed(self.ctx.seed, rnd, client_id))
+        params, loss = self.ctx.trainer.train(start, fit, derive_seed(self.ctx.seed, "local_batches", rnd, client_id))
         return ClientUpdate(client_id, params, len(fit), loss)
 
     def train_clients_vectorized(self, selected: list[int], rnd: int) -> list[ClientUpdate]:
@@ -106,7 +106,7 @@ class Engine:
         """
         starts = [self.algorithm.configure_fit(cid, rnd) for cid in selected]
         fits = [self.ctx.clients[cid].fit for cid in selected]
-        seeds = [derive_seed(self.ctx.seed, rnd, cid) for cid in selected]
+        seeds = [derive_seed(self.ctx.seed, "local_batches", rnd, cid) for cid in selected]
         if vectorizable(self.ctx.trainer, fits):
             results = train_vectorized(self.ctx.trainer, starts, fits, seeds)
         else:
@@ -116,10 +116,9 @@ class Engine:
     def run_round(self, rnd: int) -> dict[str, float]:
         """One round; returns ``train_loss`` (sample-weighted mean over the round's clients), ``train_samples``
         (the round's clients' training samples) and seconds: ``round_time`` = ``local_time`` (round
-        preparation, starting points and local training) + ``aggregate_time``."""
+        starting points and local training) + ``aggregate_time`` (server update, FedALA's ALA)."""
         start = time.perf_counter()
         selected = self.sample_clients(rnd)
-        self.algorithm.begin_round(rnd, selected)
         if self.ctx.client_parallelism == "vectorized":
             updates = self.train_clients_vectorized(selected, rnd)
         else:

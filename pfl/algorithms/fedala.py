@@ -3,9 +3,9 @@
 Reproduces PFLlib's ``serverala.py`` / ``clientala.py`` / ``utils/ALA.py``:
 
 * The server aggregates the uploaded models like FedAvg (sample-weighted mean).
-* At the start of every round *every* client (PFLlib's ``send_models`` reaches all
+* Right after each aggregation *every* client (PFLlib's ``send_models`` reaches all
   clients, selected or not) initializes its local model by Adaptive Local Aggregation
-  (paper Sec. "Adaptive Local Aggregation", Eq. 4-6):
+  (paper Sec. "Adaptive Local Aggregation", Eq. 4-6) toward the new global model:
 
   - lower layers take the global parameters;
   - the top ``layer_idx`` parameter tensors become
@@ -22,8 +22,16 @@ Reproduces PFLlib's ``serverala.py`` / ``clientala.py`` / ``utils/ALA.py``:
   - ALA is skipped while the client's model equals the global model in its first
     parameter tensor (round 1, when every model is the initial one).
 
-* The selected clients then train from their ALA-initialized models and upload; each
-  client's personalized model is its current local model.
+* The next round's selected clients train from their ALA-initialized models and upload.
+  Each client's personalized model is its ALA-initialized local model: PFLlib's loop is
+  ``send_models`` (ALA) -> ``evaluate`` -> train -> aggregate, so what it scores (and what
+  pfl scores and saves after round r) is every client's ALA of its local model toward the
+  global model aggregated in round r, which is also where round r + 1 starts. ALA after
+  round r draws its slice from the stream of round r + 1, the round it initializes.
+
+Buffer policy (BatchNorm): FedAvg-style aggregation averages parameters and float buffers
+(sample-weighted); ALA gives the lower layers' parameters and every float buffer the
+global values and blends only the top ``layer_idx`` parameter tensors.
 
 Documented departures from PFLlib: float buffers (BatchNorm statistics) follow the
 lower layers and take the global values (PFLlib keeps the local ones, and its FedAvg
@@ -46,7 +54,6 @@ from pfl.models.flat import FlatEntry, flat_layout, set_flat
 from pfl.seed import derive_seed
 
 MAX_START_EPOCHS = 500
-_SLICE_STREAM = 11  # derive_seed tag of the random-slice stream
 
 
 def blend(local_top: torch.Tensor, global_top: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -162,7 +169,7 @@ class FedALA(Algorithm):
         """The contiguous ``rand_percent``% of the client's training indices ALA uses in round ``rnd``."""
         train = self.ctx.clients[client_id].fit
         num = int(self.rand_percent / 100 * len(train))
-        rng = np.random.default_rng(derive_seed(self.ctx.seed, rnd, client_id, _SLICE_STREAM))
+        rng = np.random.default_rng(derive_seed(self.ctx.seed, "ala_slice", rnd, client_id))
         start = int(rng.integers(0, len(train) - num + 1))
         return train[start:start + num]
 
@@ -196,8 +203,9 @@ class FedALA(Algorithm):
                                     self.weights[client_id])
         self.models[client_id] = new
 
-    def begin_round(self, rnd: int, selected: list[int]) -> None:
-        """ALA for every client, selected or not (PFLlib's ``send_models`` reaches all clients)."""
+    def initialize_clients(self, rnd: int) -> None:
+        """ALA toward the global model for every client, selected or not (PFLlib's ``send_models``), as the
+        start of round ``rnd``."""
         model = self.ctx.trainer.model
         set_flat(model, self.global_params)  # lower layers of every blended forward are the global ones
         model.eval()
@@ -208,9 +216,11 @@ class FedALA(Algorithm):
         return self.models[client_id]
 
     def aggregate_fit(self, rnd: int, updates: list[ClientUpdate]) -> None:
+        """FedAvg of the uploads, which become their clients' local models; then ALA for every client."""
         for u in updates:
             self.models[u.client_id] = u.params
         self.global_params = weighted_average([u.params for u in updates], [u.num_samples for u in updates])
+        self.initialize_clients(rnd + 1)
 
     def personalized_model(self, client_id: int) -> torch.Tensor:
         return self.models[client_id]

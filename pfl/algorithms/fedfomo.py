@@ -17,9 +17,24 @@ Reproduces PFLlib's ``serverfomo.py`` / ``clientfomo.py`` when ``epsilon = 0``:
   start of local training.
 * The server adds the raw (unclipped) weights to the client's row of P.
 
-``epsilon`` adds the epsilon-greedy exploration of the official implementation
-(NVlabs/FedFomo): with probability ``epsilon * epsilon_decay ** (round - 1)`` a client
-receives ``M'`` models drawn uniformly at random instead of the top-``M'``.
+Buffer policy (BatchNorm): the distance ``||theta_n - theta_old||`` and the weighted blend
+cover trainable parameters only, as PFLlib's ``weight_cal`` / ``add_parameters`` iterate
+``model.parameters()``. Float buffers (``running_mean`` / ``running_var``) stay local: the
+blended start keeps the client's own buffers, and each received model is scored with its
+own. Integer buffers (``num_batches_tracked``) are never in the flat state.
+
+``epsilon > 0`` switches to the official implementation's epsilon-greedy selection
+(NVlabs/FedFomo, ``client.py``, ``Client.get_federating_clients`` with ``e_greedy``; see
+:meth:`FedFomo.select`): the client always receives its own model, plus ``M'`` other
+clients chosen slot by slot, each slot exploring (the next client of a random shuffle)
+when a uniform draw is below ``epsilon - (round - 1) * epsilon_decay`` (linear decay;
+NVlabs counts rounds from 0) and otherwise exploiting (the next client by affinity).
+``epsilon = 0`` (the default) is PFLlib's top-``M'``, which has no exploration.
+
+Deliberate differences from PFLlib: losses are computed with every model in eval mode
+(PFLlib's ``recalculate_loss`` runs the models in whatever mode they are in, train mode
+for the anchor, so BatchNorm models there use batch statistics); ``M'`` also caps at the
+clients that uploaded last round (PFLlib's guard for dropped clients, always equal here).
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ import numpy as np
 import torch
 
 from pfl.algorithms.base import Algorithm, ClientUpdate, FederatedContext, SearchParam
+from pfl.models.flat import param_mask
 from pfl.seed import derive_seed
 
 _DIST_EPS = 1e-5  # PFLlib's denominator guard
@@ -60,8 +76,9 @@ class FedFomo(Algorithm):
     Args:
         ctx: federated context (clients must carry validation splits).
         M: models each client receives per round (PFLlib default 5).
-        epsilon: initial exploration probability (0 = PFLlib's behaviour).
-        epsilon_decay: per-round multiplicative decay of ``epsilon``.
+        epsilon: initial exploration probability of NVlabs' epsilon-greedy selection
+            (0 = PFLlib's top-M selection, no exploration).
+        epsilon_decay: linear decay of ``epsilon`` per round (NVlabs default 0.05).
     """
 
     name = "fedfomo"
@@ -71,12 +88,13 @@ class FedFomo(Algorithm):
                     "epsilon": SearchParam("float", 0.0, 0.5),
                     "val_ratio": SearchParam("float", 0.1, 0.4)}
 
-    def __init__(self, ctx: FederatedContext, M: int = 5, epsilon: float = 0.0, epsilon_decay: float = 1.0):
+    def __init__(self, ctx: FederatedContext, M: int = 5, epsilon: float = 0.0, epsilon_decay: float = 0.05):
         super().__init__(ctx)
         n = ctx.num_clients
         self.M = min(M, ctx.num_join_clients)
         self.epsilon = epsilon
         self.epsilon_decay = epsilon_decay
+        self.params = param_mask(ctx.trainer.model)  # None: every float entry is a parameter (no buffers)
         self.models = ctx.new_store(ctx.init_params)   # latest model of each client (= personalized model)
         self.anchors = ctx.new_store(ctx.init_params)  # theta_old of each client
         self.P = torch.eye(n, dtype=torch.float64)
@@ -84,21 +102,52 @@ class FedFomo(Algorithm):
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def select(self, client_id: int, m: int, rnd: int) -> torch.Tensor:
-        """Ids (m,) of the models sent to ``client_id``: top-m of its row of P, or random when exploring."""
-        eps = self.epsilon * self.epsilon_decay ** (rnd - 1)
-        if eps > 0:
-            rng = np.random.default_rng(derive_seed(self.ctx.seed, rnd, client_id, 7))
-            if rng.random() < eps:
-                return torch.from_numpy(rng.choice(self.ctx.num_clients, m, replace=False))
-        return torch.argsort(self.P[client_id], descending=True, stable=True)[:m]
+        """Ids of the models sent to ``client_id`` in round ``rnd`` (1-based).
+
+        ``epsilon = 0``: the top ``m`` of its row of P, ties to the lower id (PFLlib's
+        ``torch.topk`` over ``P[client.id]``), shape (m,).
+
+        ``epsilon > 0``: NVlabs' ``e_greedy`` rule, shape (1 + min(m, n - 1),): the client
+        itself first, then one slot at a time: draw u ~ U(0, 1); if ``u < epsilon - (rnd - 1) *
+        epsilon_decay`` take the next client of a random permutation of the others, else the
+        next of the others ranked by P (descending, random tie-breaking); a client already
+        chosen is skipped (the slot keeps its decision and takes the next one).
+        """
+        if self.epsilon == 0:
+            return torch.argsort(self.P[client_id], descending=True, stable=True)[:m]
+        rng = np.random.default_rng(derive_seed(self.ctx.seed, "fomo_exploration", rnd, client_id))
+        others = np.array([c for c in range(self.ctx.num_clients) if c != client_id])
+        affinity = self.P[client_id, others].numpy()
+        top = list(others[np.lexsort((rng.random(len(others)), affinity))[::-1]])
+        shuffled = list(rng.permutation(others))
+        threshold = self.epsilon - (rnd - 1) * self.epsilon_decay
+        chosen = [client_id]
+        for _ in range(min(m, len(others))):
+            queue = shuffled if rng.uniform(0, 1) < threshold else top
+            while (pick := queue.pop(0)) in chosen:
+                pass
+            chosen.append(int(pick))
+        return torch.tensor(chosen)
+
+    def distances(self, anchor: torch.Tensor, received: list[torch.Tensor]) -> torch.Tensor:
+        """L2 distances (M,) from the anchor (P,) to each received model (P,) over trainable parameters only."""
+        if self.params is not None:
+            anchor, received = anchor[self.params], [m[self.params] for m in received]
+        return torch.stack([torch.linalg.vector_norm(m - anchor) for m in received])
+
+    def blend(self, own: torch.Tensor, weights: torch.Tensor, received: list[torch.Tensor]) -> torch.Tensor:
+        """``sum_n w_n theta_n`` over trainable parameters (weights (M,), models (P,)); buffers from ``own`` (P,)."""
+        mixed = weights.float() @ torch.stack(received)
+        if self.params is None:
+            return mixed
+        return torch.where(self.params, mixed, own)
 
     def score(self, client_id: int, ids: torch.Tensor) -> torch.Tensor:
         """Raw weights (len(ids),) of the received models on the client's validation split."""
         anchor = self.anchors[client_id]
         received = [self.models[int(i)] for i in ids]
         losses = self.ctx.losses([anchor, *received], self.ctx.clients[client_id].val)  # one batch when vectorized
-        distances = torch.stack([torch.linalg.vector_norm(m - anchor) for m in received])
-        return fomo_weights(float(losses[0]), losses[1:], distances)
+        return fomo_weights(float(losses[0]), losses[1:], self.distances(anchor, received))
 
     def configure_fit(self, client_id: int, rnd: int) -> torch.Tensor:
         start = self.models[client_id]
@@ -109,7 +158,7 @@ class FedFomo(Algorithm):
             self._pending[client_id] = (ids, raw)
             weights = normalize_weights(raw)
             if weights is not None:
-                start = weights.float() @ torch.stack([self.models[int(i)] for i in ids])
+                start = self.blend(start, weights, [self.models[int(i)] for i in ids])
         self.anchors[client_id] = start
         return start
 

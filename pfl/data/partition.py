@@ -32,7 +32,7 @@ import torch
 # PFLlib's dataset_utils fixes batch_size = 10 when it computes least_samples.
 _PFLLIB_BATCH_SIZE = 10
 _MAX_DIRICHLET_TRIES = 1000
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: scikit-learn's train/test sizes at every train_ratio
 
 
 class PartitionError(ValueError):
@@ -167,9 +167,21 @@ def dirichlet(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
 _SCHEMES = {"pathological": pathological, "dirichlet": dirichlet}
 
 
+def train_test_sizes(n: int, train_ratio: float) -> tuple[int, int]:
+    """``(n_train, n_test)`` of scikit-learn's ``train_test_split(train_size=train_ratio)`` on n samples.
+
+    scikit-learn (``model_selection._split._validate_shuffle_split``) takes
+    ``n_train = floor(train_ratio * n)`` and gives the rest to the test split; PFLlib's
+    ``split_data`` calls it this way. (``ceil(n * (1 - train_ratio))`` test samples agrees at
+    0.75 only: ``1 - 0.7`` is ``0.30000000000000004`` in floating point.)
+    """
+    n_train = math.floor(train_ratio * n)
+    return n_train, n - n_train
+
+
 def _train_test(idx: np.ndarray, train_ratio: float, rng: np.random.Generator) -> ClientSplit:
     idx = rng.permutation(idx)
-    n_test = math.ceil(len(idx) * (1 - train_ratio))  # sklearn's train_test_split rounding
+    _, n_test = train_test_sizes(len(idx), train_ratio)  # ShuffleSplit's order: test first, then train
     return ClientSplit(train=torch.from_numpy(idx[n_test:].copy()), test=torch.from_numpy(idx[:n_test].copy()))
 
 

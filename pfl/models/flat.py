@@ -56,6 +56,14 @@ def flat_layout(model: nn.Module) -> list[FlatEntry]:
     return layout
 
 
+def param_mask(model: nn.Module) -> torch.Tensor | None:
+    """Bool mask (P,) of the flat positions holding trainable parameters; ``None`` when all do (no float buffers)."""
+    layout = flat_layout(model)
+    if all(e.is_param for e in layout):
+        return None
+    return torch.cat([torch.full((e.numel,), e.is_param) for e in layout])
+
+
 def flat_size(model: nn.Module) -> int:
     """Number of float entries P in the model's state."""
     return sum(t.numel() for _, t in _float_entries(model))
