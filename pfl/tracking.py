@@ -83,17 +83,40 @@ def log_json(obj: Any, artifact_file: str) -> None:
     mlflow.log_dict(obj, artifact_file)
 
 
+def best_metrics(best: Evaluation) -> dict[str, float]:
+    """``best_<split>_<metric>`` and ``best_round`` of the evaluation with the highest accuracy.
+
+    PFLlib reports the best round's accuracy (``max(rs_test_acc)``), so runs log it beside
+    the final metrics: ``best_test_acc`` and the NLL, F-ECE and Brier score of that same round
+    (``best_test_nll``, ``best_test_ece``, ``best_test_brier``), and ``best_round``.
+    """
+    quality = {k: v for k, v in best.metrics.items()
+               if k.split("_", 1)[-1] in ("acc", "nll", "ece", "brier")}
+    return {**{f"best_{k}": v for k, v in quality.items()}, "best_round": float(best.round)}
+
+
+def _accuracy(evaluation: Evaluation) -> float:
+    return next(v for k, v in evaluation.metrics.items() if k in ("test_acc", "val_acc"))
+
+
 class MLflowCallback(Callback):
-    """Logs round metrics and evaluations of the active run with ``step=round``, and per-client metrics at the end."""
+    """Logs round metrics and evaluations of the active run with ``step=round``; at the end, the per-client
+    metrics and the best round's metrics (:func:`best_metrics`; the earliest round on ties)."""
+
+    def __init__(self):
+        self.best: Evaluation | None = None
 
     def on_round_end(self, rnd: int, metrics: dict[str, float]) -> None:
         mlflow.log_metrics(metrics, step=rnd)
 
     def on_evaluate(self, evaluation: Evaluation) -> None:
         mlflow.log_metrics(evaluation.metrics, step=evaluation.round)
+        if self.best is None or _accuracy(evaluation) > _accuracy(self.best):
+            self.best = evaluation
 
     def on_run_end(self, final: Evaluation) -> None:
         log_json({"round": final.round, "clients": final.per_client}, "client_metrics.json")
+        mlflow.log_metrics(best_metrics(self.best))
 
 
 def _client_file(client_id: int) -> str:

@@ -60,6 +60,11 @@ def test_fedfomo_run_tree_metrics_and_client_models(cifar10_dir, tmp_path, store
         assert steps == [1, 2], key
     acc_hist = client.get_metric_history(fl_id, "test_acc")
     assert all(0.0 <= m.value <= 1.0 for m in acc_hist)
+    # PFLlib's "Best accuracy": the best round's test accuracy, its round and that round's other metrics
+    best = max(acc_hist, key=lambda m: (m.value, -m.step))
+    assert fl.data.metrics["best_test_acc"] == best.value and fl.data.metrics["best_round"] == best.step
+    nll = {m.step: m.value for m in client.get_metric_history(fl_id, "test_nll")}
+    assert fl.data.metrics["best_test_nll"] == nll[best.step] and "best_test_ece" in fl.data.metrics
 
     artifacts = {Path(a.path).name for a in client.list_artifacts(fl_id, "clients")}
     assert artifacts == {f"client_{c:03d}.safetensors" for c in range(NUM_CLIENTS)}
