@@ -33,6 +33,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": (lambda v: v > 0, "learning rate must be > 0, e.g. lr=0.005"),
     "train_ratio": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. train_ratio=0.75"),
     "val_ratio": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. val_ratio=0.2"),
+    "tuning_val_ratio": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. tuning_val_ratio=0.2"),
     "epsilon": (lambda v: 0 <= v <= 1, "epsilon is a probability: use a value in [0, 1]"),
     "epsilon_decay": (lambda v: 0 <= v <= 1, "epsilon_decay is subtracted from epsilon each round (linear, NVlabs "
                       "default 0.05): use a value in [0, 1]"),
@@ -105,6 +106,8 @@ class RunConfig(BaseModel):
     layer_idx: int = 2
     threshold: float = 0.1
     num_pre_loss: int = 10
+    # hyperparameter search: every trial of a study scores on the last tuning_val_ratio of each train split
+    tuning_val_ratio: float = 0.2
     # evaluation and runtime
     ece_bins: int = 20
     eval_batch_size: int | None = None  # unset: pfl.data.loader.inference_batch_size's default for the device

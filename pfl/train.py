@@ -125,8 +125,9 @@ def _prepared(cfg: RunConfig, dataset: ImageDataset, fingerprint: str, partition
 def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Algorithm:
     """Seed everything with ``seed``, initialize the model and wrap it in the configured algorithm.
 
-    With ``holdout`` every client holds out the last ``val_ratio`` of its train split as a
-    validation split (tuning), whatever the algorithm; otherwise only algorithms that need one do.
+    With ``holdout`` every client holds out the last ``tuning_val_ratio`` of its train split as the
+    tuning split (the same for every trial); algorithms that need a validation split of their own
+    (FedFomo) carve the last ``val_ratio`` of the rest.
 
     Raises:
         ConfigError: the model, the clients' data or the algorithm's hyperparameters do not fit
@@ -138,8 +139,9 @@ def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Alg
     cls = REGISTRY[cfg.algo]
     try:
         model = build_model(prepared.model_spec).to(prepared.device)
-        val_ratio = cfg.val_ratio if cls.needs_validation or holdout else None
-        clients = client_data(prepared.partition, prepared.device, val_ratio)
+        val_ratio = cfg.val_ratio if cls.needs_validation else None
+        clients = client_data(prepared.partition, prepared.device, val_ratio,
+                              cfg.tuning_val_ratio if holdout else None)
         trainer = LocalTrainer(model, DeviceImages(prepared.dataset, prepared.device), cfg.batch_size, cfg.lr,
                                cfg.local_epochs, cfg.eval_batch_size)
         budget = cfg.client_state_budget_mb * 2**20 or None

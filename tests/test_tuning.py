@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 import yaml
 
 from pfl import tracking
@@ -77,6 +78,31 @@ def test_objective_reads_validation_splits_never_test(cifar10_dir, tmp_path, mon
     assert touched and all(not (set(idx.tolist()) & test_idx) for idx in touched)
     with pytest.raises(ValueError, match="val_"):
         validation_score(cfg, "test_acc", [])
+
+
+def test_every_trial_scores_on_one_fixed_tuning_split_whatever_its_val_ratio(cifar10_dir, tmp_path):
+    from pfl.train import build_algorithm, prepare
+
+    clients = {}
+    for val_ratio in (0.1, 0.4):  # FedFomo's own validation split is searched; the tuning split is not
+        cfg = _cfg(cifar10_dir, tmp_path, val_ratio=val_ratio, tuning_val_ratio=0.25)
+        prepared = prepare(cfg)
+        clients[val_ratio] = build_algorithm(prepared, cfg.seed, holdout=True).ctx.clients
+    for a, b, split in zip(clients[0.1], clients[0.4], prepared.partition.clients):
+        assert torch.equal(a.holdout, b.holdout)  # the same samples for every trial
+        n = len(split.train)
+        assert torch.equal(a.holdout, split.train[n - int(0.25 * n):])  # the last 25% of the train split
+        for c, val_ratio in ((a, 0.1), (b, 0.4)):  # FedFomo's split is carved from the remaining 75%
+            rest = n - len(c.holdout)
+            assert len(c.val) == int(val_ratio * rest) and torch.equal(c.val, split.train[rest - len(c.val):rest])
+            assert torch.equal(torch.cat([c.fit, c.val, c.holdout]), split.train)
+
+
+def test_the_tuning_split_is_not_searchable(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("tuning_val_ratio: {type: float, low: 0.1, high: 0.3}\n")
+    with pytest.raises(ConfigError, match="tuning_val_ratio is fixed"):
+        load_space(path)
 
 
 # ---------------------------------------------------------------- studies

@@ -1,9 +1,11 @@
-"""The objective: one FL run with a trial's hyperparameters, scored on the clients' validation splits.
+"""The objective: one FL run with a trial's hyperparameters, scored on the clients' tuning splits.
 
-Every client holds out the last ``val_ratio`` of its train split (whatever the
-algorithm); local training uses the rest, and evaluation reads only the validation
-splits (``val_*`` metrics) -- never the test split. Each evaluation round is reported
-to the trial, so the pruner can stop weak trials early.
+Every client holds out the last ``tuning_val_ratio`` of its train split (whatever the
+algorithm). The ratio is fixed for a study and searched by no trial, so every trial scores
+on the same samples and the pruner compares like with like. FedFomo's own validation split
+(``val_ratio``, which may be searched) is carved from the rest; local training uses what
+remains. Evaluation reads only the tuning splits (``val_*`` metrics), never the test split.
+Each evaluation round is reported to the trial, so the pruner can stop weak trials early.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def validation_score(cfg: RunConfig, metric: str, callbacks: list[Callback]) -> 
         raise ValueError(f"tuning scores validation splits only; use a val_* metric, not {metric!r}")
     prepared = prepare(cfg)
     algorithm = build_algorithm(prepared, cfg.seed, holdout=True)
-    return run_rounds(algorithm, cfg, callbacks, eval_split="val").metrics[metric]
+    return run_rounds(algorithm, cfg, callbacks, eval_split="holdout").metrics[metric]
 
 
 def trial_config(base: RunConfig, params: dict[str, Any]) -> RunConfig:

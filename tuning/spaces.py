@@ -26,6 +26,9 @@ LR = SearchParam("float", 1e-3, 1e-1, log=True)  # shared option: SGD learning r
 def _param(name: str, spec: Any, where: str) -> SearchParam:
     if name not in RunConfig.model_fields:
         raise ConfigError(f"{where}: {name!r} is not a run config field; valid: {', '.join(RunConfig.model_fields)}")
+    if name == "tuning_val_ratio":
+        raise ConfigError(f"{where}: tuning_val_ratio is fixed for a study (trials must score on the same "
+                          "samples); remove it from the space and pass tuning_val_ratio=... to pfl tune")
     if not isinstance(spec, dict) or spec.get("type") not in ("int", "float") or not {"low", "high"} <= set(spec):
         raise ConfigError(f"{where}: {name} needs {{type: int|float, low: ..., high: ...[, log: true]}}, got {spec!r}")
     low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-from pfl.config import RunConfig
+from pfl.config import ConfigError, RunConfig
 from pfl.train import build_algorithm, prepare, train_repeats
 from tuning.objective import Objective, trial_config
 from tuning.spaces import SearchParam
@@ -103,12 +103,19 @@ def run_study(base: RunConfig, space: dict[str, SearchParam], settings: StudySet
     """Run ``settings.n_trials`` trials on the (new or resumed) study, then log and write the best config.
 
     Raises:
+        ConfigError: the study was started with another ``tuning_val_ratio`` (before any trial).
         ValueError: the study holds no completed trial after this process's trials.
     """
     from pfl import tracking
 
     name = settings.study_name or default_study_name(base)
     study = open_study(settings, name, base.seed)
+    fixed = study.user_attrs.get("tuning_val_ratio")
+    if fixed is None:
+        study.set_user_attr("tuning_val_ratio", base.tuning_val_ratio)
+    elif fixed != base.tuning_val_ratio:
+        raise ConfigError(f"tuning_val_ratio: study {name} scores every trial on tuning_val_ratio={fixed}, not "
+                          f"{base.tuning_val_ratio}; pass tuning_val_ratio={fixed} or name a new study with --study")
     params = {**base.flat_params(), "study_name": name, "storage": settings.storage, "metric": settings.metric,
               "n_trials": settings.n_trials, "pruner": settings.pruner,
               "space": {k: [p.kind, *p.bounds(base.num_clients), p.log] for k, p in space.items()}}

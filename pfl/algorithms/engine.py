@@ -41,6 +41,9 @@ class Evaluation:
     per_client: list[dict[str, float]] = field(default_factory=list)
 
 
+_METRIC_PREFIX = {"test": "test", "holdout": "val"}  # evaluated split -> metric name prefix
+
+
 def _digest(vector: torch.Tensor) -> bytes:
     """SHA-256 of a flat parameter vector's bytes: equal digests mean a bit-identical model."""
     return hashlib.sha256(vector.detach().cpu().contiguous().numpy()).digest()
@@ -62,13 +65,14 @@ class Callback:
 @dataclass(frozen=True)
 class Schedule:
     """Round schedule: ``global_rounds`` rounds, ``num_join_clients`` per round, evaluation every ``eval_gap``
-    on each client's ``eval_split`` (``test``, or ``val`` for tuning, which never reads the test split)."""
+    on each client's ``eval_split``: ``test``, or ``holdout`` for tuning (the fixed tuning split, logged as
+    ``val_*`` metrics), which never reads the test split."""
 
     global_rounds: int
     num_join_clients: int
     eval_gap: int = 1
     ece_bins: int = 20
-    eval_split: str = "test"  # "val" scores the clients' validation splits (hyperparameter search)
+    eval_split: str = "test"  # "holdout" scores the clients' tuning splits (hyperparameter search)
 
 
 class Engine:
@@ -141,7 +145,7 @@ class Engine:
         ``eval_time`` (seconds) and ``eval_reused`` (clients whose scores were kept) to the metrics.
 
         Raises:
-            ValueError: ``eval_split="val"`` but the clients hold no validation split.
+            ValueError: ``eval_split="holdout"`` but the clients hold no tuning split.
         """
         start = time.perf_counter()
         split = self.schedule.eval_split
@@ -163,8 +167,9 @@ class Engine:
             self._score(pending, indices)
         scores = [self._scores[cid][1] for cid in range(self.ctx.num_clients)]
         weights = [len(idx) for idx in indices]
-        per_client = [{"client": cid, f"num_{split}": n, **m} for cid, (n, m) in enumerate(zip(weights, scores))]
-        metrics = {f"{split}_{k}": v for k, v in aggregate_clients(scores, weights).items()}
+        prefix = _METRIC_PREFIX[split]
+        per_client = [{"client": cid, f"num_{prefix}": n, **m} for cid, (n, m) in enumerate(zip(weights, scores))]
+        metrics = {f"{prefix}_{k}": v for k, v in aggregate_clients(scores, weights).items()}
         metrics["eval_reused"] = float(reused)
         metrics["eval_time"] = time.perf_counter() - start
         return Evaluation(rnd, metrics, per_client)
@@ -172,7 +177,7 @@ class Engine:
     def _split_indices(self, cid: int, split: str) -> torch.Tensor:
         idx = getattr(self.ctx.clients[cid], split)
         if idx is None:
-            raise ValueError(f"client {cid} has no {split} split; build the clients with a validation split")
+            raise ValueError(f"client {cid} has no {split} split; build the algorithm with holdout=True")
         return idx
 
     def _score(self, pending: list[tuple[int, torch.Tensor, bytes]], indices: list[torch.Tensor]) -> None:

@@ -73,20 +73,37 @@ class ClientData:
     """One client's index tensors on the training device.
 
     Attributes:
-        fit: indices used for local training (the train split minus ``val``).
-        val: held-out part of the train split (``None`` when the algorithm needs none).
+        fit: indices used for local training (the train split minus ``holdout`` and ``val``).
+        val: the algorithm's own validation split (FedFomo scores received models on it),
+            carved from the train split after ``holdout``; ``None`` when the algorithm needs none.
         test: the client's test split; only evaluation reads it.
+        holdout: the hyperparameter-search split, the last ``tuning_val_ratio`` of the train
+            split (``None`` outside tuning). It depends on nothing a trial searches, so every
+            trial of a study scores on the same samples.
     """
 
     fit: torch.Tensor
     val: torch.Tensor | None
     test: torch.Tensor
+    holdout: torch.Tensor | None = None
 
 
-def client_data(partition: Partition, device: torch.device, val_ratio: float | None = None) -> list[ClientData]:
-    """Move a partition's index tensors to ``device``, holding out validation splits when ``val_ratio`` is set."""
+def client_data(partition: Partition, device: torch.device, val_ratio: float | None = None,
+                holdout_ratio: float | None = None) -> list[ClientData]:
+    """Move a partition's index tensors to ``device``, holding out the splits whose ratios are set.
+
+    The train split (n,) loses its last ``holdout_ratio`` first (the tuning split), then the
+    rest its last ``val_ratio`` (the algorithm's validation split); see :func:`split_validation`.
+
+    Raises:
+        PartitionError: a client has too few train samples for a split.
+    """
+    def device_or_none(idx: torch.Tensor | None) -> torch.Tensor | None:
+        return None if idx is None else idx.to(device)
+
     out = []
     for split in partition.clients:
-        fit, val = split_validation(split.train, val_ratio) if val_ratio else (split.train, None)
-        out.append(ClientData(fit.to(device), None if val is None else val.to(device), split.test.to(device)))
+        rest, holdout = split_validation(split.train, holdout_ratio) if holdout_ratio else (split.train, None)
+        fit, val = split_validation(rest, val_ratio) if val_ratio else (rest, None)
+        out.append(ClientData(fit.to(device), device_or_none(val), split.test.to(device), device_or_none(holdout)))
     return out
