@@ -237,6 +237,22 @@ def test_fedfomo_e_greedy_explores_per_slot_with_linear_decay():
         assert a.select(c, 4, rnd=11).tolist() == [c] + [i for i in range(10) if i != c][:4]
 
 
+def test_validation_loss_is_pfllibs_mean_of_batch_means():
+    # 5 validation samples with per-sample losses l = CE(logits, labels); PFLlib's recalculate_loss
+    # with batch 2 averages the batch means of [l0, l1], [l2, l3], [l4] (or drops [l4] with drop_last)
+    logits = torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [0.0, -2.0]])
+    labels = torch.tensor([0, 0, 1, 0, 1])
+    trainer = SimpleNamespace(data=SimpleNamespace(labels=labels), logits=lambda v, idx: logits[idx] * v[0])
+    clients = [ClientData(fit=torch.arange(5), val=torch.arange(5), test=torch.arange(5))]
+    ctx = FederatedContext(clients, trainer, torch.ones(1), num_join_clients=1, seed=0)
+    l = nn.functional.cross_entropy(logits, labels, reduction="none").double()
+    out = ctx.losses([torch.ones(1)], torch.arange(5), batch_size=2)
+    assert out.tolist() == pytest.approx([((l[0] + l[1]) / 2 + (l[2] + l[3]) / 2 + l[4]).item() / 3])
+    out = ctx.losses([torch.ones(1)], torch.arange(5), batch_size=2, drop_last=True)
+    assert out.tolist() == pytest.approx([((l[0] + l[1]) / 2 + (l[2] + l[3]) / 2).item() / 2])
+    assert ctx.losses([torch.ones(1)], torch.arange(5)).tolist() == pytest.approx([l.mean().item()])
+
+
 def test_fedfomo_distances_and_blend_use_parameters_only():
     # Linear(3, 2) + BatchNorm1d(2): flat = 6 weight, 2 bias, 2 bn weight, 2 bn bias (params: 0..11),
     # then running_mean (12, 13) and running_var (14, 15) (buffers)

@@ -82,11 +82,25 @@ class FederatedContext:
             return batched_logits(self.trainer, vectors, indices)
         return [self.trainer.logits(v, i) for v, i in zip(vectors, indices)]
 
-    def losses(self, vectors: list[torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (nats) of each of M models on the same indices (n,): a float64 tensor (M,) on the host."""
+    def losses(self, vectors: list[torch.Tensor], indices: torch.Tensor, batch_size: int | None = None,
+               drop_last: bool = False) -> torch.Tensor:
+        """Cross-entropy (nats) of each of M models on the same indices (n,): a float64 tensor (M,) on the host.
+
+        Without ``batch_size``, the mean over the n samples. With it, the mean of the per-batch
+        means over consecutive batches of ``batch_size`` (the last partial batch dropped when
+        ``drop_last`` and at least one full batch exists), as a PyTorch ``DataLoader`` loop that
+        sums ``loss.item()`` and divides by ``len(loader)`` computes it.
+        """
         labels = self.trainer.data.labels[indices]
         logits = self.logits(vectors, [indices] * len(vectors))
-        return torch.stack([nn.functional.cross_entropy(z, labels) for z in logits]).double().cpu()
+        if batch_size is None:
+            return torch.stack([nn.functional.cross_entropy(z, labels) for z in logits]).double().cpu()
+        n = len(indices)
+        batches = [slice(b, min(b + batch_size, n)) for b in range(0, n, batch_size)]
+        if drop_last and n % batch_size and n > batch_size:
+            batches.pop()
+        per_sample = [nn.functional.cross_entropy(z, labels, reduction="none") for z in logits]
+        return torch.stack([torch.stack([p[b].mean() for b in batches]).mean() for p in per_sample]).double().cpu()
 
 
 @dataclass(frozen=True)

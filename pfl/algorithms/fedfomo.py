@@ -11,7 +11,10 @@ Reproduces PFLlib's ``serverfomo.py`` / ``clientfomo.py`` when ``epsilon = 0``:
 * It scores each received model n on its validation split (the last ``val_ratio``
   of its train split) against its anchor model theta_old, the model it held after
   its previous aggregation (PFLlib's ``old_model``; paper Eq. 6):
-  ``w_n = (L(theta_old) - L(theta_n)) / (||theta_n - theta_old||_2 + 1e-5)``.
+  ``w_n = (L(theta_old) - L(theta_n)) / (||theta_n - theta_old||_2 + 1e-5)``, where L is
+  PFLlib's ``recalculate_loss``: the mean of the batch-mean losses over consecutive batches
+  of ``batch_size`` (the last partial batch dropped for models with BatchNorm, as PFLlib's
+  ``drop_last=has_BatchNorm``).
   Negative weights are clipped to 0 and the rest normalized; if none is positive
   the client keeps its current model. The aggregate becomes the new anchor and the
   start of local training.
@@ -146,7 +149,10 @@ class FedFomo(Algorithm):
         """Raw weights (len(ids),) of the received models on the client's validation split."""
         anchor = self.anchors[client_id]
         received = [self.models[int(i)] for i in ids]
-        losses = self.ctx.losses([anchor, *received], self.ctx.clients[client_id].val)  # one batch when vectorized
+        # PFLlib's recalculate_loss: mean of the batch losses over its validation DataLoader (batch_size,
+        # drop_last for models with BatchNorm); one batched computation when vectorized
+        losses = self.ctx.losses([anchor, *received], self.ctx.clients[client_id].val, self.ctx.trainer.batch_size,
+                                 drop_last=self.params is not None)
         return fomo_weights(float(losses[0]), losses[1:], self.distances(anchor, received))
 
     def configure_fit(self, client_id: int, rnd: int) -> torch.Tensor:
