@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--join-ratio", type=_optional_float, default=None, help="join ratio of the table and of the "
                         "ECE-vs-alpha plots")
     report.add_argument("--reliability-run", default=None, help="FL run id whose reliability diagrams to draw")
+    report.add_argument("--stat", choices=("final", "best"), default="final", help="FL-run numbers: final round "
+                        "(test_*, default) or round of best test accuracy (best_test_*); head runs use the final "
+                        "models either way")
     report.add_argument("--out", default="report", help="output folder (default ./report)")
     report.add_argument("--tracking-uri", default=None)
     report.set_defaults(handler=_report)
@@ -177,11 +180,11 @@ def _report(args: argparse.Namespace) -> int:
     from pfl import tracking
     from reports.report import Selection, build_report
 
-    sel = Selection(args.experiment, args.filter, args.alpha, args.join_ratio, args.reliability_run)
+    sel = Selection(args.experiment, args.filter, args.alpha, args.join_ratio, args.reliability_run, args.stat)
     uri = tracking.configure_tracking(args.tracking_uri)
     out = Path(args.out)
     params = {"experiments": ",".join(args.experiment or []), "filter": args.filter, "alpha": args.alpha,
-              "join_ratio": args.join_ratio, "reliability_run": args.reliability_run}
+              "join_ratio": args.join_ratio, "reliability_run": args.reliability_run, "stat": args.stat}
     experiment = (args.experiment or ["pfl"])[0]
     try:
         report = build_report(sel, out)  # reads the store only: a bad selection leaves no run behind

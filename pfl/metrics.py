@@ -10,6 +10,8 @@ softmax outputs or an ensemble's mean of softmaxes) and integer ``labels`` (N,).
 * F-ECE (Chen et al., AAAI 2024, "Watch Your Head", Sec. 5): the mean of per-client
   ECE weighted by test samples, i.e. :func:`weighted_mean` of client ECEs.
 * Global ECE: ECE of all clients' predictions pooled, 15 uniform bins (Guo et al.'s setting).
+* OOD detection (Hendrycks & Gimpel, ICLR 2017): maximum softmax probability and negative
+  entropy as in-distribution scores; AUROC and AUPR (torchmetrics) with in-distribution positive.
 """
 
 from __future__ import annotations
@@ -141,4 +143,76 @@ def reliability_summary(per_client: Sequence[dict[str, float]], weights: Sequenc
     out["ece"] = sum(eces) / len(eces)
     out["f_ece"] = weighted_mean(eces, weights)
     out["global_ece"] = ece(pooled_probs, pooled_labels, global_bins, "uniform")
+    return out
+
+
+# ---------------------------------------------------------------- out-of-distribution detection
+# Scores follow Hendrycks & Gimpel (ICLR 2017, "A Baseline for Detecting Misclassified and Out-of-Distribution
+# Examples"): a higher score means "more in-distribution". Metrics treat in-distribution as the positive class.
+
+
+def max_softmax_probability(probs: torch.Tensor) -> torch.Tensor:
+    """Maximum softmax probability (MSP) of each row of ``probs`` (N, K) -> (N,), in [1/K, 1]."""
+    return probs.max(dim=1).values
+
+
+def negative_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Negative predictive entropy ``sum_k p_k log p_k`` of each row of ``probs`` (N, K) -> (N,), in nats, <= 0.
+
+    ``0 log 0`` counts as 0 (``torch.special.entr``).
+    """
+    return -torch.special.entr(probs.double()).sum(dim=1)
+
+
+OOD_SCORES = {"msp": max_softmax_probability, "entropy": negative_entropy}
+
+
+def detection_auroc_aupr(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> tuple[float, float]:
+    """AUROC and AUPR of separating in-distribution (positive class) from OOD samples by a score.
+
+    Computed by torchmetrics (``binary_auroc``: trapezoidal ROC area, tied scores count 1/2;
+    ``binary_average_precision``: AUPR as average precision, sum over thresholds of
+    (R_t - R_{t-1}) P_t, as scikit-learn's ``average_precision_score``). torchmetrics reads scores
+    outside [0, 1] as logits and applies a sigmoid, so scores are first min-max rescaled to [0, 1]
+    in float64: an increasing affine map, which changes neither metric.
+
+    Args:
+        id_scores: (N_id,) scores of in-distribution samples (higher = more in-distribution).
+        ood_scores: (N_ood,) scores of OOD samples.
+
+    Returns:
+        ``(auroc, aupr)``, both in [0, 1]; AUROC 1 when every ID score exceeds every OOD score,
+        0 when every one is below, 0.5 for chance.
+
+    Raises:
+        ValueError: either set is empty.
+    """
+    if len(id_scores) == 0 or len(ood_scores) == 0:
+        raise ValueError(f"OOD detection needs samples of both sets, got {len(id_scores)} ID and "
+                         f"{len(ood_scores)} OOD scores")
+    from pfl._torchvision import import_torchvision
+
+    import_torchvision()  # torchmetrics imports torchvision, whose CPU import needs the shim
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+    scores = torch.cat([id_scores.detach().cpu().double().flatten(), ood_scores.detach().cpu().double().flatten()])
+    span = scores.max() - scores.min()
+    scores = (scores - scores.min()) / span if span > 0 else torch.full_like(scores, 0.5)
+    target = torch.cat([torch.ones(len(id_scores)), torch.zeros(len(ood_scores))]).long()
+    return binary_auroc(scores, target).item(), binary_average_precision(scores, target).item()
+
+
+def ood_detection(id_probs: torch.Tensor, ood_probs: torch.Tensor) -> dict[str, float]:
+    """``auroc_<score>`` and ``aupr_<score>`` for every score of :data:`OOD_SCORES` (``msp``, ``entropy``).
+
+    Args:
+        id_probs: (N_id, K) predicted probabilities on in-distribution samples (the positive class).
+        ood_probs: (N_ood, K) predicted probabilities on OOD samples.
+
+    Raises:
+        ValueError: either set is empty.
+    """
+    out = {}
+    for name, score in OOD_SCORES.items():
+        out[f"auroc_{name}"], out[f"aupr_{name}"] = detection_auroc_aupr(score(id_probs), score(ood_probs))
     return out

@@ -1,4 +1,4 @@
-"""Paper-style figures for the ECE of unmodified models ("w/o"), APH and LoRAPH heads.
+"""Paper-style figures for the ECE and OOD AUROC of unmodified models ("w/o"), APH and LoRAPH heads.
 
 The builders take plain data (a long pandas DataFrame, or reliability-diagram bins as logged in a
 head run's ``reliability.json``) and return :class:`matplotlib.figure.Figure` objects made without
@@ -8,7 +8,8 @@ Fonts and sizes are also pinned on the artists themselves (tick labels included,
 creates lazily), so a figure saved later without the style context still looks the same.
 
 * :func:`bar_line_figure`: grouped, edge-coloured bars (one per method) at each value of a swept
-  setting (Dirichlet alpha or join ratio), with a line per method joining the tops of its bars.
+  setting (Dirichlet alpha or join ratio), with a line per method joining the tops of its bars
+  (any metric: ECE, OOD AUROC, ...).
 * :func:`reliability_figure`: one reliability diagram per method, side by side.
 * :func:`save_figure`: PNG (200 dpi) and PDF (TrueType fonts embedded) next to each other.
 

@@ -2,24 +2,36 @@
 
 Everything goes through ``mlflow.search_runs`` and the artifact API; no file behind
 MLflow's back is read. Only FINISHED runs count. The long frame of :func:`results` has
-one row per (FL run, method): ``method`` is ``"w/o"`` (the FL run's own final
-evaluation of the unmodified personalized models), ``"APH"`` or ``"LoRAPH"`` (the latest
-finished head run of that method nested under the FL run). Metrics: ``acc``, ``nll``
-and ``ece`` = F-ECE (test-sample-weighted mean of per-client ECE, 20 equal-mass bins),
-for every method alike. :func:`aggregate` groups repeats (seeds) of the same setting.
+one row per (FL run, method): ``method`` is ``"w/o"`` (the FL run's own evaluation of the
+unmodified personalized models), ``"APH"`` or ``"LoRAPH"`` (the latest finished head run of
+that method nested under the FL run). Metrics: ``acc``, ``nll`` and ``ece`` = F-ECE
+(test-sample-weighted mean of per-client ECE, 20 equal-mass bins), for every method alike,
+and ``ood_auroc``: the AUROC of the maximum softmax probability separating each client's
+test split (in-distribution, the positive class) from its OOD sample (test-sample-weighted
+over clients; NaN where no head run scored OOD data).
+
+``stat`` picks the FL runs' numbers: ``final`` reads the last evaluation (``test_*``),
+``best`` the evaluation at the round of best test accuracy (``best_test_*``). Head runs are
+post-hoc on the final client models, so APH / LoRAPH rows, and the w/o ``ood_auroc`` (the
+unmodified final models, scored by the latest head run of the FL run), are the same for both.
+:func:`aggregate` groups repeats (seeds) of the same setting.
 """
 
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from pfl.heads import METHOD_LABELS
 
-METRICS = ("acc", "nll", "ece")
+METRICS = ("acc", "nll", "ece", "ood_auroc")
 SETTING = ("algo", "dataset", "partition", "alpha", "join_ratio")
-_FL_METRICS = {"acc": "test_acc", "nll": "test_nll", "ece": "test_ece"}
-_HEAD_METRICS = {"acc": "acc", "nll": "nll", "ece": "f_ece"}
+STATS = ("final", "best")
+FL_METRICS = {"final": {"acc": "test_acc", "nll": "test_nll", "ece": "test_ece"},
+              "best": {"acc": "best_test_acc", "nll": "best_test_nll", "ece": "best_test_ece"}}
+_HEAD_METRICS = {"acc": "acc", "nll": "nll", "ece": "f_ece", "ood_auroc": "ood_auroc_msp"}
+_WO_OOD_METRIC = "wo_ood_auroc_msp"
 
 
 def search(kind: str, experiments: list[str] | None = None, filter_string: str = "") -> pd.DataFrame:
@@ -29,36 +41,89 @@ def search(kind: str, experiments: list[str] | None = None, filter_string: str =
         experiments: experiment names; ``None`` searches all experiments.
         filter_string: extra MLflow filter, e.g. ``"params.dataset = 'cifar10'"``.
     """
-    clauses = [f"tags.`pfl.kind` = '{kind}'", "attributes.status = 'FINISHED'"] + ([filter_string] if filter_string else [])
+    clauses = [f"tags.`pfl.kind` = '{kind}'", "attributes.status = 'FINISHED'"]
+    clauses += [filter_string] if filter_string else []
     return mlflow.search_runs(experiment_names=experiments, search_all_experiments=experiments is None,
                               filter_string=" and ".join(clauses), output_format="pandas")
 
 
 def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
-    for col in ("alpha", "join_ratio"):
+    for col in ("alpha", "join_ratio", *METRICS):
         frame[col] = pd.to_numeric(frame[col])
     frame["seed"] = pd.to_numeric(frame["seed"]).astype(int)
     return frame
 
 
-def results(experiments: list[str] | None = None, filter_string: str = "") -> pd.DataFrame:
-    """Long frame of FL runs x methods: columns ``fl_run_id``, SETTING, ``seed``, ``method``, METRICS.
+def _metric(runs: pd.DataFrame, name: str) -> pd.Series:
+    """Metric column ``name`` of a search frame (NaN where a run lacks it, or no run has it)."""
+    column = f"metrics.{name}"
+    return runs[column] if column in runs else pd.Series(float("nan"), index=runs.index)
 
-    ``filter_string`` selects FL runs (their params); head runs follow their FL run.
+
+def _param(runs: pd.DataFrame, name: str) -> pd.Series:
+    """Param column ``name`` of a search frame (None where no run has it)."""
+    column = f"params.{name}"
+    return runs[column] if column in runs else pd.Series(None, index=runs.index, dtype=object)
+
+
+def _fl_metrics(fl: pd.DataFrame, stat: str) -> dict[str, np.ndarray]:
+    """The FL runs' ``acc``, ``nll``, ``ece`` (arrays) for ``stat``.
+
+    Raises:
+        ValueError: ``best`` on runs that did not log ``best_test_acc``.
     """
+    values = {m: _metric(fl, src).to_numpy() for m, src in FL_METRICS[stat].items()}
+    lacking = fl["run_id"][pd.isna(values["acc"])].tolist() if stat == "best" else []
+    if lacking:
+        raise ValueError(f"--stat best: FL run(s) {', '.join(lacking[:3])} did not log best_test_acc (trained "
+                         "before pfl logged it); use --stat final")
+    return values
+
+
+def _latest_heads(experiments: list[str] | None, fl_run_ids: pd.Series) -> pd.DataFrame:
+    """Finished head runs of the given FL runs, oldest first."""
+    heads = search("heads", experiments)
+    if heads.empty:
+        return heads
+    return heads[heads["params.fl_run_id"].isin(fl_run_ids)].sort_values("start_time")
+
+
+def _wo_ood(heads: pd.DataFrame) -> pd.DataFrame:
+    """Per FL run, the w/o ``ood_auroc`` and ``ood_dataset`` of its latest head run that scored OOD data."""
+    columns = ["fl_run_id", "ood_auroc", "ood_dataset"]
+    if heads.empty:
+        return pd.DataFrame(columns=columns)
+    scored = heads[_metric(heads, _WO_OOD_METRIC).notna()].drop_duplicates("params.fl_run_id", keep="last")
+    return pd.DataFrame({"fl_run_id": scored["params.fl_run_id"].to_numpy(),
+                         "ood_auroc": _metric(scored, _WO_OOD_METRIC).to_numpy(),
+                         "ood_dataset": _param(scored, "ood_dataset").to_numpy()}, columns=columns)
+
+
+def results(experiments: list[str] | None = None, filter_string: str = "", stat: str = "final") -> pd.DataFrame:
+    """Long frame of FL runs x methods: columns ``fl_run_id``, SETTING, ``seed``, ``method``, METRICS, ``ood_dataset``.
+
+    ``filter_string`` selects FL runs (their params); head runs follow their FL run. ``stat``
+    (``final`` or ``best``) picks the FL runs' numbers (module docstring).
+
+    Raises:
+        ValueError: unknown ``stat``, or ``best`` on FL runs without ``best_test_*`` metrics.
+    """
+    if stat not in STATS:
+        raise ValueError(f"unknown stat {stat!r}; use --stat final or --stat best")
     fl = search("fl", experiments, filter_string)
-    columns = ["fl_run_id", *SETTING, "seed", "method", *METRICS]
+    columns = ["fl_run_id", *SETTING, "seed", "method", *METRICS, "ood_dataset"]
     if fl.empty:
         return pd.DataFrame(columns=columns)
     base = pd.DataFrame({"fl_run_id": fl["run_id"], **{k: fl[f"params.{k}"] for k in (*SETTING, "seed")}})
-    rows = [base.assign(method="w/o", **{m: fl[f"metrics.{src}"].to_numpy() for m, src in _FL_METRICS.items()})]
-    heads = search("heads", experiments)
+    heads = _latest_heads(experiments, base["fl_run_id"])
+    wo = base.assign(method="w/o", **_fl_metrics(fl, stat)).merge(_wo_ood(heads), on="fl_run_id", how="left")
+    rows = [wo]
     if not heads.empty:
-        heads = heads[heads["params.fl_run_id"].isin(base["fl_run_id"])].sort_values("start_time")
         heads = heads.drop_duplicates(["params.fl_run_id", "params.method"], keep="last")
         found = pd.DataFrame({"fl_run_id": heads["params.fl_run_id"].to_numpy(),
                               "method": heads["params.method"].map(METHOD_LABELS).to_numpy(),
-                              **{m: heads[f"metrics.{src}"].to_numpy() for m, src in _HEAD_METRICS.items()}})
+                              **{m: _metric(heads, src).to_numpy() for m, src in _HEAD_METRICS.items()},
+                              "ood_dataset": _param(heads, "ood_dataset").to_numpy()})
         rows.append(base.merge(found, on="fl_run_id"))
     return _numeric(pd.concat(rows, ignore_index=True)[columns])
 

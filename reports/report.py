@@ -4,10 +4,13 @@ Writes into ``out_dir`` and logs the same files as artifacts of a *report* run
 (tag ``pfl.kind = report``):
 
 * ``table.md``, ``table.csv``, ``table.tex``: :mod:`reports.table` at the selected
-  Dirichlet alpha and join ratio (when the runs hold several);
+  Dirichlet alpha and join ratio (when the runs hold several), captioned with the FL-run
+  statistic shown (``--stat final``: last round; ``best``: round of best test accuracy) and the OOD sets;
 * ``ece_vs_alpha_<algo>_<dataset>.{png,pdf}``: bars for w/o, APH, LoRAPH at each alpha,
   for the selected join ratio (participation ratio);
 * ``ece_vs_join_ratio_<algo>_<dataset>.{png,pdf}``: the same over join ratios at the selected alpha;
+* ``ood_vs_alpha_<algo>_<dataset>.{png,pdf}``, ``ood_vs_join_ratio_<algo>_<dataset>.{png,pdf}``: the
+  same for the OOD AUROC of the maximum softmax probability (where head runs scored OOD data);
 * ``reliability_<fl run id>.{png,pdf}``: reliability diagrams of one FL run's methods.
 """
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from reports.plots import bar_line_figure, reliability_figure, save_figure
 from reports.query import aggregate, reliability_bins, results
@@ -33,6 +37,8 @@ class Selection:
         alpha: Dirichlet alpha of the table and of the ECE-vs-join-ratio plots (``None``: the only one).
         join_ratio: join ratio of the table and of the ECE-vs-alpha plots (``None``: the only one).
         reliability_run: FL run whose reliability diagrams to draw (``None``: the first with head runs).
+        stat: the FL runs' numbers, ``final`` (last round, ``test_*``) or ``best`` (round of best
+            test accuracy, ``best_test_*``); head-run columns are the same for both.
     """
 
     experiments: list[str] | None = None
@@ -40,14 +46,16 @@ class Selection:
     alpha: float | None = None
     join_ratio: float | None = None
     reliability_run: str | None = None
+    stat: str = "final"
 
 
 @dataclass
 class Report:
-    """The files a report wrote and the tables it built."""
+    """The files a report wrote, the Markdown table it built and the table's caption (what the columns show)."""
 
     files: list[Path] = field(default_factory=list)
     table_markdown: str = ""
+    caption: str = ""
 
 
 def _fixed(agg: pd.DataFrame, column: str, value: float | None) -> pd.DataFrame:
@@ -64,18 +72,46 @@ def _fixed(agg: pd.DataFrame, column: str, value: float | None) -> pd.DataFrame:
     return rows
 
 
-def _sweep_figures(agg: pd.DataFrame, sel: Selection, out: Path) -> list[Path]:
-    files = []
+# Swept figures: (aggregated metric, file stem prefix, y label).
+SWEEP_METRICS = (("ece", "ece", "ECE"), ("ood_auroc", "ood", "OOD AUROC (MSP)"))
+
+
+def sweep_figures(agg: pd.DataFrame, sel: Selection) -> dict[str, Figure]:
+    """Bar-line figures by file stem: ``<ece|ood>_vs_<alpha|join_ratio>_<algo>_<dataset>``.
+
+    Each swept setting with at least two values gets one figure per (algorithm, dataset) and
+    metric of :data:`SWEEP_METRICS`, at the selected value of the other setting; a metric with
+    no value there (e.g. no head run scored OOD data) gets none.
+    """
+    figures = {}
     sweeps = (("alpha", "join_ratio", sel.join_ratio, "Dirichlet $\\alpha$"),
               ("join_ratio", "alpha", sel.alpha, "participation ratio"))
     for x, fixed, value, label in sweeps:
         if agg[x].nunique() < 2:
             continue
         for (algo, dataset), rows in _fixed(agg, fixed, value).groupby(["algo", "dataset"]):
-            data = rows.rename(columns={"ece_mean": "ece"})[[x, "method", "ece", "ece_std"]]
-            fig = bar_line_figure(data, x=x, x_label=label, y_label="ECE", title=f"{algo}, {dataset}")
-            files += save_figure(fig, out / f"ece_vs_{x}_{algo}_{dataset}")
-    return files
+            for metric, stem, y_label in SWEEP_METRICS:
+                if rows[f"{metric}_mean"].isna().all():
+                    continue
+                data = rows.rename(columns={f"{metric}_mean": metric})[[x, "method", metric, f"{metric}_std"]]
+                figures[f"{stem}_vs_{x}_{algo}_{dataset}"] = bar_line_figure(
+                    data, x=x, y=metric, x_label=label, y_label=y_label, title=f"{algo}, {dataset}")
+    return figures
+
+
+def table_caption(long: pd.DataFrame, stat: str) -> str:
+    """What the table shows: the FL-run statistic of the w/o Acc/NLL/ECE columns, the head runs, the OOD sets."""
+    fl = {"final": "the FL runs' final round (test_*)",
+          "best": "the FL runs' round of best test accuracy (best_test_*)"}[stat]
+    text = (f"w/o Acc, NLL, ECE: {fl}. APH, LoRAPH and every OOD AUROC: head runs, post-hoc on the final client "
+            "models")
+    text += ", the same for --stat final and best." if stat == "best" else "."
+    text += " OOD AUROC: maximum softmax probability, in-distribution as the positive class"
+    scored = long[long["ood_auroc"].notna()]
+    pairs = scored.groupby("dataset")["ood_dataset"].unique()
+    if len(pairs):
+        text += "; OOD sets: " + ", ".join(f"{d} vs {'/'.join(sorted(map(str, o)))}" for d, o in pairs.items())
+    return text + "."
 
 
 def _reliability(long: pd.DataFrame, sel: Selection, out: Path) -> list[Path]:
@@ -95,18 +131,20 @@ def build_report(sel: Selection, out_dir: Path) -> Report:
     """Query, tabulate and plot; returns the written files and the Markdown table.
 
     Raises:
-        ValueError: no matching runs, or a selection that leaves several settings for the table
-            (the message names the option to set).
+        ValueError: no matching runs, a selection that leaves several settings for the table
+            (the message names the option to set), or ``stat="best"`` on FL runs without ``best_*`` metrics.
     """
-    long = results(sel.experiments, sel.filter_string)
+    long = results(sel.experiments, sel.filter_string, sel.stat)
     agg = aggregate(long)
-    table = build_table(_fixed(_fixed(agg, "alpha", sel.alpha), "join_ratio", sel.join_ratio))
+    caption = table_caption(_fixed(_fixed(long, "alpha", sel.alpha), "join_ratio", sel.join_ratio), sel.stat)
+    table = build_table(_fixed(_fixed(agg, "alpha", sel.alpha), "join_ratio", sel.join_ratio), caption)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(table_markdown=table.to_markdown())
+    report = Report(table_markdown=table.to_markdown(), caption=caption)
     (out_dir / "table.md").write_text(report.table_markdown + "\n")
     (out_dir / "table.tex").write_text(table.to_latex())
     table.to_csv(out_dir / "table.csv")
     report.files = [out_dir / "table.md", out_dir / "table.tex", out_dir / "table.csv"]
-    report.files += _sweep_figures(agg, sel, out_dir)
+    for stem, fig in sweep_figures(agg, sel).items():
+        report.files += save_figure(fig, out_dir / stem)
     report.files += _reliability(long, sel, out_dir)
     return report

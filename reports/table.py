@@ -1,9 +1,11 @@
-"""The results table: one row per algorithm, columns dataset x {w/o, APH, LoRAPH} x {Acc, NLL, ECE}.
+"""The results table: one row per algorithm, columns dataset x {w/o, APH, LoRAPH} x {Acc, NLL, ECE, OOD AUROC}.
 
 Cells are mean +- std over seeds (from :func:`reports.query.aggregate`); the best value
-of each column (highest accuracy, lowest NLL and ECE) is marked in bold. A (dataset,
-method) without runs shows as missing (an em dash), never as zero. Accuracy and ECE
-(F-ECE) are shown in percent, NLL in nats.
+of each column (highest accuracy and OOD AUROC, lowest NLL and ECE) is marked in bold. A
+(dataset, method) without runs shows as missing (an em dash), never as zero. Accuracy, ECE
+(F-ECE) and OOD AUROC (of the maximum softmax probability) are shown in percent, NLL in nats.
+A caption (which FL-run statistic the w/o columns show, the OOD sets) goes above the
+Markdown table (``Table: ...``, pandoc's syntax) and into LaTeX's ``\\caption``.
 """
 
 from __future__ import annotations
@@ -16,20 +18,28 @@ import pandas as pd
 from reports.plots import METHOD_ORDER
 from reports.query import METRICS
 
-_HEADERS = {"acc": "Acc (%)", "nll": "NLL", "ece": "ECE (%)"}
-_SCALE = {"acc": 100.0, "nll": 1.0, "ece": 100.0}
-_DECIMALS = {"acc": 2, "nll": 3, "ece": 2}
-_HIGHER_IS_BETTER = {"acc": True, "nll": False, "ece": False}
+_HEADERS = {"acc": "Acc (%)", "nll": "NLL", "ece": "ECE (%)", "ood_auroc": "OOD AUROC (%)"}
+_SCALE = {"acc": 100.0, "nll": 1.0, "ece": 100.0, "ood_auroc": 100.0}
+_DECIMALS = {"acc": 2, "nll": 3, "ece": 2, "ood_auroc": 2}
+_HIGHER_IS_BETTER = {"acc": True, "nll": False, "ece": False, "ood_auroc": True}
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#", "$": r"\$",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 MISSING = "—"
+
+
+def _latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped (``%`` -> ``\\%``, ``_`` -> ``\\_``, ...)."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
 @dataclass(frozen=True)
 class ResultsTable:
-    """Means, stds and best-of-column flags, indexed by algorithm, columns (dataset, method, metric)."""
+    """Means, stds and best-of-column flags, indexed by algorithm, columns (dataset, method, metric); a caption."""
 
     mean: pd.DataFrame
     std: pd.DataFrame
     best: pd.DataFrame
+    caption: str = ""
 
     def cells(self, pm: str, bold: str) -> pd.DataFrame:
         """Formatted cells: ``mean{pm}std`` (scaled as in the headers), best ones wrapped by ``bold % text``."""
@@ -50,12 +60,18 @@ class ResultsTable:
         """A pipe table (one header row ``dataset / method / metric``), best cells in bold."""
         cells = self.cells(" ± ", "**%s**")
         cells.columns = [" / ".join(c) for c in cells.columns]
-        return cells.to_markdown()
+        return (f"Table: {self.caption}\n\n" if self.caption else "") + cells.to_markdown()
 
     def to_latex(self) -> str:
-        """A booktabs table (``\\toprule``/``\\midrule``/``\\bottomrule``), multicolumn headers."""
+        """A booktabs table (``\\toprule``/``\\midrule``/``\\bottomrule``), multicolumn headers, a caption.
+
+        Headers, row names and the caption are LaTeX-escaped (``Acc (\\%)``); the cells are LaTeX already.
+        """
         cells = self.cells(r" $\pm$ ", r"\textbf{%s}").rename_axis(None)  # no separate index-name row
-        return cells.style.to_latex(hrules=True, multicol_align="c", column_format="l" + "c" * cells.shape[1])
+        cells.columns = pd.MultiIndex.from_tuples([tuple(map(_latex_escape, c)) for c in cells.columns])
+        cells.index = cells.index.map(_latex_escape)
+        return cells.style.to_latex(hrules=True, multicol_align="c", column_format="l" + "c" * cells.shape[1],
+                                    caption=_latex_escape(self.caption) or None)
 
     def to_csv(self, path: Path) -> None:
         """Numbers only: ``<dataset>/<method>/<metric>_mean`` and ``_std`` (unscaled); missing cells empty."""
@@ -76,8 +92,8 @@ def _check_one_setting(agg: pd.DataFrame) -> None:
                          "select one with --alpha / --join-ratio / --partition (or a filter)")
 
 
-def build_table(agg: pd.DataFrame) -> ResultsTable:
-    """The results table of an aggregated frame holding one setting per (algorithm, dataset).
+def build_table(agg: pd.DataFrame, caption: str = "") -> ResultsTable:
+    """The results table of an aggregated frame holding one setting per (algorithm, dataset), with ``caption``.
 
     Raises:
         ValueError: the frame is empty, or an (algorithm, dataset) has runs at several
@@ -100,4 +116,4 @@ def build_table(agg: pd.DataFrame) -> ResultsTable:
         values = mean[col].dropna()
         if not values.empty:
             best.at[values.idxmax() if _HIGHER_IS_BETTER[col[2]] else values.idxmin(), col] = True
-    return ResultsTable(mean, std, best)
+    return ResultsTable(mean, std, best, caption)

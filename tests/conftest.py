@@ -97,3 +97,12 @@ def tinyimagenet_dir(tmp_path_factory) -> Path:
 def tinyimagenet(tinyimagenet_dir):
     """The loaded reduced Tiny-ImageNet (:class:`pfl.data.datasets.ImageDataset`, 20,000 images)."""
     return load_tinyimagenet(tinyimagenet_dir)
+
+
+@pytest.fixture(scope="session")
+def data_dir(cifar10_dir, cifar100_dir, tmp_path_factory) -> Path:
+    """A data dir holding the CIFAR-10 slice (in-distribution) and the CIFAR-100 slice (its default OOD set)."""
+    out = tmp_path_factory.mktemp("cifar10_and_100")
+    for folder in (CIFAR10_FOLDER, CIFAR100_FOLDER):
+        (out / folder).symlink_to((cifar10_dir if folder == CIFAR10_FOLDER else cifar100_dir) / folder)
+    return out

@@ -13,11 +13,13 @@ from safetensors.torch import load_file
 from pfl import tracking
 from pfl.algorithms.engine import Callback
 from pfl.config import ConfigError, load_config, load_head_config
+from pfl.data.datasets import CIFAR100_FOLDER
 from pfl.heads.run import run_heads
 from pfl.metrics import weighted_mean
 from pfl.train import run_training
 
 NUM_CLIENTS = 5
+OOD_METRICS = [f"{p}ood_{m}_{s}" for p in ("wo_", "") for m in ("auroc", "aupr") for s in ("msp", "entropy")]
 
 
 @pytest.fixture
@@ -26,8 +28,8 @@ def store(tmp_path, monkeypatch):
     return tracking.configure_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-def _train(cifar10_dir, tmp_path, callbacks=None) -> dict:
-    values = {"data_dir": cifar10_dir, "cache_dir": tmp_path / "cache", "num_clients": NUM_CLIENTS,
+def _train(data_dir, tmp_path, callbacks=None) -> dict:
+    values = {"data_dir": data_dir, "cache_dir": tmp_path / "cache", "num_clients": NUM_CLIENTS,
               "classes_per_client": 4, "global_rounds": 1, "join_ratio": 0.4, "experiment": "heads-it",
               "algo": "fedfomo", "device": "cpu"}
     cfg = load_config(None, [f"{k}={v}" for k, v in values.items()])
@@ -40,8 +42,8 @@ def _head_runs():
 
 
 @pytest.fixture
-def fl_run(cifar10_dir, tmp_path, store) -> str:
-    (fl_id,) = _train(cifar10_dir, tmp_path)["fl_run_ids"]
+def fl_run(data_dir, tmp_path, store) -> str:
+    (fl_id,) = _train(data_dir, tmp_path)["fl_run_ids"]
     return fl_id
 
 
@@ -77,10 +79,20 @@ def test_head_run_is_nested_and_logs_heads_table_and_metrics(fl_run, method):
         (4 * 1600 + 512 * 4 + 512) + (4 * 512 + 10 * 4 + 10)
     assert m["trainable_params_per_member"] == expected_trainable
 
+    assert params["ood_dataset"] == "cifar100"  # auto for a CIFAR-10 model
+    for key in OOD_METRICS:
+        assert 0 < m[key] < 1, key
+        assert 0 < table[key].min() and table[key].max() < 1
+        assert m[key] == pytest.approx(weighted_mean(table[key], table["num_test"]))
+
 
 def test_unmodified_model_metrics_equal_the_fl_run_client_metrics(fl_run):
-    run_id = run_heads(fl_run, load_head_config(["global_epoch=1", "sampling_num=2"]), progress=False)
+    run_id = run_heads(fl_run, load_head_config(["global_epoch=1", "sampling_num=2", "ood_dataset=none"]),
+                       progress=False)
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.data.params["ood_dataset"] == "none" and not set(OOD_METRICS) & set(run.data.metrics)
     table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run_id}/client_metrics.csv")))
+    assert not any("ood" in c for c in table.columns)
     fl_clients = mlflow.artifacts.load_dict(f"runs:/{fl_run}/client_metrics.json")["clients"]
     for row, fl in zip(table.itertuples(), fl_clients):
         assert row.num_test == fl["num_test"]
@@ -88,7 +100,7 @@ def test_unmodified_model_metrics_equal_the_fl_run_client_metrics(fl_run):
         assert row.wo_nll == pytest.approx(fl["nll"], rel=1e-4)
 
 
-def test_bad_run_ids_fail_before_any_head_run(fl_run):
+def test_bad_run_ids_and_a_missing_ood_folder_fail_before_any_head_run(fl_run, cifar10_dir):
     client = mlflow.MlflowClient()
     launch_id = client.get_run(fl_run).data.tags["mlflow.parentRunId"]
     hc = load_head_config(["sampling_num=2"])
@@ -96,6 +108,10 @@ def test_bad_run_ids_fail_before_any_head_run(fl_run):
         run_heads("deadbeef", hc, progress=False)
     with pytest.raises(ConfigError, match="not an FL run"):
         run_heads(launch_id, hc, progress=False)
+    no_ood = load_head_config([f"data_dir={cifar10_dir}", "sampling_num=2"])  # same CIFAR-10 files, no CIFAR-100
+    with pytest.raises(ConfigError, match="ood_dataset=none") as err:
+        run_heads(fl_run, no_ood, progress=False)
+    assert str(cifar10_dir / CIFAR100_FOLDER) in str(err.value) and "\n" not in str(err.value)
     assert _head_runs() == []
 
 
@@ -104,9 +120,9 @@ class _Explode(Callback):
         raise RuntimeError("boom")
 
 
-def test_fl_run_without_client_models_is_refused(cifar10_dir, tmp_path, store):
+def test_fl_run_without_client_models_is_refused(data_dir, tmp_path, store):
     with pytest.raises(RuntimeError, match="boom"):
-        _train(cifar10_dir, tmp_path, callbacks=[_Explode()])
+        _train(data_dir, tmp_path, callbacks=[_Explode()])
     (failed,) = mlflow.search_runs(experiment_names=["heads-it"], filter_string="tags.`pfl.kind` = 'fl'",
                                    output_format="list")
     with pytest.raises(ConfigError, match=f"holds 0 of its {NUM_CLIENTS} client models"):
@@ -132,7 +148,7 @@ def test_cli_heads_prints_both_methods_side_by_side(fl_run, capsys):
     from pfl.cli import main
 
     assert main(["heads", "--run-id", fl_run, "--method", "loraph", "--no-progress", "sampling_num=2",
-                 "global_epoch=1"]) == 0
+                 "global_epoch=1", "ood_dataset=none"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["acc", "nll", "f_ece", "global_ece"]
     (run,) = _head_runs()
@@ -151,20 +167,38 @@ def test_cli_heads_exit_2_on_bad_run_id(fl_run, capsys):
     assert _head_runs() == []
 
 
-def test_model_scope_gives_each_member_its_own_noisy_base(cifar10):
+@pytest.fixture(scope="module")
+def scopes(cifar10):
+    """One client's rearrangement in both scopes, on a random CNN and a real CIFAR-10 slice."""
     from pfl.data.loader import DeviceImages
     from pfl.heads.rearrange import rearrange_client
     from pfl.models import ModelSpec, build_model
 
     torch.manual_seed(0)
-    model = build_model(ModelSpec("cnn", 10))
+    model = build_model(ModelSpec("cnn", 10)).eval()
     data = DeviceImages(cifar10, torch.device("cpu"))
     train, test = torch.arange(0, 120), torch.arange(120, 160)
     results = {scope: rearrange_client(model, data, train, test,
                                        load_head_config([f"perturb_scope={scope}", "sampling_num=2",
                                                          "global_epoch=1"]), client_id=0)
                for scope in ("head", "model")}
+    return model, data, test, results
+
+
+def test_model_scope_gives_each_member_its_own_noisy_base(scopes):
+    _, _, _, results = scopes
     for r in results.values():
         assert r.probs.shape == (40, 10) and torch.allclose(r.probs.sum(1), torch.ones(40), atol=1e-5)
     assert torch.equal(results["head"].probs_wo, results["model"].probs_wo)  # same unmodified model
-    assert not torch.allclose(results["head"].probs, results["model"].probs)  # the bases differ
+    assert not torch.allclose(results["head"].probs, results["model"].probs)  # trained on different bases
+
+
+def test_both_scopes_predict_through_the_clean_base(scopes):
+    from pfl.heads.members import ensemble_probs
+
+    model, data, test, results = scopes
+    with torch.no_grad():
+        clean = model.base(data.batch(test)[0])  # (n, D), shared by every member
+        assert torch.allclose(results["model"].probs_wo, torch.softmax(model(data.batch(test)[0]), 1), atol=1e-6)
+    for r in results.values():
+        assert torch.allclose(r.probs, ensemble_probs(r.members, clean), atol=1e-6)

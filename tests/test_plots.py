@@ -139,6 +139,40 @@ def test_error_bars_drawn_only_with_std():
     assert not [c for c in no_std.containers if c.__class__.__name__ == "ErrorbarContainer"]
 
 
+def _aggregated() -> pd.DataFrame:
+    """An aggregated frame (as reports.query.aggregate returns) over alpha x join ratio; no OOD at join ratio 1."""
+    rows = []
+    for alpha in (0.1, 0.5):
+        for jr in (0.5, 1.0):
+            for k, method in enumerate(METHOD_ORDER):
+                auroc = math.nan if jr == 1.0 else 0.6 + 0.1 * k + alpha / 10
+                rows.append({"algo": "fedavg", "dataset": "cifar10", "partition": "dirichlet", "alpha": alpha,
+                             "join_ratio": jr, "method": method, "ece_mean": 0.1 / (k + 1) + alpha, "ece_std": 0.01,
+                             "ood_auroc_mean": auroc, "ood_auroc_std": 0.02, "seeds": 2})
+    return pd.DataFrame(rows)
+
+
+def test_report_sweep_figures_draw_ece_and_ood_auroc_bar_lines():
+    from reports.report import Selection, sweep_figures
+
+    agg = _aggregated()
+    figures = sweep_figures(agg, Selection(alpha=0.1, join_ratio=0.5))
+    # OOD AUROC has no value at alpha 0.1 for join ratio 1.0 only, so ood_vs_join_ratio still has its 0.5 group.
+    assert set(figures) == {"ece_vs_alpha_fedavg_cifar10", "ece_vs_join_ratio_fedavg_cifar10",
+                            "ood_vs_alpha_fedavg_cifar10", "ood_vs_join_ratio_fedavg_cifar10"}
+    ax = figures["ood_vs_alpha_fedavg_cifar10"].axes[0]
+    assert ax.get_ylabel() == "OOD AUROC (MSP)" and ax.get_ylim()[0] == 0
+    at = agg[agg.join_ratio == 0.5].set_index(["method", "alpha"])
+    for method, container in _bars(ax).items():
+        heights = [p.get_height() for p in container.patches]
+        assert heights == pytest.approx([at.at[(method, a), "ood_auroc_mean"] for a in (0.1, 0.5)])
+        assert _line(ax, method).get_ydata() == pytest.approx(heights)
+    by_jr = _bars(figures["ood_vs_join_ratio_fedavg_cifar10"].axes[0])
+    assert all(len(c.patches) == 1 for c in by_jr.values())  # the NaN cells at join ratio 1 are gaps
+    no_ood = sweep_figures(agg, Selection(alpha=0.1, join_ratio=1.0))
+    assert "ood_vs_alpha_fedavg_cifar10" not in no_ood and "ece_vs_alpha_fedavg_cifar10" in no_ood
+
+
 def test_text_uses_paper_style_and_global_rc_is_untouched(tmp_path):
     with matplotlib.rc_context({"font.size": 11, "font.family": "sans-serif"}):
         fig = bar_line_figure(_frame(), "alpha")

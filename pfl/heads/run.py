@@ -7,6 +7,14 @@ unmodified model (``wo_*``) and the ensemble on the client's test split -> summa
 metrics (:func:`pfl.metrics.reliability_summary`), a per-client CSV table and the pooled
 reliability-diagram bins of both (``reliability.json``).
 
+OOD detection (:mod:`pfl.heads.ood`): unless ``ood_dataset=none``, the OOD pool is loaded once,
+before the head run is created, and both models of every client also predict on the client's
+OOD sample (as many images as its test split). Per client, :func:`pfl.metrics.ood_detection`
+gives AUROC and AUPR (in-distribution = positive class) of the maximum softmax probability
+(``msp``) and of the negative predictive entropy (``entropy``); the run logs their
+test-sample-weighted means over clients as ``wo_ood_<auroc|aupr>_<msp|entropy>`` and
+``ood_<auroc|aupr>_<msp|entropy>``, and the resolved OOD set as param ``ood_dataset``.
+
 Host memory holds one client's model and members at a time, so it does not grow with
 the number of clients.
 """
@@ -19,8 +27,9 @@ from tqdm.auto import tqdm
 from pfl.config import ConfigError, HeadConfig, RunConfig
 from pfl.data.loader import DeviceImages
 from pfl.heads import METHOD_LABELS
-from pfl.heads.rearrange import rearrange_client
-from pfl.metrics import classification_metrics, reliability_bins, reliability_summary
+from pfl.heads.ood import OODPool, load_ood_pool, resolve_ood_dataset
+from pfl.heads.rearrange import ClientHeads, rearrange_client
+from pfl.metrics import classification_metrics, ood_detection, reliability_bins, reliability_summary, weighted_mean
 from pfl.train import Prepared, prepare
 
 
@@ -30,6 +39,28 @@ def fl_config(inputs_config: dict, hc: HeadConfig) -> RunConfig:
     if hc.data_dir is not None:
         values["data_dir"] = hc.data_dir
     return RunConfig(**values)
+
+
+def _ood_pool(hc: HeadConfig, cfg: RunConfig, prepared: Prepared) -> OODPool | None:
+    """The head run's OOD pool (``None`` with ``ood_dataset=none``), checked and loaded before any run exists.
+
+    Raises:
+        ConfigError: the OOD set is the FL run's dataset, its folder is missing, or it is too small.
+    """
+    name = resolve_ood_dataset(hc.ood_dataset, cfg.dataset)
+    if name is None:
+        return None
+    largest = max(len(c.test) for c in prepared.partition.clients)
+    return load_ood_pool(name, cfg.data_dir, prepared.device, tuple(prepared.dataset.images.shape[-2:]), largest)
+
+
+def _ood_columns(result: ClientHeads) -> dict[str, float]:
+    """Per-client OOD columns ``wo_ood_*`` and ``ood_*`` (empty without an OOD sample)."""
+    if result.ood_probs is None:
+        return {}
+    wo = ood_detection(result.probs_wo, result.ood_probs_wo)
+    ours = ood_detection(result.probs, result.ood_probs)
+    return {**{f"wo_ood_{k}": v for k, v in wo.items()}, **{f"ood_{k}": v for k, v in ours.items()}}
 
 
 def _log_summaries(rows: list[dict], pooled: dict[str, list[torch.Tensor]], labels: list[torch.Tensor],
@@ -45,6 +76,8 @@ def _log_summaries(rows: list[dict], pooled: dict[str, list[torch.Tensor]], labe
         summary = reliability_summary(clients, weights, probs, y, hc.global_ece_bins)
         metrics.update({prefix + k: v for k, v in summary.items()})
         bins[label] = reliability_bins(probs, y, hc.global_ece_bins)
+    ood = [k for k in rows[0] if k.startswith(("wo_ood_", "ood_"))]
+    metrics.update({k: weighted_mean([r[k] for r in rows], weights) for k in ood})
     metrics["head_time"] = sum(r["seconds"] for r in rows)
     tracking.log_metrics(metrics)
     tracking.log_json(bins, "reliability.json")
@@ -58,8 +91,9 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
     Raises:
         FLRunError: the run id is unknown, not an FL run, or lacks client models (before any
             head run is created).
-        ConfigError: the data found differ from the FL run's (fingerprint mismatch), also
-            before any head run exists.
+        ConfigError: the data found differ from the FL run's (fingerprint mismatch), or the OOD
+            set is missing or unusable (:func:`pfl.heads.ood.load_ood_pool`), also before any
+            head run exists.
         Any error during the work: the head run ends FAILED; the FL run is untouched.
     """
     from pfl import tracking
@@ -71,11 +105,13 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
         raise ConfigError(f"data_dir: the data in {cfg.data_dir} (fingerprint {prepared.fingerprint}) are not "
                           f"the FL run's ({inputs.params.get('dataset_fingerprint')}); set data_dir= to the "
                           "folder the run was trained on")
+    ood = _ood_pool(hc, cfg, prepared)
     data = DeviceImages(prepared.dataset, prepared.device)
     hc = hc.model_copy(update={"eval_batch_size": data.inference_batch_size(hc.eval_batch_size)})
     params = {**hc.flat_params(), "fl_run_id": fl_run_id, "algo": cfg.algo, "dataset": cfg.dataset,
               "partition": cfg.partition, "alpha": cfg.alpha, "join_ratio": cfg.join_ratio,
-              "fl_seed": inputs.params.get("seed"), "num_clients": inputs.num_clients}
+              "fl_seed": inputs.params.get("seed"), "num_clients": inputs.num_clients,
+              "ood_dataset": ood.name if ood else "none"}
     rows: list[dict] = []
     pooled: dict[str, list[torch.Tensor]] = {"wo_": [], "": []}
     labels: list[torch.Tensor] = []
@@ -83,14 +119,15 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
         for cid in tqdm(range(inputs.num_clients), desc=f"{hc.method} clients", disable=not progress):
             split = prepared.partition.clients[cid]
             model = tracking.load_client_model(fl_run_id, cid)
-            result = rearrange_client(model, data, split.train.to(data.device), split.test.to(data.device), hc, cid)
+            result = rearrange_client(model, data, split.train.to(data.device), split.test.to(data.device), hc, cid,
+                                      ood)
             tracking.log_member_heads(cid, result.members, result.lrs)
             y = prepared.dataset.labels[split.test]
             wo = classification_metrics(result.probs_wo, y, hc.ece_bins)
             ours = classification_metrics(result.probs, y, hc.ece_bins)
             rows.append({"client": cid, "num_train": len(split.train), "num_test": len(split.test),
                          **{f"wo_{k}": v for k, v in wo.items()}, **ours, "seconds": result.seconds,
-                         "final_train_loss": result.train_loss[-1]})
+                         "final_train_loss": result.train_loss[-1], **_ood_columns(result)})
             pooled["wo_"].append(result.probs_wo)
             pooled[""].append(result.probs)
             labels.append(y)
