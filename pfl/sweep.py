@@ -54,12 +54,14 @@ def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], hea
         Any error during the work: the interrupted runs end FAILED; finished ones stay.
     """
     from pfl import tracking
-    from pfl.heads.run import run_heads
+    from pfl.heads.run import fl_config, ood_pool, run_heads
 
     cells = grid(cfg, alphas, join_ratios)
     prepared = [prepare(cells[0])]
     prepared += [prepare(c, like=prepared[0]) for c in cells[1:]]  # one copy of the image pool
     firsts = [build_algorithm(p, p.cfg.seed) for p in prepared]
+    for setting in {hc.ood_dataset: hc for hc in heads}.values():  # the OOD data of the head runs, checked now
+        ood_pool(setting, fl_config(cells[0].flat_params(), setting), prepared[0])
     params = {**cfg.flat_params(), "alpha": str(alphas), "join_ratio": str(join_ratios),
               "head_methods": ",".join(h.method for h in heads)}
     fl_ids, head_ids = [], []

@@ -11,7 +11,7 @@ import torch
 from matplotlib.container import BarContainer
 
 from pfl import tracking
-from pfl.config import load_config, load_head_config
+from pfl.config import ConfigError, load_config, load_head_config
 from pfl.heads.run import run_heads
 from pfl.metrics import reliability_bins
 from pfl.sweep import run_sweep
@@ -107,6 +107,19 @@ def test_best_value_per_column_is_marked(table_store):
 def test_filter_selects_runs_and_head_runs_follow(table_store):
     long = results(["tbl"], "params.algo = 'fedavg'")
     assert set(long["algo"]) == {"fedavg"} and set(long["method"]) == {"w/o"}
+
+
+def test_sweep_without_the_ood_folder_stops_before_any_run(cifar10_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    old = mlflow.get_tracking_uri()
+    tracking.configure_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        cfg = _cfg(cifar10_dir, tmp_path, "sweep-ood", algo="fedavg")  # CIFAR-10 only: no CIFAR-100 beside it
+        with pytest.raises(ConfigError, match="ood_dataset=none"):
+            run_sweep(cfg, [0.5], [0.5], [load_head_config(HEADS, method="aph")], progress=False)
+        assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    finally:
+        mlflow.set_tracking_uri(old)
 
 
 def test_sweep_run_tree_and_report_files(data_dir, tmp_path, monkeypatch):

@@ -41,8 +41,11 @@ def fl_config(inputs_config: dict, hc: HeadConfig) -> RunConfig:
     return RunConfig(**values)
 
 
-def _ood_pool(hc: HeadConfig, cfg: RunConfig, prepared: Prepared) -> OODPool | None:
+def ood_pool(hc: HeadConfig, cfg: RunConfig, prepared: Prepared) -> OODPool | None:
     """The head run's OOD pool (``None`` with ``ood_dataset=none``), checked and loaded before any run exists.
+
+    Sweeps call it once per head setting before their launch run, so a missing OOD folder
+    stops them before the first FL run.
 
     Raises:
         ConfigError: the OOD set is the FL run's dataset, its folder is missing, or it is too small.
@@ -105,7 +108,7 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
         raise ConfigError(f"data_dir: the data in {cfg.data_dir} (fingerprint {prepared.fingerprint}) are not "
                           f"the FL run's ({inputs.params.get('dataset_fingerprint')}); set data_dir= to the "
                           "folder the run was trained on")
-    ood = _ood_pool(hc, cfg, prepared)
+    ood = ood_pool(hc, cfg, prepared)
     data = DeviceImages(prepared.dataset, prepared.device)
     hc = hc.model_copy(update={"eval_batch_size": data.inference_batch_size(hc.eval_batch_size)})
     params = {**hc.flat_params(), "fl_run_id": fl_run_id, "algo": cfg.algo, "dataset": cfg.dataset,
