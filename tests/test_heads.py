@@ -97,21 +97,22 @@ def test_ensemble_is_the_mean_of_member_softmaxes():
     assert torch.allclose(probs.sum(dim=1), torch.ones(6))
 
 
-def test_loraph_trains_far_fewer_parameters_and_keeps_w0_frozen():
+def test_loraph_trains_only_b_and_bias_and_keeps_w0_and_a_frozen():
     head = _cnn_head()
     aph = aph_members(head, 2, 0.1, torch.Generator().manual_seed(0))
     lora = loraph_members(head, 2, rank=8, p_lambda=0.1, init="prior", gen=torch.Generator().manual_seed(0))
-    # APH: 1600*512 + 512 + 512*10 + 10; LoRAPH r=8: (8*1600 + 512*8 + 512) + (8*512 + 10*8 + 10)
+    # APH: 1600*512 + 512 + 512*10 + 10; LoRAPH r=8 (A frozen): (512*8 + 512) + (10*8 + 10)
     assert aph.trainable_per_member() == 1600 * 512 + 512 + 512 * 10 + 10 == 824_842
-    assert lora.trainable_per_member() == (8 * 1600 + 512 * 8 + 512) + (8 * 512 + 10 * 8 + 10) == 21_594
-    assert aph.trainable_per_member() >= 10 * lora.trainable_per_member()
-    w0 = lora.layers[0].base_weight_t.clone()
-    assert not any(p is lora.layers[0].base_weight_t for p in lora.parameters())
+    assert lora.trainable_per_member() == (512 * 8 + 512) + (10 * 8 + 10) == 4_698
+    frozen = {n: t.clone() for n, t in lora.named_buffers()}
+    assert set(frozen) == {f"layers.{i}.{k}" for i in (0, 1) for k in ("base_weight_t", "a_t")}
     feats, labels = torch.randn(40, 1600), torch.randint(0, 10, (40,))
-    before = lora.layers[0].a_t.detach().clone()
+    before = lora.layers[0].b_t.detach().clone()
     train_members(lora, lambda idx: feats[idx], labels, torch.tensor([0.1, 0.05]), 1, 16, 1e-5, [0, 1])
-    assert torch.equal(lora.layers[0].base_weight_t, w0)  # frozen
-    assert not torch.equal(lora.layers[0].a_t, before)    # trained
+    assert all(torch.equal(t, frozen[n]) for n, t in lora.named_buffers())  # W0 and A_j frozen
+    assert not torch.equal(lora.layers[0].b_t, before)                    # B_j trained
+    x = torch.randn(3, 1600)  # a one-member copy slices the per-member A_j too
+    assert torch.allclose(lora.member(1)(x.unsqueeze(0))[0], lora(x.expand(2, -1, -1))[1], atol=1e-5)
 
 
 def test_loraph_rank_is_capped_and_standard_init_starts_at_the_head():
@@ -125,6 +126,46 @@ def test_loraph_rank_is_capped_and_standard_init_starts_at_the_head():
     assert delta.std().item() == pytest.approx(noise_std(head.weight, 0.1), rel=0.15)
     with pytest.raises(ValueError, match="lora_init"):
         loraph_members(head, 3, rank=8, p_lambda=0.1, init="zeros", gen=torch.Generator())
+
+
+def test_loraph_first_sgd_step_moves_the_head_like_aph_in_expectation():
+    # By hand: head W0 = 0, b0 = 0 (4 inputs, 2 classes), one sample x = (2, 0, 0, 0) of class 0,
+    # lr 0.1, no decay. Logits 0 -> p = (1/2, 1/2), output gradient g = p - e_0 = (-1/2, 1/2).
+    # APH: W1 = -lr g x^T, b1 = -lr g -> logits on x = -lr g (|x|^2 + 1) = 0.05 * 5 * (1, -1) = (0.25, -0.25).
+    # LoRAPH (B0 = 0, so A gets no gradient): B1 = -lr g (A x)^T, b1 = -lr g -> logits on x =
+    # -lr g (|A x|^2 + 1), and E|A x|^2 = x^T E[A^T A] x = |x|^2 = 4 since A ~ N(0, 1/r): (0.25, -0.25)
+    # on average (a single Linear is the output layer: c = 1). (A ~ N(0, 1/in) would give
+    # E|A x|^2 = r/in |x|^2 = 2: (0.15, -0.15).)
+    head = nn.Linear(4, 2)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    x, y, lr = torch.tensor([[2.0, 0.0, 0.0, 0.0]]), torch.tensor([0]), 0.1
+    aph = aph_members(head, 1, p_lambda=0.1, gen=torch.Generator().manual_seed(0))  # zero tensors: no noise
+    train_members(aph, lambda idx: x[idx], y, torch.tensor([lr]), 1, 1, 0.0, [0])
+    assert torch.allclose(aph(x.unsqueeze(0))[0, 0], torch.tensor([0.25, -0.25]), atol=1e-6)
+
+    s = 4000
+    lora = loraph_members(head, s, rank=8, p_lambda=0.1, init="prior", gen=torch.Generator().manual_seed(0))
+    layer = lora.layers[0]
+    assert layer.a_t.shape == (s, 4, 2) and not layer.b_t.any()  # r = min(8, 2, 4); W0 = 0: prior std 0
+    ax2 = torch.bmm(x.expand(s, -1, -1), layer.a_t).pow(2).sum(dim=2)[:, 0]  # |A_j x|^2, (s,)
+    train_members(lora, lambda idx: x[idx], y, torch.full((s,), lr), 1, 1, 0.0, list(range(s)))
+    logits = lora(x.expand(s, -1, -1))[:, 0]  # (s, 2)
+    assert torch.allclose(logits, lr * 0.5 * (ax2 + 1).unsqueeze(1) * torch.tensor([1.0, -1.0]), atol=1e-6)
+    # the members' mean equals APH's step (sd of the mean: 0.2 / sqrt(s) = 0.003)
+    assert torch.allclose(logits.mean(dim=0), torch.tensor([0.25, -0.25]), atol=0.015)
+
+
+def test_loraph_a_scale_is_per_layer_and_prior_keeps_aph_noise_scale():
+    # E[A^T A] = c I: the diagonal mean of A^T A (mean squared column norm of A) is c;
+    # hidden 1600 -> 512 layer: c = sqrt(8 / 1600); output 512 -> 10 layer: c = 1.
+    head = _cnn_head()
+    lora = loraph_members(head, 4, rank=8, p_lambda=0.1, init="prior", gen=torch.Generator().manual_seed(0))
+    for layer, c in zip(lora.layers, (math.sqrt(8 / 1600), 1.0)):
+        assert layer.a_t.pow(2).sum(dim=2).mean().item() == pytest.approx(c, rel=0.03)
+    for layer, ref in zip(lora.layers, (head[0], head[2])):  # B_j A_j entries: std sigma in every layer
+        delta = torch.bmm(layer.a_t, layer.b_t)
+        assert delta.std().item() == pytest.approx(noise_std(ref.weight, 0.1), rel=0.15)
 
 
 def test_sgd_step_matches_torch_sgd_with_weight_decay():

@@ -8,23 +8,35 @@ weights, and all S members run as one batched computation on (S, B, D) inputs.
   from the client's head plus prior noise (:mod:`pfl.heads.prior`).
 * LoRAPH (low-rank variant): member j's layer is ``W0 + B_j A_j`` with the client's
   W0 frozen and shared, rank ``r = min(rank, out, in)``, and its own bias (trained and
-  prior-perturbed as in APH). Deliberate choices:
+  prior-perturbed as in APH). Deliberate choices, made so that APH's per-member learning
+  rates (tuned for full weights, plain SGD) mean the same thing here:
 
-  - A_j ~ N(0, 1/r), so E[A_j^T A_j] = I: A_j is a norm-preserving random projection.
-    One SGD step on B_j moves the product by ``-lr G x^T A_j^T A_j`` (G: the output
-    gradient), whose expectation is APH's full-weight step ``-lr G x^T``; the logits of
-    any x' move by ``-lr G (A_j x).(A_j x')`` against APH's ``-lr G x.x'``. So APH's
-    per-member learning rates (tuned for full weights) mean the same thing here and
-    LoRAPH and APH are comparable at equal settings. (The LoRA / Linear-init scale
-    N(0, 1/in) gives E[A^T A] = (r/in) I: with plain SGD the product then learns r/in
-    times slower, 1/200 and 1/64 on the CNN head, LoRAPH degenerates to bias-only
-    tuning and its members stay as unconfident as the FL model: F-ECE 11.3% against
-    APH's 7.8% on FedFomo, CIFAR-10 Dir(0.1), 8 rounds.)
-  - ``prior`` init draws B_j ~ N(0, sigma^2) with sigma the APH noise std of W0, so
-    B_j A_j has entries of std sigma (var = r sigma^2 / r), APH's perturbation scale but
-    low-rank; ``standard`` init sets B_j = 0 (plain LoRA: member j starts at the head).
+  - A_j ~ N(0, c/r), so E[A_j^T A_j] = c I. One SGD step on B_j moves the product by
+    ``-lr G x^T A_j^T A_j`` (G: the output gradient): the logits of any x' move by
+    ``-lr G (A_j x).(A_j x')``, c times APH's ``-lr G x.x'`` in expectation, and the step's
+    spectral norm is about ``c sqrt(in/r)`` times APH's.
+  - Output layer: c = 1, the same function-space learning rate as APH, so the logit scale
+    (what calibration depends on) adapts as fast as APH's.
+  - Hidden layers: c = sqrt(r/in), the same spectral norm per step as APH (the function
+    moves sqrt(r/in) as fast: 1/14 on the CNN's 1600 -> 512 layer). With c = 1 there, a
+    step's spectral norm is sqrt(in/r) times APH's, the growing features feed back
+    through the layers above, and on FedFomo, CIFAR-10 Dir(0.1), 8 rounds, 9 of the 200
+    members blew up (|B_j A_j| > 100, train loss up to 17) at learning rates >= 0.046.
+  - Not LoRA's N(0, 1/in) (c = r/in): with plain SGD the product then learns r/in times
+    slower than APH (1/200 and 1/64 on the CNN head), LoRAPH degenerates to bias-only
+    tuning, and its members stay as unconfident as the FL model (F-ECE 11.3% against
+    APH's 7.8% and w/o 8.1% on the run above).
+  - A_j is frozen (a per-member buffer): only B_j and the bias train (as LoRA-FA, Zhang
+    et al. 2023). With A_j trainable the product is bilinear: A's path adds
+    ``|B_j|^2 |x|^2`` to the step's curvature, which grows with the update; at the same
+    settings with c = 1 everywhere, members of 4 of the 20 clients diverged to NaN. Frozen,
+    each member is linear in its parameters like APH, its own random subspace adds to
+    the ensemble's diversity, and the A gradient is not computed.
+  - ``prior`` init draws B_j ~ N(0, sigma^2 / c) with sigma the APH noise std of W0, so
+    B_j A_j has entries of std sigma (var = r (sigma^2/c) (c/r)), APH's perturbation scale
+    but low-rank; ``standard`` init sets B_j = 0 (plain LoRA: member j starts at the head).
   - No LoRA ``alpha / r`` multiplier: with SGD it only rescales the learning rate on the
-    product, which the A_j scale above already fixes.
+    product, which c already sets.
 
 Training (:func:`train_members`) is plain SGD with per-member learning rates and weight
 decay, each member drawing its own batch order, so training S members together equals
@@ -82,14 +94,17 @@ class DenseLayer(nn.Module):
 class LowRankLayer(nn.Module):
     """S low-rank adapted layers ``W0 + B_j A_j``: x (S, B, in) -> (S, B, out).
 
-    Stored transposed for contiguous matmuls: ``base_weight_t`` (in, out) = W0.T (frozen
-    buffer), ``a_t`` (S, in, r) = A_j.T, ``b_t`` (S, r, out) = B_j.T, ``bias`` (S, out).
+    Stored transposed for contiguous matmuls: ``base_weight_t`` (in, out) = W0.T (frozen,
+    shared buffer), ``a_t`` (S, in, r) = A_j.T (frozen, per-member buffer; module
+    docstring), ``b_t`` (S, r, out) = B_j.T, ``bias`` (S, out).
     """
+
+    member_buffers = ("a_t",)  # frozen tensors with a member dimension (sliced by MemberHeads.member)
 
     def __init__(self, base_weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor):
         super().__init__()
         self.register_buffer("base_weight_t", base_weight.T.contiguous())
-        self.a_t = nn.Parameter(a.transpose(1, 2).contiguous())
+        self.register_buffer("a_t", a.transpose(1, 2).contiguous())
         self.b_t = nn.Parameter(b.transpose(1, 2).contiguous())
         self.bias = nn.Parameter(bias.contiguous())
 
@@ -122,11 +137,14 @@ class MemberHeads(nn.Module):
         return sum(p[0].numel() for p in self.parameters())
 
     def member(self, j: int) -> MemberHeads:
-        """A one-member copy holding member ``j`` (frozen tensors copied too)."""
+        """A one-member copy holding member ``j`` (frozen tensors copied too, per-member ones sliced)."""
         single = copy.deepcopy(self)
         with torch.no_grad():
             for p_single, p in zip(single.parameters(), self.parameters()):
                 p_single.set_(p[j:j + 1].detach().clone())
+            for m_single, m in zip(single.modules(), self.modules()):
+                for name in getattr(m, "member_buffers", ()):
+                    setattr(m_single, name, getattr(m, name)[j:j + 1].detach().clone())
         return single
 
 
@@ -146,13 +164,14 @@ def loraph_members(head: nn.Module, members: int, rank: int, p_lambda: float, in
     """
     if init not in ("prior", "standard") or rank < 1:
         raise ValueError(f"need lora_init in (prior, standard) and rank >= 1, got {init!r}, {rank}")
-    layers = []
-    for layer in linear_layers(head):
+    layers, linears = [], linear_layers(head)
+    for i, layer in enumerate(linears):
         w0 = layer.weight.detach().cpu()
         (out, inp), r = w0.shape, min(rank, *w0.shape)
-        a = torch.randn((members, r, inp), generator=gen) / math.sqrt(r)  # E[A^T A] = I (module docstring)
+        c = 1.0 if i == len(linears) - 1 else math.sqrt(r / inp)  # E[A^T A] = c I (module docstring)
+        a = torch.randn((members, r, inp), generator=gen) * math.sqrt(c / r)
         if init == "prior":
-            b = noise_std(w0, p_lambda) * torch.randn((members, out, r), generator=gen)  # B A: entries of std sigma
+            b = noise_std(w0, p_lambda) / math.sqrt(c) * torch.randn((members, out, r), generator=gen)  # B A: std sigma
             bias = perturbed(_bias(layer), members, p_lambda, gen)
         else:
             b, bias = torch.zeros(members, out, r), _bias(layer).repeat(members, 1)
