@@ -201,8 +201,11 @@ def test_evaluation_scores_and_saves_the_ala_initialized_models_as_pfllib(cifar1
     alg = _fedala(cifar10, num_clients=3, num_join=2)
     uploads, seen = {}, {}
     real_aggregate, real_ala = alg.aggregate_fit, alg.local_aggregation
-    monkeypatch.setattr(alg, "aggregate_fit",
-                        lambda rnd, ups: uploads.update({u.client_id: u.params for u in ups}) or real_aggregate(rnd, ups))
+    def aggregate_fit(rnd, ups):
+        uploads.update({u.client_id: u.params for u in ups})
+        return real_aggregate(rnd, ups)
+
+    monkeypatch.setattr(alg, "aggregate_fit", aggregate_fit)
     monkeypatch.setattr(alg, "local_aggregation",
                         lambda cid, rnd: seen.update({(cid, rnd): alg.models[cid]}) or real_ala(cid, rnd))
     engine = Engine(alg, Schedule(global_rounds=2, num_join_clients=2))
