@@ -60,8 +60,8 @@ def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], hea
     prepared = [prepare(cells[0])]
     prepared += [prepare(c, like=prepared[0]) for c in cells[1:]]  # one copy of the image pool
     firsts = [build_algorithm(p, p.cfg.seed) for p in prepared]
-    for setting in {hc.ood_dataset: hc for hc in heads}.values():  # the OOD data of the head runs, checked now
-        ood_pool(setting, fl_config(cells[0].flat_params(), setting), prepared[0])
+    by_setting = {hc.ood_dataset: hc for hc in heads}  # one OOD pool per setting, loaded and checked now
+    pools = {name: ood_pool(hc, fl_config(cells[0].flat_params(), hc), prepared) for name, hc in by_setting.items()}
     params = {**cfg.flat_params(), "alpha": str(alphas), "join_ratio": str(join_ratios),
               "head_methods": ",".join(h.method for h in heads)}
     fl_ids, head_ids = [], []
@@ -69,5 +69,6 @@ def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], hea
         for cell, first in zip(prepared, firsts):
             ids = train_repeats(cell, first, progress=progress)
             fl_ids += ids
-            head_ids += [run_heads(fl_id, hc, progress=progress, like=cell) for fl_id in ids for hc in heads]
+            head_ids += [run_heads(fl_id, hc, progress=progress, like=cell, pools=pools) for fl_id in ids
+                         for hc in heads]
     return SweepResult(launch_id, fl_ids, head_ids)

@@ -41,20 +41,23 @@ def fl_config(inputs_config: dict, hc: HeadConfig) -> RunConfig:
     return RunConfig(**values)
 
 
-def ood_pool(hc: HeadConfig, cfg: RunConfig, prepared: Prepared) -> OODPool | None:
-    """The head run's OOD pool (``None`` with ``ood_dataset=none``), checked and loaded before any run exists.
+def ood_pool(hc: HeadConfig, cfg: RunConfig, cells: list[Prepared]) -> OODPool | None:
+    """The OOD pool of head runs with ``hc`` on FL runs of ``cells`` (``None`` with ``ood_dataset=none``).
 
-    Sweeps call it once per head setting before their launch run, so a missing OOD folder
-    stops them before the first FL run.
+    Loaded once, before any run exists: by a head run for itself, by a sweep for all its
+    cells (which share dataset, data folder and device), so a missing or too small OOD set
+    stops a sweep before its first FL run and the pool is read once.
 
     Raises:
-        ConfigError: the OOD set is the FL run's dataset, its folder is missing, or it is too small.
+        ConfigError: the OOD set is the FL run's dataset, its folder is missing, or it is smaller
+            than the largest client test split of any cell.
     """
     name = resolve_ood_dataset(hc.ood_dataset, cfg.dataset)
     if name is None:
         return None
-    largest = max(len(c.test) for c in prepared.partition.clients)
-    return load_ood_pool(name, cfg.data_dir, prepared.device, tuple(prepared.dataset.images.shape[-2:]), largest)
+    largest = max(len(c.test) for p in cells for c in p.partition.clients)
+    first = cells[0]
+    return load_ood_pool(name, cfg.data_dir, first.device, tuple(first.dataset.images.shape[-2:]), largest)
 
 
 def _ood_columns(result: ClientHeads) -> dict[str, float]:
@@ -86,10 +89,12 @@ def _log_summaries(rows: list[dict], pooled: dict[str, list[torch.Tensor]], labe
     tracking.log_json(bins, "reliability.json")
 
 
-def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepared | None = None) -> str:
+def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepared | None = None,
+              pools: dict[str, OODPool | None] | None = None) -> str:
     """Run ``hc.method`` on every client of FL run ``fl_run_id``; returns the head run's id.
 
-    ``like``: already prepared data on the same dataset, reused instead of loading it again.
+    ``like``: already prepared data on the same dataset, reused instead of loading it again;
+    ``pools``: OOD pools already loaded for it (:func:`ood_pool`), by ``ood_dataset`` setting.
 
     Raises:
         FLRunError: the run id is unknown, not an FL run, or lacks client models (before any
@@ -108,7 +113,7 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
         raise ConfigError(f"data_dir: the data in {cfg.data_dir} (fingerprint {prepared.fingerprint}) are not "
                           f"the FL run's ({inputs.params.get('dataset_fingerprint')}); set data_dir= to the "
                           "folder the run was trained on")
-    ood = ood_pool(hc, cfg, prepared)
+    ood = pools[hc.ood_dataset] if pools and hc.ood_dataset in pools else ood_pool(hc, cfg, [prepared])
     data = DeviceImages(prepared.dataset, prepared.device)
     hc = hc.model_copy(update={"eval_batch_size": data.inference_batch_size(hc.eval_batch_size)})
     params = {**hc.flat_params(), "fl_run_id": fl_run_id, "algo": cfg.algo, "dataset": cfg.dataset,
