@@ -23,13 +23,13 @@ from pfl.algorithms.engine import Callback, Evaluation
 
 
 class _Accuracy(Callback):
-    """Collects ``test_acc`` per evaluated round."""
+    """Collects ``test/acc`` per evaluated round."""
 
     def __init__(self):
         self.by_round: dict[int, float] = {}
 
     def on_evaluate(self, evaluation: Evaluation) -> None:
-        self.by_round[evaluation.round] = evaluation.metrics["test_acc"]
+        self.by_round[evaluation.round] = evaluation.metrics["test/acc"]
 
 
 def _mean_std(values: list[float]) -> str:
@@ -63,7 +63,7 @@ def main() -> None:
         f"{cfg.partition}" + (f" alpha={cfg.alpha}" if cfg.partition == "dirichlet" else "")
     print(f"\n{args.algo} on {cfg.dataset} ({source}), {cfg.num_clients} clients, join ratio {cfg.join_ratio}, "
           f"{cfg.model}, batch {cfg.batch_size}, lr {cfg.lr}, seeds {cfg.seed}..{cfg.seed + args.seeds - 1}")
-    print("| round | test_acc (mean ± std over seeds) |\n|---|---|")
+    print("| round | test/acc (mean ± std over seeds) |\n|---|---|")
     for rnd in range(1, args.rounds + 1):
         print(f"| {rnd} | {_mean_std([c[rnd] for c in curves])} |")
     print(f"| best | {_mean_std([max(c.values()) for c in curves])} |")

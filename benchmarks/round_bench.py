@@ -5,7 +5,7 @@ pathological 2 classes per client, join ratio 0.2, batch 10, lr 0.005, 1 local e
 every client evaluated every round. Each (algorithm, mode) runs in its own subprocess
 (so peak memory is its own) for ``--rounds`` rounds; the first round is a warm-up and
 is left out of the statistics. The figures come from the engine's timers around the
-real code paths (``local_time``, ``aggregate_time``, ``eval_time``). Printed per run:
+real code paths (``time/local``, ``time/aggregate``, ``time/eval``). Printed per run:
 seconds per round (min / median / max), training samples per second, the time shares
 of local work, aggregation and evaluation, peak host RSS and (on a GPU) peak allocated
 device memory; then the sequential / vectorized ratio. Everything is logged to an MLflow
@@ -36,7 +36,7 @@ class _Timer(Callback):
         self.rounds.append(dict(metrics))
 
     def on_evaluate(self, evaluation: Evaluation) -> None:
-        self.rounds[-1]["eval_time"] = evaluation.metrics["eval_time"]
+        self.rounds[-1]["time/eval"] = evaluation.metrics["time/eval"]
 
 
 def measure(overrides: list[str]) -> dict[str, float]:
@@ -48,11 +48,11 @@ def measure(overrides: list[str]) -> dict[str, float]:
     timer = _Timer()
     run_federated(prepare(cfg), cfg.seed, [timer])
     rounds = timer.rounds[1:]
-    total = [r["round_time"] + r["eval_time"] for r in rounds]
-    spent = {k: sum(r[k] for r in rounds) for k in ("local_time", "aggregate_time", "eval_time")}
+    total = [r["time/round"] + r["time/eval"] for r in rounds]
+    spent = {k: sum(r[f"time/{k}"] for r in rounds) for k in ("local", "aggregate", "eval")}
     out = {"s_per_round_min": min(total), "s_per_round_median": statistics.median(total),
-           "s_per_round_max": max(total), "train_samples_per_s": sum(r["train_samples"] for r in rounds)
-           / spent["local_time"], **{f"share_{k.removesuffix('_time')}": v / sum(total) for k, v in spent.items()},
+           "s_per_round_max": max(total), "train_samples_per_s": sum(r["train/samples"] for r in rounds)
+           / spent["local"], **{f"share_{k}": v / sum(total) for k, v in spent.items()},
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available():
         out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20

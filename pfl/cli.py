@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import textwrap
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from pfl.algorithms.engine import DivergenceError
 from pfl.config import DATASETS, ConfigError, RunConfig, load_config, load_head_config
 from pfl.data.datasets import DatasetFormatError, DatasetNotFoundError
 from pfl.data.pfllib import PfllibImportError
+from pfl.pfllib_args import parse_pfllib_args
 
 
 def _optional_float(text: str) -> float | None:
@@ -32,16 +34,46 @@ def _count(text: str) -> int:
     return int(float(text))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"pfl {version('pfl')}"
+    except PackageNotFoundError:  # a source tree that was not installed
+        return "pfl (not installed)"
+
+
+def _config_keys() -> str:
+    """``train --help``'s list of config keys with their defaults, and every algorithm's hyperparameters."""
+    from pfl.algorithms import REGISTRY
+
+    fields = {k: f for k, f in RunConfig.model_fields.items() if k != "hparams"}
+    keys = " ".join(f"{k}={f.get_default(call_default_factory=True)}" for k, f in fields.items())
+    lines = ["config keys (key=value or YAML) with their defaults:", textwrap.fill(keys, 100, initial_indent="  ",
+                                                                                  subsequent_indent="  "),
+             "  partition: pathological (PFLlib's pat), dirichlet (dir), iid, exdir, pfllib",
+             "algorithm hyperparameters (bare key=value, or a YAML section named after the algorithm):"]
+    for name, cls in REGISTRY.items():
+        knobs = " ".join(f"{k}={f.default}" for k, f in cls.Params.model_fields.items())
+        lines.append(f"  {name}: {knobs or '(none)'}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfl", description="Personalized federated learning experiments.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="run federated training (launch run + one FL run per repeat)")
+    train = sub.add_parser("train", help="run federated training (launch run + one FL run per repeat)",
+                           epilog=_config_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", default="", help="YAML run config, e.g. configs/fedfomo_cifar10_pr0.2.yaml")
     train.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
                                                            "or sqlite:///mlflow.db)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--resume", default=None, metavar="FL_RUN_ID", help="continue this FL run from its last "
                        "checkpoint (same run id; no --config or overrides)")
+    train.add_argument("--pfllib-args", default=None, metavar="FLAGS", help="PFLlib's main.py flags, translated "
+                       "into the config, e.g. \"-algo FedFomo -data Cifar10 -jr 0.2 -nc 20 -lbs 10 -lr 0.005 -gr 100\" "
+                       "(key=value overrides win)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. global_rounds=5 join_ratio=0.2")
     train.set_defaults(handler=_train)
     runs = sub.add_parser("runs", help="list RUNNING runs whose process is gone (--stale), mark or resume them")
@@ -75,7 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--algo", default=None, help="algorithm (overrides the config)")
     tune.add_argument("--dataset", default=None, help="dataset (overrides the config)")
     tune.add_argument("--n-trials", type=_count, default=20, help="trials this process runs (default 20)")
-    tune.add_argument("--metric", default="val_acc", help="validation metric: val_acc (max), val_nll, val_ece (min)")
+    tune.add_argument("--metric", default="val/acc", help="validation metric: val/acc (maximized); val/nll, "
+                      "val/f_ece, val/ece_mean, val/global_ece, val/brier (minimized); val_acc, val_nll, val_ece "
+                      "accepted")
     tune.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///optuna.db; a shared "
                       "PostgreSQL URL lets several machines work on one study)")
     tune.add_argument("--study", default=None, help="study name (default <algo>-<dataset>-<partition>-jr<ratio>)")
@@ -85,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--final-repeats", type=_count, default=0, help="retrain the best config with N seeds")
     tune.add_argument("--out", default=".", help="folder of the best config YAML (default .)")
     tune.add_argument("--tracking-uri", default=None)
+    tune.add_argument("--no-progress", action="store_true", help="hide the progress bar over trials")
     tune.add_argument("overrides", nargs="*", help="key=value run config overrides, e.g. global_rounds=5")
     tune.set_defaults(handler=_tune)
     report = sub.add_parser("report", help="results table and ECE plots from the tracking store")
@@ -92,13 +127,17 @@ def _parser() -> argparse.ArgumentParser:
                         "default all)")
     report.add_argument("--filter", default="", help="MLflow filter on FL run params, e.g. \"params.dataset = "
                         "'cifar10'\"")
-    report.add_argument("--alpha", type=_optional_float, default=None, help="Dirichlet alpha of the table and of the "
-                        "ECE-vs-join-ratio plots")
-    report.add_argument("--join-ratio", type=_optional_float, default=None, help="join ratio of the table and of the "
-                        "ECE-vs-alpha plots")
+    report.add_argument("--alpha", type=_optional_float, default=None, help="only runs at this Dirichlet alpha "
+                        "(default: all, one table per setting)")
+    report.add_argument("--join-ratio", type=_optional_float, default=None, help="only runs at this join ratio "
+                        "(default: all, one table per setting)")
+    report.add_argument("--partition", default=None, help="only runs of this partition: dirichlet (dir), pathological "
+                        "(pat), iid, exdir, pfllib (default: all, one table per setting)")
+    report.add_argument("--datasets", nargs="+", default=None, metavar="DATASET", help="only runs on these datasets, "
+                        "e.g. cifar10 cifar100 (default: all)")
     report.add_argument("--reliability-run", default=None, help="FL run id whose reliability diagrams to draw")
     report.add_argument("--stat", choices=("final", "best"), default="final", help="FL-run numbers: final round "
-                        "(test_*, default) or round of best test accuracy (best_test_*); head runs use the final "
+                        "(test/*, default) or round of best test accuracy (best/test_*); head runs use the final "
                         "models either way")
     report.add_argument("--by", choices=("method", "architecture"), default="method", help="table rows x "
                         "columns: method (algorithms x dataset/method/metric, and the figures; default) or "
@@ -147,32 +186,65 @@ def _train(args: argparse.Namespace) -> int:
     from pfl.algorithms.engine import RunInterrupted
     from pfl.train import resume_training, run_training
 
-    if args.resume and (args.config or args.overrides):
-        raise ConfigError("--resume continues a run with its own config; drop --config and the overrides")
-    cfg = None if args.resume else load_config(args.config or None, args.overrides)
+    if args.resume and (args.config or args.overrides or args.pfllib_args):
+        raise ConfigError("--resume continues a run with its own config; drop --config, --pfllib-args and the "
+                          "overrides")
+    tags = {}
+    if args.pfllib_args:
+        translation = parse_pfllib_args(args.pfllib_args)
+        print("PFLlib flags -> pfl config:\n  " + "\n  ".join(translation.describe()), file=sys.stderr)
+        tags = {"pfl.pfllib_args": args.pfllib_args, "pfl.pfllib_translation": "\n".join(translation.describe())}
+    cfg = None if args.resume else load_config(args.config or None, args.overrides,
+                                               translation.values if args.pfllib_args else None)
     uri = tracking.configure_tracking(args.tracking_uri)
     with _stop_on_signals() as stop:
         try:
             if args.resume:
                 ids = resume_training(args.resume, progress=not args.no_progress, stop=stop)
             else:
-                ids = run_training(cfg, progress=not args.no_progress, stop=stop)
+                ids = run_training(cfg, progress=not args.no_progress, stop=stop, launch_tags=tags)
         except RunInterrupted as err:
             print(f"pfl: stopped by {signal.Signals(err.signum).name} after round {err.round}; the run is KILLED "
                   f"with its checkpoint. Resume with: pfl train --resume {err.run_id}", file=sys.stderr)
             return 128 + err.signum
-    print(f"tracking store: {uri}")
-    print(f"launch run: {ids['launch_run_id']}")
-    for run_id in ids["fl_run_ids"]:
-        print(f"FL run: {run_id}")
+    _print_summary(uri, ids["launch_run_id"], ids["fl_run_ids"])
     return 0
+
+
+def _print_summary(uri: str, launch_id: str | None, fl_ids: list[str], head_ids: tuple[str, ...] = ()) -> None:
+    """The end-of-command summary: a table of the runs, where they are, and the next commands."""
+    from pfl import tracking
+    from pfl.summary import summary_table
+
+    rows = [tracking.run_summary(i) for i in [*fl_ids, *head_ids]]
+    print("\n" + summary_table(rows) + "\n")
+    print(f"tracking store: {uri}")
+    if launch_id:
+        print(f"launch run: {launch_id}")
+    for run_id, row in zip(fl_ids, rows):
+        print(f"FL run: {run_id}  ({row['name']}; artifacts {row['artifact_uri']})")
+    for run_id, row in zip(head_ids, rows[len(fl_ids):]):
+        print(f"head run: {run_id}  ({row['name']})")
+    first = fl_ids[0]
+    print("next:")
+    if not head_ids:
+        print(f"  pfl heads --run-id {first} --method aph" + (f" --tracking-uri {uri}" if uri != _default_uri() else ""))
+    print(f"  mlflow ui --backend-store-uri {uri}")
+    print(f'  python -c "from pfl.tracking import configure_tracking, load_client_model; '
+          f"configure_tracking('{uri}'); print(load_client_model('{first}', client_id=0))\"")
+
+
+def _default_uri() -> str:
+    from pfl.tracking import DEFAULT_TRACKING_URI
+
+    return DEFAULT_TRACKING_URI
 
 
 def _runs(args: argparse.Namespace) -> int:
     from pfl import tracking
     from pfl.train import resume_training
 
-    tracking.configure_tracking(args.tracking_uri)
+    tracking.configure_tracking(args.tracking_uri, must_exist=True)
     stale = [(r, alive) for r, alive in tracking.stale_runs() if alive is False]
     for run, _ in stale:
         print(f"{run.info.run_id}  {run.data.tags['pfl.kind']:6}  {run.info.run_name}  pid {run.data.tags['pfl.pid']} "
@@ -196,16 +268,17 @@ def _heads(args: argparse.Namespace) -> int:
     from pfl.heads import METHOD_LABELS
     from pfl.heads.run import run_heads
 
+    from pfl.summary import summary_table
+
     hc = load_head_config(args.overrides, method=args.method)
-    uri = tracking.configure_tracking(args.tracking_uri)
+    uri = tracking.configure_tracking(args.tracking_uri, must_exist=True)
     run_id = run_heads(args.run_id, hc, progress=not args.no_progress)
-    metrics = tracking.run_metrics(run_id)
-    names = ("acc", "nll", "f_ece", "global_ece")
-    print(f"{'':8}" + "".join(f"{n:>12}" for n in names))
-    for label, prefix in (("w/o", "wo_"), (METHOD_LABELS[hc.method], "")):
-        print(f"{label:8}" + "".join(f"{metrics[prefix + n]:>12.4f}" for n in names))
+    run = tracking.run_summary(run_id)
+    wo = {"test/" + k[3:]: v for k, v in run["metrics"].items() if k.startswith("wo/")}
+    print("\n" + summary_table([{"name": "w/o", "metrics": wo}, {**run, "name": METHOD_LABELS[hc.method]}]) + "\n")
     print(f"tracking store: {uri}")
-    print(f"head run: {run_id} (nested under FL run {args.run_id})")
+    print(f"head run: {run_id} ({run['name']}, nested under FL run {args.run_id})")
+    print(f"next: mlflow ui --backend-store-uri {uri}")
     return 0
 
 
@@ -217,9 +290,8 @@ def _sweep(args: argparse.Namespace) -> int:
     heads = [load_head_config(args.head, method=m) for m in args.methods]
     uri = tracking.configure_tracking(args.tracking_uri)
     result = run_sweep(cfg, args.alphas, args.join_ratios, heads, progress=not args.no_progress)
-    print(f"tracking store: {uri}")
-    print(f"launch run: {result.launch_run_id}: {len(result.fl_run_ids)} FL runs, {len(result.head_run_ids)} "
-          "head runs")
+    _print_summary(uri, result.launch_run_id, result.fl_run_ids, tuple(result.head_run_ids))
+    print(f"report: pfl report --experiment {cfg.experiment} --out report")
     return 0
 
 
@@ -228,23 +300,27 @@ def _tune(args: argparse.Namespace) -> int:
 
     from pfl import tracking
     from tuning.spaces import load_space, search_space
-    from tuning.study import DEFAULT_STORAGE, StudySettings, run_study
+    from tuning.study import DEFAULT_STORAGE, StudySettings, dataset_fallback_note, run_study, summary_lines
 
     picked = [f"{k}={v}" for k, v in (("algo", args.algo), ("dataset", args.dataset)) if v]
     cfg = load_config(args.config or None, [*picked, *args.overrides])
+    note = dataset_fallback_note(args.config, args.dataset, cfg)
+    if note:
+        print(note, file=sys.stderr)
     space = search_space(cfg.algo, args.tune_lr, load_space(args.space, cfg.algo) if args.space else None)
-    settings = StudySettings(args.n_trials, args.metric, args.storage or DEFAULT_STORAGE, args.study or None,
-                             args.pruner, args.final_repeats, Path(args.out))
+    settings = StudySettings(n_trials=args.n_trials, metric=args.metric, storage=args.storage or DEFAULT_STORAGE,
+                             study_name=args.study or None, pruner=args.pruner, final_repeats=args.final_repeats,
+                             out_dir=Path(args.out), progress=not args.no_progress)
     uri = tracking.configure_tracking(args.tracking_uri)
     try:
         result = run_study(cfg, space, settings)
+    except ConfigError:
+        raise
     except ValueError as err:
         print(f"pfl: error: {err}", file=sys.stderr)
         return 1
-    print(f"tracking store: {uri}; study run: {result.study_run_id}")
-    print(f"study {result.study_name} in {settings.storage}: trials {result.states}")
-    print(f"best {settings.metric} = {result.best_value:.4f} with {result.best_params}")
-    print(f"best config: {result.best_config}  (pfl train --config {result.best_config})")
+    print(f"tracking store: {uri}")
+    print("\n".join(summary_lines(result)))
     return 0
 
 
@@ -255,12 +331,12 @@ def _report(args: argparse.Namespace) -> int:
     from reports.report import Selection, build_report
 
     sel = Selection(args.experiment, args.filter, args.alpha, args.join_ratio, args.reliability_run, args.stat,
-                    args.by)
-    uri = tracking.configure_tracking(args.tracking_uri)
+                    args.by, partition=args.partition, datasets=args.datasets)
+    uri = tracking.configure_tracking(args.tracking_uri, must_exist=True)
     out = Path(args.out)
     params = {"experiments": ",".join(args.experiment or []), "filter": args.filter, "alpha": args.alpha,
               "join_ratio": args.join_ratio, "reliability_run": args.reliability_run, "stat": args.stat,
-              "by": args.by}
+              "by": args.by, "partition": args.partition, "datasets": ",".join(args.datasets or [])}
     experiment = (args.experiment or ["pfl"])[0]
     try:
         report = build_report(sel, out)  # reads the store only: a bad selection leaves no run behind

@@ -34,6 +34,11 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 _CHOICES = {"algo": ("algorithm", ALGORITHMS), "dataset": ("dataset", DATASETS)}
+PARTITIONS = ("pathological", "dirichlet", "iid", "exdir", "pfllib")
+PARTITION_ALIASES = {"pat": "pathological", "dir": "dirichlet"}  # PFLlib's names (its -partition / niid flags)
+# Fields of one partition scheme: logged (and shown in run names) only for a run of that scheme.
+PARTITION_FIELDS = {"alpha": ("dirichlet", "exdir"), "classes_per_client": ("pathological", "exdir"),
+                    "balance": ("pathological",), "partition_name": ("pfllib",)}
 # Range rules: field -> (predicate, message naming the fix).
 _POSITIVE_INT = (lambda v: v >= 1, "must be a positive integer (>= 1)")
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -191,7 +196,7 @@ class RunConfig(_Checked):
     cache_dir: Path = Field(default_factory=lambda: Path(os.environ.get("PFL_CACHE_DIR", ".pfl_cache")))
     download: bool = False
     # partition (PFLlib semantics)
-    partition: Literal["pathological", "dirichlet", "iid", "pfllib"] = "pathological"
+    partition: Literal[PARTITIONS] = "pathological"  # also PFLlib's names: dir, pat (PARTITION_ALIASES)
     partition_name: str | None = None  # for partition=pfllib: the name given to `pfl data import-pfllib`
     alpha: float = 0.1
     classes_per_client: int | None = None
@@ -272,6 +277,11 @@ class RunConfig(_Checked):
             raise ValueError("; ".join(bad))
         return values
 
+    @field_validator("partition", mode="before")
+    @classmethod
+    def _pfllib_partition_names(cls, v: Any) -> Any:
+        return PARTITION_ALIASES.get(v, v) if isinstance(v, str) else v
+
     @field_validator("experiment")
     @classmethod
     def _named_experiment(cls, v: str) -> str:
@@ -313,21 +323,67 @@ class RunConfig(_Checked):
         if self.classes_per_client is None:
             object.__setattr__(self, "classes_per_client", DEFAULT_CLASSES_PER_CLIENT[self.dataset])
         classes, cpc = NUM_CLASSES[self.dataset], self.classes_per_client
-        if self.partition == "pathological" and cpc > classes:
+        if self.partition in ("pathological", "exdir") and cpc > classes:
             raise ValueError(f"classes_per_client={cpc} exceeds the {classes} classes of {self.dataset}; "
                              f"use classes_per_client <= {classes}")
         # (Tiny-ImageNet's class count is its wnids.txt's, which may list fewer than 200)
-        if self.partition == "pathological" and self.dataset != "tinyimagenet" and self.num_clients * cpc < classes:
-            raise ValueError(f"pathological partition: num_clients * classes_per_client = {self.num_clients} * "
+        if self.partition in ("pathological", "exdir") and self.dataset != "tinyimagenet" and \
+                self.num_clients * cpc < classes:
+            raise ValueError(f"{self.partition} partition: num_clients * classes_per_client = {self.num_clients} * "
                              f"{cpc} leaves some of the {classes} classes of {self.dataset} without a client; raise "
                              f"num_clients or classes_per_client")
         return self
 
     def flat_params(self) -> dict[str, Any]:
-        """Flat, searchable run parameters for tracking: the run fields (paths as strings) and the
-        algorithm's hyperparameters by bare name."""
+        """Flat, searchable run parameters for tracking: the shared run fields (paths as strings), the
+        partition's own fields (:data:`PARTITION_FIELDS`: ``alpha`` only for a Dirichlet partition, ...) and
+        the selected algorithm's hyperparameters by bare name; nothing of another algorithm or partition."""
         values = self.model_dump(exclude={"hparams"})
+        values = {k: v for k, v in values.items() if self.partition in PARTITION_FIELDS.get(k, (self.partition,))}
         return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}, **self.hparams}
+
+    @property
+    def algo_label(self) -> str:
+        """The algorithm in run names (:meth:`pfl.algorithms.Algorithm.run_label`), e.g. ``flexifed-max_common``."""
+        return _ALGORITHM_REGISTRY[self.algo].run_label(self.hparams)
+
+    @property
+    def partition_label(self) -> str:
+        """The partition in run names: ``dir0.1``, ``pat2`` (classes per client), ``exdir0.1c2``, ``iid``, or the
+        PFLlib import's name."""
+        if self.partition == "pfllib":
+            return str(self.partition_name)
+        return {"dirichlet": f"dir{self.alpha:g}", "pathological": f"pat{self.classes_per_client}",
+                "exdir": f"exdir{self.alpha:g}c{self.classes_per_client}"}.get(self.partition, self.partition)
+
+    def describe(self, alphas: str | None = None, join_ratios: str | None = None) -> str:
+        """The setting in words, for run descriptions: algorithm, dataset, partition, clients and participation,
+        schedule, model. A sweep passes the swept values as text (``alphas="0.1, 0.5"``) in place of its own."""
+        alpha = alphas or f"{self.alpha:g}"
+        part = {"dirichlet": f"Dirichlet partition (alpha {alpha})",
+                "pathological": f"pathological partition ({self.classes_per_client} classes per client)",
+                "exdir": f"extended Dirichlet partition (alpha {alpha}, {self.classes_per_client} classes "
+                         "per client)", "iid": "IID partition",
+                "pfllib": f"PFLlib partition {self.partition_name}"}[self.partition]
+        knobs = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+        return (f"{self.algo}{f' ({knobs})' if knobs else ''} on {self.dataset}, {part}, {self.num_clients} clients, "
+                f"join ratio {join_ratios or f'{self.join_ratio:g}'}, {self.global_rounds} global rounds of "
+                f"{self.local_epochs} local epoch(s) (batch {self.batch_size}, lr {self.lr:g}), model {self.model}")
+
+    def setting_name(self) -> str:
+        """``<algo>-<dataset>-<partition><alpha or classes>-jr<ratio>``, e.g. ``fedfomo-cifar10-dir0.1-jr0.2`` (the
+        algorithm's label may add its variant: ``flexifed-max_common``)."""
+        return f"{self.algo_label}-{self.dataset}-{self.partition_label}-jr{self.join_ratio:g}"
+
+    def run_name(self, seed: int) -> str:
+        """An FL run's name: :meth:`setting_name` and ``-s<seed>``, e.g. ``fedfomo-cifar10-dir0.1-jr0.2-s0``."""
+        return f"{self.setting_name()}-s{seed}"
+
+    def launch_name(self) -> str:
+        """A launch run's name: the FL runs' setting plus model, global rounds and seeds, e.g.
+        ``fedfomo-cifar10-pat2-jr0.2-cnn-r100-s0-2`` for seeds 0, 1, 2."""
+        seeds = f"s{self.seed}" + (f"-{self.seed + self.repeats - 1}" if self.repeats > 1 else "")
+        return f"{self.setting_name()}-{self.model}-r{self.global_rounds}-{seeds}"
 
     @property
     def models(self) -> list[str]:
@@ -338,6 +394,9 @@ class RunConfig(_Checked):
     def num_join_clients(self) -> int:
         """Clients sampled per round: ``round(join_ratio * num_clients)``, at least 1."""
         return max(1, round(self.join_ratio * self.num_clients))
+
+
+METHOD_FIELDS = {"rank": ("loraph",), "lora_init": ("loraph",)}  # head-method fields of one method only
 
 
 class HeadConfig(_Checked):
@@ -385,8 +444,10 @@ class HeadConfig(_Checked):
         return self
 
     def flat_params(self) -> dict[str, Any]:
-        """Flat params for tracking (paths as strings, unset values as empty strings)."""
-        return {k: ("" if v is None else str(v) if isinstance(v, Path) else v) for k, v in self.model_dump().items()}
+        """Flat params for tracking (paths as strings, unset values as empty strings), without the fields of the
+        other method (:data:`METHOD_FIELDS`: LoRAPH's ``rank`` and ``lora_init`` only for LoRAPH)."""
+        values = {k: v for k, v in self.model_dump().items() if self.method in METHOD_FIELDS.get(k, (self.method,))}
+        return {k: ("" if v is None else str(v) if isinstance(v, Path) else v) for k, v in values.items()}
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel] = RunConfig,
@@ -493,10 +554,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return parsed
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values_over_file: dict[str, Any] | None = None) -> RunConfig:
     """Build a validated :class:`RunConfig` from an optional YAML file and ``key=value`` overrides.
 
-    Overrides win over the file; the file wins over the defaults. The file is read strictly: a key
+    Overrides win over ``values_over_file`` (e.g. PFLlib flags translated by :mod:`pfl.pfllib_args`), which win
+    over the file; the file wins over the defaults. The file is read strictly: a key
     given twice is an error, and so are an empty file, malformed YAML and non-UTF-8 text.
 
     Raises:
@@ -514,6 +577,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} does not exist; pass a file from configs/, e.g. "
                               "configs/fedfomo_cifar10_pr0.2.yaml")
         values.update(_read_yaml(path))
+    values.update(values_over_file or {})
     values.update(parse_overrides(overrides or []))
     try:
         return RunConfig(**values)

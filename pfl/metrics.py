@@ -93,6 +93,26 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
             "count": [int(c) for c in count.tolist()]}
 
 
+def calibration_gaps(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> list[float]:
+    """Per uniform confidence bin, the sum over its samples of ``correct - confidence`` (``n_bins`` floats).
+
+    Additive over disjoint sample sets, so the gaps of several clients sum to those of their pooled
+    predictions, and :func:`ece_from_gaps` of the sum is the global ECE: equal to :func:`ece` of the
+    pooled ``probs`` with ``binning="uniform"``, without holding the pooled predictions.
+    """
+    probs, labels = probs.detach().double().cpu(), labels.cpu()
+    conf, pred = probs.max(dim=1)
+    ids = _bin_ids(conf, n_bins, "uniform")
+    return torch.bincount(ids, weights=(pred == labels).double() - conf, minlength=n_bins).tolist()
+
+
+def ece_from_gaps(gaps: Sequence[float], num_samples: int) -> float:
+    """ECE = sum_b |gap_b| / N from per-bin gaps (:func:`calibration_gaps`, summed over clients) and N samples."""
+    if num_samples <= 0:
+        raise ValueError("ECE of an empty set is undefined")
+    return sum(abs(g) for g in gaps) / num_samples
+
+
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 20) -> dict[str, float]:
     """``acc``, ``nll``, ``ece`` (adaptive, ``n_bins``) and ``brier`` of one set of predictions."""
     return {"acc": accuracy(probs, labels), "nll": nll(probs, labels),
@@ -134,13 +154,13 @@ def reliability_summary(per_client: Sequence[dict[str, float]], weights: Sequenc
 
     Returns:
         ``acc``, ``nll``, ``brier``: test-sample-weighted means over clients (equal to the pooled values);
-        ``ece``: unweighted mean of the client ECEs; ``f_ece``: their test-sample-weighted mean
+        ``ece_mean``: unweighted mean of the client ECEs; ``f_ece``: their test-sample-weighted mean
         (F-ECE, Chen et al. 2024); ``global_ece``: ECE of the pooled predictions (N, K) with
-        ``global_bins`` uniform bins.
+        ``global_bins`` uniform bins (the names of :mod:`pfl.vocabulary`).
     """
     out = {name: weighted_mean([m[name] for m in per_client], weights) for name in ("acc", "nll", "brier")}
     eces = [m["ece"] for m in per_client]
-    out["ece"] = sum(eces) / len(eces)
+    out["ece_mean"] = sum(eces) / len(eces)
     out["f_ece"] = weighted_mean(eces, weights)
     out["global_ece"] = ece(pooled_probs, pooled_labels, global_bins, "uniform")
     return out

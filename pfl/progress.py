@@ -8,7 +8,8 @@ from pfl.algorithms.engine import Callback, Evaluation
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over global rounds showing the last train loss and test accuracy.
+    """A tqdm bar over global rounds showing the last train loss, the averaged test accuracy and the best so far
+    (PFLlib prints both every round).
 
     Args:
         total: number of global rounds.
@@ -19,15 +20,18 @@ class ProgressBar(Callback):
     def __init__(self, total: int, desc: str = "rounds", initial: int = 0):
         self.bar = tqdm(total=total, desc=desc, unit="round", dynamic_ncols=True, initial=initial)
         self.postfix: dict[str, str] = {}
+        self.best = float("-inf")
 
     def on_round_end(self, rnd: int, metrics: dict[str, float]) -> None:
-        self.postfix["loss"] = f"{metrics['train_loss']:.3f}"
+        self.postfix["loss"] = f"{metrics['train/loss']:.3f}"
         self.bar.set_postfix(self.postfix)
         self.bar.update(1)
 
     def on_evaluate(self, evaluation: Evaluation) -> None:
-        acc = next(v for k, v in evaluation.metrics.items() if k.endswith("_acc"))  # test_acc or val_acc
+        acc = next(v for k, v in evaluation.metrics.items() if k in ("test/acc", "val/acc"))
+        self.best = max(self.best, acc)
         self.postfix["acc"] = f"{acc:.4f}"
+        self.postfix["best"] = f"{self.best:.4f}"
         self.bar.set_postfix(self.postfix)
 
     def on_run_end(self, final: Evaluation) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from pfl.config import ConfigError, HeadConfig, RunConfig, format_validation_error
+from pfl.summary import seed_summary
 from pfl.train import build_algorithm, prepare, train_repeats
 
 
@@ -62,13 +63,43 @@ def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], hea
     firsts = [build_algorithm(p, p.cfg.seed) for p in prepared]
     by_setting = {hc.ood_dataset: hc for hc in heads}  # one OOD pool per setting, loaded and checked now
     pools = {name: ood_pool(hc, fl_config(cells[0].flat_params(), hc), prepared) for name, hc in by_setting.items()}
-    params = {**cfg.flat_params(), "alpha": str(alphas), "join_ratio": str(join_ratios),
-              "head_methods": ",".join(h.method for h in heads)}
+    params = {**cfg.flat_params(), "join_ratio": str(join_ratios), "head_methods": ",".join(h.method for h in heads),
+              **({"alpha": str(alphas)} if "alpha" in cfg.flat_params() else {})}
     fl_ids, head_ids = [], []
-    with tracking.launch_run(cfg.experiment, f"sweep-{cfg.algo}-{cfg.dataset}", params) as launch_id:
+    with tracking.launch_run(cfg.experiment, sweep_name(cfg, alphas, join_ratios), params) as launch_id:
         for cell, first in zip(prepared, firsts):
             ids = train_repeats(cell, first, progress=progress)
             fl_ids += ids
-            head_ids += [run_heads(fl_id, hc, progress=progress, like=cell, pools=pools) for fl_id in ids
-                         for hc in heads]
+            by_method = {hc.method: [run_heads(fl_id, hc, progress=progress, like=cell, pools=pools) for fl_id in ids]
+                         for hc in heads}
+            head_ids += [i for ids_ in by_method.values() for i in ids_]
+            _log_cell_summary(cell_name(cell.cfg), ids, by_method)
+        swept = cfg.describe(", ".join(f"{a:g}" for a in alphas), ", ".join(f"{j:g}" for j in join_ratios))
+        tracking.set_description(launch_id, f"**{sweep_name(cfg, alphas, join_ratios)}**: {swept}; head methods "
+                                 f"{', '.join(h.method for h in heads) or 'none'}.\n\nMetrics per cell "
+                                 f"({', '.join(cell_name(p.cfg) for p in prepared)}): `<cell>/<metric>` (mean over "
+                                 "seeds) and `<cell>/<metric>_seed_std`; head methods under `<cell>/<method>/`.")
     return SweepResult(launch_id, fl_ids, head_ids)
+
+
+def cell_name(cfg: RunConfig) -> str:
+    """A grid cell's name in the sweep's metrics: ``<partition label>-jr<ratio>``, e.g. ``dir0.1-jr0.2``."""
+    return f"{cfg.partition_label}-jr{cfg.join_ratio:g}"
+
+
+def sweep_name(cfg: RunConfig, alphas: list[float], join_ratios: list[float]) -> str:
+    """The sweep's launch run name, e.g. ``sweep-fedfomo-cifar10-dir0.1,0.5-jr0.1,0.2-cnn-r3-s0``."""
+    seeds = f"s{cfg.seed}" + (f"-{cfg.seed + cfg.repeats - 1}" if cfg.repeats > 1 else "")
+    part = "dir" + ",".join(f"{a:g}" for a in alphas) if cfg.partition == "dirichlet" else cfg.partition_label
+    return (f"sweep-{cfg.algo_label}-{cfg.dataset}-{part}-jr{','.join(f'{j:g}' for j in join_ratios)}-{cfg.model}"
+            f"-r{cfg.global_rounds}-{seeds}")
+
+
+def _log_cell_summary(cell: str, fl_ids: list[str], head_ids: dict[str, list[str]]) -> None:
+    """Log on the sweep's launch run the cell's mean and std over seeds of its FL runs' final and best metrics
+    (``<cell>/test_acc``, ...) and of each head method's (``<cell>/<method>/test_f_ece``, ...)."""
+    from pfl import tracking
+
+    tracking.log_metrics(seed_summary([tracking.run_metrics(i) for i in fl_ids], cell=cell))
+    for method, ids in head_ids.items():
+        tracking.log_metrics(seed_summary([tracking.run_metrics(i) for i in ids], cell=f"{cell}/{method}"))

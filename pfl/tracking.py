@@ -37,6 +37,7 @@ from pfl.algorithms.engine import Callback, Evaluation, RunInterrupted
 from pfl.algorithms.state import State
 from pfl.config import ConfigError
 from pfl.models import ModelSpec, SplitModel, build_model
+from pfl.vocabulary import QUALITY, best_name
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CLIENT_DIR = "clients"
@@ -67,16 +68,25 @@ def _open_sqlite_store(uri: str) -> None:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
-def configure_tracking(uri: str | None = None) -> str:
+def configure_tracking(uri: str | None = None, must_exist: bool = False) -> str:
     """Point MLflow at ``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; returns the URI used.
 
     A SQLite store is opened (created or migrated) right away, one process at a time, so that
-    several ``pfl`` commands started together on a fresh store all work.
+    several ``pfl`` commands started together on a fresh store all work. ``must_exist``: commands that
+    read runs (``pfl heads``, ``report``, ``runs``) refuse a SQLite store whose file does not exist
+    instead of creating an empty one.
 
     Raises:
-        ConfigError: the store cannot be opened (e.g. an unwritable path), before any data loads.
+        ConfigError: the store cannot be opened (e.g. an unwritable path), or ``must_exist`` and its file is
+            missing; before any data loads.
     """
+    from pfl.locking import sqlite_path
+
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    path = sqlite_path(uri)
+    if must_exist and path is not None and not path.is_file():
+        raise ConfigError(f"tracking store {uri}: no such store ({path.resolve()} does not exist); pass the store "
+                          "the runs are in with --tracking-uri (or MLFLOW_TRACKING_URI), or run from its folder")
     mlflow.set_tracking_uri(uri)
     # one download bar per client model would bury pfl's own progress bar
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -89,6 +99,11 @@ def configure_tracking(uri: str | None = None) -> str:
         raise ConfigError(f"tracking store {uri}: cannot open it ({detail}); pass a writable --tracking-uri or "
                           "set MLFLOW_TRACKING_URI (e.g. sqlite:///mlflow.db)") from None
     return uri
+
+
+def tracking_uri() -> str:
+    """The tracking URI in use (for the loading snippets of run descriptions and summaries)."""
+    return mlflow.get_tracking_uri()
 
 
 def _log_missing_params(run: mlflow.ActiveRun, params: dict[str, Any]) -> None:
@@ -120,8 +135,9 @@ def process_tags() -> dict[str, str]:
 
 
 @contextmanager
-def launch_run(experiment: str, name: str, params: dict[str, Any], kind: str = "launch") -> Iterator[str]:
-    """Start a top-level run (a launch run, or ``kind="report"``); yields its id.
+def launch_run(experiment: str, name: str, params: dict[str, Any], kind: str = "launch",
+               tags: dict[str, str] | None = None) -> Iterator[str]:
+    """Start a top-level run (a launch run, or ``kind="report"``) with extra ``tags``; yields its id.
 
     An exception marks it FAILED, a stop signal KILLED. When ``MLFLOW_RUN_ID`` is set
     (``mlflow run`` started the run and logged its entry-point parameters, which MLflow does
@@ -132,7 +148,7 @@ def launch_run(experiment: str, name: str, params: dict[str, Any], kind: str = "
         mlflow.set_experiment(experiment)
     run = mlflow.start_run(run_name=name, tags={"pfl.kind": kind, **process_tags()})
     with _ended(run) as run_id:
-        mlflow.set_tags({"pfl.kind": kind, **process_tags()})  # start_run ignores tags when it resumes MLFLOW_RUN_ID
+        mlflow.set_tags({"pfl.kind": kind, **process_tags(), **(tags or {})})  # start_run ignores tags on a resume
         _log_missing_params(run, params)
         mlflow.log_dict(params, "config.json")
         yield run_id
@@ -173,25 +189,26 @@ def log_json(obj: Any, artifact_file: str) -> None:
 
 
 def _is_quality(name: str) -> bool:
-    """``<split>_<acc|nll|ece|brier>``, also per architecture (``test_acc_vgg11``); not the ``_std`` spreads."""
-    metric = name.split("_", 1)[-1]
-    return metric.split("_")[0] in ("acc", "nll", "ece", "brier") and not metric.endswith("_std")
+    """``test/<metric>`` or ``val/<metric>`` of :data:`pfl.vocabulary.QUALITY`, also per architecture
+    (``test/acc_vgg11``); not the ``_std`` spreads."""
+    group, _, metric = name.partition("/")
+    return group in ("test", "val") and metric.startswith(QUALITY) and not metric.endswith("_std")
 
 
 def best_metrics(best: Evaluation) -> dict[str, float]:
-    """``best_<split>_<metric>`` and ``best_round`` of the evaluation with the highest accuracy.
+    """``best/<split>_<metric>`` and ``best/round`` of the evaluation with the highest accuracy.
 
     PFLlib reports the best round's accuracy (``max(rs_test_acc)``), so runs log it beside
-    the final metrics: ``best_test_acc`` and the NLL, F-ECE and Brier score of that same round
-    (``best_test_nll``, ``best_test_ece``, ``best_test_brier``; per architecture in a mixed run,
-    ``best_test_acc_vgg11``, ...), and ``best_round``.
+    the final metrics: ``best/test_acc`` and the other quality metrics of that same round
+    (``best/test_nll``, ``best/test_f_ece``, ...; per architecture in a mixed run,
+    ``best/test_acc_vgg11``, ...), and ``best/round``.
     """
-    quality = {k: v for k, v in best.metrics.items() if _is_quality(k)}
-    return {**{f"best_{k}": v for k, v in quality.items()}, "best_round": float(best.round)}
+    quality = {best_name(k): v for k, v in best.metrics.items() if _is_quality(k)}
+    return {**quality, "best/round": float(best.round)}
 
 
 def _accuracy(evaluation: Evaluation) -> float:
-    return next(v for k, v in evaluation.metrics.items() if k in ("test_acc", "val_acc"))
+    return next(v for k, v in evaluation.metrics.items() if k in ("test/acc", "val/acc"))
 
 
 class MLflowCallback(Callback):
@@ -222,6 +239,7 @@ class MLflowCallback(Callback):
 
     def on_run_end(self, final: Evaluation) -> None:
         log_json({"round": final.round, "clients": final.per_client}, "client_metrics.json")
+        log_csv(final.per_client, "client_metrics.csv")
         mlflow.log_metrics(best_metrics(self.best))
 
     def state_dict(self) -> dict:
@@ -328,12 +346,14 @@ class FLRunInputs:
         params: the FL run's params (``seed``, ``dataset_fingerprint``, ``partition_key``, ...).
         experiment_id: where the FL run lives (head runs go to the same experiment).
         num_clients: clients with a saved model.
+        name: the FL run's name.
     """
 
     config: dict[str, Any]
     params: dict[str, str]
     experiment_id: str
     num_clients: int
+    name: str
 
 
 def _fl_run(run_id: str, check_kind: bool = True) -> mlflow.entities.Run:
@@ -386,7 +406,7 @@ def fl_run_inputs(run_id: str) -> FLRunInputs:
     if len(saved) != expected:
         raise FLRunError(f"FL run {run_id} holds {len(saved)} of its {expected} client models (status "
                          f"{run.info.status}); rerun training, which saves them when it finishes")
-    return FLRunInputs(_run_config(run), dict(run.data.params), run.info.experiment_id, expected)
+    return FLRunInputs(_run_config(run), dict(run.data.params), run.info.experiment_id, expected, run.info.run_name)
 
 
 def process_alive(run: mlflow.entities.Run) -> bool | None:
@@ -520,3 +540,16 @@ def log_file(path: Path, folder: str | None = None) -> None:
 def run_metrics(run_id: str) -> dict[str, float]:
     """The latest value of every metric of a run."""
     return dict(mlflow.MlflowClient().get_run(run_id).data.metrics)
+
+
+def set_description(run_id: str, text: str) -> None:
+    """Set a run's description (Markdown, tag ``mlflow.note.content``), shown on its page in the MLflow UI."""
+    mlflow.MlflowClient().set_tag(run_id, "mlflow.note.content", text)
+
+
+def run_summary(run_id: str) -> dict[str, Any]:
+    """``{"name", "metrics", "seconds", "artifact_uri"}`` of a run (``seconds``: wall time, ``None`` while running)."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    end = run.info.end_time
+    return {"name": run.info.run_name, "metrics": dict(run.data.metrics), "artifact_uri": run.info.artifact_uri,
+            "seconds": None if end is None else (end - run.info.start_time) / 1000}

@@ -27,6 +27,7 @@ from pfl.data.pfllib import PfllibImportError, load_imported
 from pfl.metrics import classification_metrics
 from pfl.models import ModelSpec, build_model
 from pfl.seed import seed_everything
+from pfl.summary import fl_description, launch_description, seed_summary
 
 
 @dataclass
@@ -206,8 +207,8 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
     step of each metric already in the store). Every ``checkpoint_every`` rounds the complete run state is written
     to :func:`checkpoint_path`; the checkpoint is logged to the run (``checkpoint/``) at the end and
     when the run fails or is stopped. At the end: per-client metrics, the best round's metrics, the
-    algorithm's server state, every client's personalized model, and ``checkpoint_mb`` /
-    ``checkpoint_seconds`` (the last checkpoint's size and the mean time of a write).
+    algorithm's server state, every client's personalized model, ``checkpoint/mb`` and ``time/checkpoint`` (the
+    last checkpoint's size and the mean time of a write), and the run's description (:func:`fl_description`).
     """
     from pfl import tracking
     from pfl.progress import ProgressBar
@@ -234,8 +235,11 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
     tracking.log_client_models(algorithm.ctx.specs, algorithm.personalized_state)
     tracking.log_file(checkpointer.path, "checkpoint")
     if checkpointer.sizes:
-        tracking.log_metrics({"checkpoint_mb": checkpointer.sizes[-1] / 2**20,
-                              "checkpoint_seconds": sum(checkpointer.seconds) / len(checkpointer.seconds)})
+        tracking.log_metrics({"checkpoint/mb": checkpointer.sizes[-1] / 2**20,
+                              "time/checkpoint": sum(checkpointer.seconds) / len(checkpointer.seconds)})
+    seed = algorithm.ctx.seed
+    tracking.set_description(run_id, fl_description(cfg.run_name(seed), f"{cfg.describe()}, seed {seed}.",
+                                                    tracking.run_metrics(run_id), run_id, tracking.tracking_uri()))
 
 
 def train_repeats(prepared: Prepared, first: Algorithm, extra_callbacks: list[Callback] | None = None,
@@ -256,7 +260,7 @@ def train_repeats(prepared: Prepared, first: Algorithm, extra_callbacks: list[Ca
     for k in range(cfg.repeats):
         seed = cfg.seed + k
         algorithm = first if k == 0 else build_algorithm(prepared, seed)
-        with tracking.fl_run(f"{cfg.algo}-seed{seed}", run_params(prepared, algorithm)) as run_id:
+        with tracking.fl_run(cfg.run_name(seed), run_params(prepared, algorithm)) as run_id:
             fl_ids.append(run_id)
             tracking.log_json(cfg.flat_params(), "config.json")  # what head runs and resumes rebuild the run from
             tracking.log_json(counts, "partition/label_counts.json")
@@ -327,15 +331,12 @@ def evaluate_client_model(run_id: str, client_id: int, data_dir: str | Path | No
     return {**metrics, "num_test": len(test)}
 
 
-def run_name(cfg: RunConfig) -> str:
-    """Launch run name: algorithm, dataset, partition (or PFLlib import) and join ratio."""
-    source = cfg.partition_name if cfg.partition == "pfllib" else cfg.partition
-    return f"{cfg.algo}-{cfg.dataset}-{source}-jr{cfg.join_ratio}"
-
-
 def run_training(cfg: RunConfig, extra_callbacks: list[Callback] | None = None, progress: bool = True,
-                 stop: Callable[[], int | None] | None = None) -> dict[str, list[str] | str]:
+                 stop: Callable[[], int | None] | None = None,
+                 launch_tags: dict[str, str] | None = None) -> dict[str, list[str] | str]:
     """The main job: validate, then a launch run with one nested FL run per repeat (:func:`train_repeats`).
+
+    ``launch_tags``: extra tags of the launch run (e.g. the PFLlib flags the config was translated from).
 
     Returns:
         ``{"launch_run_id": ..., "fl_run_ids": [...]}``.
@@ -349,6 +350,19 @@ def run_training(cfg: RunConfig, extra_callbacks: list[Callback] | None = None, 
 
     prepared = prepare(cfg)
     first = build_algorithm(prepared, cfg.seed)  # hyperparameter errors surface before any run exists
-    with tracking.launch_run(cfg.experiment, run_name(cfg), prepared.cfg.flat_params()) as launch_id:
+    with tracking.launch_run(cfg.experiment, cfg.launch_name(), prepared.cfg.flat_params(),
+                             tags=launch_tags) as launch_id:
         fl_ids = train_repeats(prepared, first, extra_callbacks, progress, stop)
+        log_launch_summary(cfg, launch_id, fl_ids)
     return {"launch_run_id": launch_id, "fl_run_ids": fl_ids}
+
+
+def log_launch_summary(cfg: RunConfig, launch_id: str, fl_ids: list[str]) -> None:
+    """Log on the launch run the mean and std over its seeds of the FL runs' final and best metrics
+    (:func:`pfl.summary.seed_summary`) and its description."""
+    from pfl import tracking
+
+    summary = seed_summary([tracking.run_metrics(i) for i in fl_ids])
+    tracking.log_metrics(summary)
+    names = [cfg.run_name(cfg.seed + k) for k in range(len(fl_ids))]
+    tracking.set_description(launch_id, launch_description(cfg.launch_name(), f"{cfg.describe()}.", summary, names))

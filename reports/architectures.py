@@ -4,11 +4,15 @@ For algorithms whose clients train different architectures (FlexiFed, Wang et al
 Table 1): one row per sharing scheme (``standalone``, ``clustered_fl``, ``basic_common``,
 ``clustered_common``, ``max_common``, then any other; a run without a ``scheme`` param is
 labelled by its ``algo``), one column per architecture group (``vgg11``, ``vgg13``, ...) and
-``mean`` (the run's ``test_acc``, sample-weighted over all clients). Each cell is mean ± std
+``mean`` (the run's ``test/acc``, sample-weighted over all clients; stores written before
+:mod:`pfl.vocabulary` hold ``test_acc`` / ``test_acc_<arch>``, read alike). Each cell is mean ± std
 (population std, ddof=0, as :func:`reports.query.aggregate`) over the FL runs (seeds) of that row,
-in percent with one decimal as the paper prints it (``64.4``); the best row of each column is in
-bold and a row without runs of an architecture shows "—". The writers are
-:class:`reports.table.ResultsTable`'s.
+in percent with one decimal as the paper prints it (``64.4``; the value alone for one seed); the
+best row of each column is in bold where the column has two rows or more, and a row without runs
+of an architecture shows "—". The caption states the setting (:func:`reports.settings.setting_sentence`)
+and the seeds. The table covers one setting: runs at several datasets, partitions, alphas or join
+ratios are refused, naming the option (``--datasets``, ``--partition``, ``--alpha``, ``--join-ratio``)
+that selects one. The writers are :class:`reports.table.ResultsTable`'s (no LaTeX scaling: the table is narrow).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from typing import ClassVar
 
 import pandas as pd
 
+from reports.names import number
 from reports.query import ARCH_ACC, MEAN_ARCH
-from reports.table import ResultsTable
+from reports.settings import TABLE_SETTING, setting_sentence
+from reports.table import ResultsTable, best_flags
 
 SCHEME_ORDER = ("standalone", "clustered_fl", "basic_common", "clustered_common", "max_common")
-_SETTING = ("dataset", "partition", "alpha", "join_ratio")
-_OPTION = {"alpha": "--alpha", "join_ratio": "--join-ratio"}
+_SETTING = ("dataset", *TABLE_SETTING)
+_OPTION = {"dataset": "--datasets", "partition": "--partition", "alpha": "--alpha", "join_ratio": "--join-ratio"}
 _DEPTH = re.compile(r"(\D*?)(\d+)(.*)")
 
 
@@ -37,6 +43,7 @@ class ArchitectureTable(ResultsTable):
     """
 
     index_name: ClassVar[str] = "scheme"
+    fit_width: ClassVar[bool] = False
 
     def header(self, col) -> tuple[str, ...]:
         """The architecture name (or ``mean``), one header level."""
@@ -77,47 +84,38 @@ def row_order(labels: Iterable[str]) -> list[str]:
 
 
 def _check_one_setting(long: pd.DataFrame) -> None:
-    """Refuse runs at several datasets / partitions / alphas / join ratios (one table, one setting)."""
+    """Refuse runs at several datasets / partition settings / join ratios (one table, one setting)."""
     for col in _SETTING:
         values = long[col].dropna().unique()
         if len(values) > 1:
-            option = _OPTION.get(col) or f"--filter \"params.{col} = '{values[0]}'\""
+            first = number(values[0]) if isinstance(values[0], float) else values[0]
+            option = _OPTION.get(col) or f"--filter \"params.{col} = '{first}'\""
             raise ValueError(f"--by architecture: the FL runs hold several {col} values "
                              f"{sorted(map(str, values))}; select one with {option}")
 
 
 def architecture_caption(long: pd.DataFrame, stat: str) -> str:
-    """What the table shows: the statistic (final or best round), the mean column, the setting, the seeds."""
+    """What the table shows: the setting, the statistic (final or best round), the mean column."""
     acc = ARCH_ACC[stat]
     when = {"final": "the FL runs' final round", "best": "the FL runs' round of best test accuracy"}[stat]
-    text = (f"Test accuracy (%) of each architecture's clients ({acc}_<arch>) at {when}; mean: all clients, "
-            f"sample-weighted ({acc}). Mean and std over seeds (FL runs)")
-    dirichlet = (long["partition"] == "dirichlet").any()  # alpha means nothing to other partitions
-    setting = [f"{col}={long[col].dropna().iloc[0]:g}" if col in _OPTION else str(long[col].dropna().iloc[0])
-               for col in _SETTING if long[col].notna().any() and (col != "alpha" or dirichlet)]
-    return text + (f"; {', '.join(setting)}." if setting else ".")
+    return (f"{setting_sentence(long)}. Test accuracy (%) of each architecture's clients ({acc}_<arch>) at {when}; "
+            f"mean: all clients, sample-weighted ({acc}).")
 
 
 def build_architecture_table(long: pd.DataFrame, caption: str = "") -> ArchitectureTable:
     """The per-architecture table of :func:`reports.query.architecture_results`'s long frame, with ``caption``.
 
     Raises:
-        ValueError: the frame is empty, or its runs hold several datasets, partitions, alphas or
+        ValueError: the frame is empty, or its runs hold several datasets, partition settings or
             join ratios (the message names the option that selects one).
     """
     if long.empty:
         raise ValueError("no finished FL runs match the selection; check --experiment and the filters")
     _check_one_setting(long)
     grouped = long.groupby(["row", "arch"])["acc"]
-    stats = pd.DataFrame({"mean": grouped.mean(), "std": grouped.agg(lambda v: v.std(ddof=0))})
+    stats = {"mean": grouped.mean(), "std": grouped.agg(lambda v: v.std(ddof=0)), "n": grouped.count()}
     rows = row_order(long["row"])
     columns = architecture_order(a for a in long["arch"].unique() if a != MEAN_ARCH) + [MEAN_ARCH]
-    mean = stats["mean"].unstack("arch").reindex(index=rows, columns=columns).astype(float)
-    std = stats["std"].unstack("arch").reindex(index=rows, columns=columns).astype(float)
-    best = pd.DataFrame(False, index=rows, columns=columns)
-    for col in columns:
-        values = mean[col].dropna()
-        if not values.empty:
-            best.at[values.idxmax(), col] = True
-    return ArchitectureTable(mean.rename_axis(None).rename_axis(None, axis=1),
-                             std.rename_axis(None).rename_axis(None, axis=1), best, caption)
+    mean, std, count = (stats[k].unstack("arch").reindex(index=rows, columns=columns).rename_axis(None)
+                        .rename_axis(None, axis=1).astype(float) for k in ("mean", "std", "n"))
+    return ArchitectureTable(mean, std, best_flags(mean, lambda col: True), count.fillna(0).astype(int), caption)

@@ -10,10 +10,11 @@ creates lazily), so a figure saved later without the style context still looks t
 * :func:`bar_line_figure`: grouped, edge-coloured bars (one per method) at each value of a swept
   setting (Dirichlet alpha or join ratio), with a line per method joining the tops of its bars
   (any metric: ECE, OOD AUROC, ...).
-* :func:`reliability_figure`: one reliability diagram per method, side by side.
+* :func:`reliability_figure`: one reliability diagram per method, side by side, each over a
+  histogram of its samples per bin; sparse bins (fewer than ``min_count`` samples) greyed.
 * :func:`save_figure`: PNG (200 dpi) and PDF (TrueType fonts embedded) next to each other.
 
-Values are plotted in the units given (ECE as a fraction in [0, 1] unless the caller rescales it).
+Values are plotted in the units given (:mod:`reports.report` passes F-ECE and OOD AUROC in percent).
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ METHOD_COLORS = {"w/o": "#4E79A7", "APH": "#F28E2B", "LoRAPH": "#59A14F"}
 
 PREFERRED_SERIF = "Times New Roman"
 # Metric-compatible Times substitutes, in order of preference.
-SERIF_FALLBACKS = ("Liberation Serif", "Nimbus Roman", "TeX Gyre Termes", "FreeSerif")
-LAST_RESORT_SERIF = "DejaVu Serif"  # ships with matplotlib, so always available
+SERIF_FALLBACKS = ("Liberation Serif", "Nimbus Roman", "TeX Gyre Termes", "FreeSerif", "STIXGeneral")
+LAST_RESORT_SERIF = "DejaVu Serif"  # ships with matplotlib, so always available (STIXGeneral does too)
 
 FONT_SIZE = 20
 BAR_FACE_ALPHA = 0.35  # bar face = method colour at this alpha; bar edge = method colour, opaque
 BAR_EDGE_WIDTH = 2.0
 GROUP_WIDTH = 0.8  # share of one categorical x slot taken by a group of bars
 GAP_COLOR = "#E15759"
+SPARSE_COLOR = "0.55"  # reliability bins with fewer than min_count samples
+MIN_BIN_COUNT = 10  # default min_count of reliability_figure
 PNG_DPI = 200
 
 # Default x-axis labels for the settings the query layer sweeps; other columns get their own name.
@@ -52,7 +55,8 @@ def resolve_serif_font() -> str:
     """Name of the serif family used for paper figures.
 
     "Times New Roman" when installed, else the first installed of "Liberation Serif",
-    "Nimbus Roman", "TeX Gyre Termes", "FreeSerif", else "DejaVu Serif". Installed families are
+    "Nimbus Roman", "TeX Gyre Termes", "FreeSerif" (Times substitutes) and "STIXGeneral" (a
+    Times-like serif that ships with matplotlib), else "DejaVu Serif". Installed families are
     read from ``matplotlib.font_manager.fontManager.ttflist`` at every call (no caching).
     """
     installed = {entry.name for entry in font_manager.fontManager.ttflist}
@@ -249,7 +253,8 @@ def binned_ece(entry: Mapping) -> float:
 
     ``entry`` is ``{"confidence", "accuracy", "count", "n_bins"}`` as in :func:`reliability_figure`;
     empty bins (count 0) are ignored whatever their confidence/accuracy (None, NaN or 0). For the
-    bins a head run logs in ``reliability.json`` this equals its ``global_ece`` metric.
+    bins a head run logs in ``reliability.json`` this equals its ``test/global_ece`` metric
+    (``wo/global_ece`` for w/o).
 
     Raises:
         ValueError: malformed entry (see :func:`reliability_figure`) or no samples.
@@ -259,62 +264,96 @@ def binned_ece(entry: Mapping) -> float:
     return float((count[full] * np.abs(acc[full] - conf[full])).sum() / count.sum())
 
 
-def reliability_figure(bins: Mapping[str, Mapping], title: str | None = None) -> Figure:
-    """Reliability diagrams, one panel per method, side by side with a shared y axis.
+def _reliability_panel(ax, method: str, arrays: tuple, min_count: int) -> None:
+    """One method's reliability diagram: accuracy bars (grey, hatched where sparse), gap bars, the diagonal."""
+    n_bins, conf, acc, count = arrays
+    centres, width = (np.arange(n_bins) + 0.5) / n_bins, 1.0 / n_bins
+    dense, sparse = count >= max(min_count, 1), (count > 0) & (count < min_count)
+    color = METHOD_COLORS[method]
+    ax.bar(centres[dense], acc[dense], width, facecolor=to_rgba(color, BAR_FACE_ALPHA), edgecolor=color,
+           linewidth=1.5, label="Accuracy", zorder=2)
+    if sparse.any():
+        ax.bar(centres[sparse], acc[sparse], width, facecolor=to_rgba(SPARSE_COLOR, 0.25), edgecolor=SPARSE_COLOR,
+               hatch="xx", linewidth=1.0, label=f"n < {min_count}", zorder=2)
+    ax.bar(centres[dense], np.abs(conf[dense] - acc[dense]), width, bottom=np.minimum(acc[dense], conf[dense]),
+           facecolor=to_rgba(GAP_COLOR, 0.15), edgecolor=to_rgba(GAP_COLOR, 0.8), hatch="//",
+           linewidth=1.0, label="Gap", zorder=3)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.3", linewidth=1.5, label="Perfect calibration", zorder=4)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_yticks([0, 0.5, 1], ["0", "0.5", "1"])
+
+
+def _count_panel(ax, method: str, arrays: tuple, min_count: int) -> None:
+    """Samples per bin under a reliability diagram (log scale), with the ``min_count`` threshold dotted."""
+    n_bins, _, _, count = arrays
+    full = count > 0
+    color = METHOD_COLORS[method]
+    ax.bar((np.arange(n_bins)[full] + 0.5) / n_bins, count[full], 1.0 / n_bins,
+           facecolor=to_rgba(color, BAR_FACE_ALPHA), edgecolor=color, linewidth=1.0, label="Samples", zorder=2)
+    ax.set_yscale("log")
+    ax.set_ylim(0.5, max(count.max(), min_count) * 2)
+    if min_count > 1:
+        ax.axhline(min_count, color=SPARSE_COLOR, linestyle=":", linewidth=1.5, zorder=3)
+    ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
+    ax.set_xlabel("Confidence")
+
+
+def reliability_figure(bins: Mapping[str, Mapping], title: str | None = None,
+                       min_count: int = MIN_BIN_COUNT) -> Figure:
+    """Reliability diagrams, one column per method, each over a histogram of its samples per bin.
 
     Args:
         bins: ``{method: {"confidence": [...], "accuracy": [...], "count": [...], "n_bins": int}}``
             with method names among :data:`METHOD_ORDER` (the format of a head run's
-            ``reliability.json``, see :func:`pfl.metrics.reliability_bins`). The lists have length
-            ``n_bins`` and describe uniform bins over [0, 1]: mean confidence, accuracy (both in
-            [0, 1]) and sample count of each bin. Empty bins (count 0) may hold None, NaN or 0 and
-            are not drawn.
-        title: figure title, or none.
+            ``reliability.json``, see :func:`pfl.metrics.reliability_bins`: the clients' test
+            predictions pooled). The lists have length ``n_bins`` and describe uniform bins over
+            [0, 1]: mean confidence, accuracy (both in [0, 1]) and sample count of each bin. Empty
+            bins (count 0) may hold None, NaN or 0 and are not drawn.
+        title: figure title (the run's setting, e.g. ``FedFomo, CIFAR-10, Dir(α=0.1), jr 0.2, seed 0``), or none.
+        min_count: bins with at least one but fewer than ``min_count`` samples are too sparse to
+            read: their accuracy is drawn as a grey hatched bar (``BarContainer`` labelled
+            ``n < <min_count>``) and gets no gap bar; 0 or 1 draws every non-empty bin alike.
 
     Returns:
-        A figure with one Axes per method present, in METHOD_ORDER, each on [0, 1] x [0, 1]: the
-        accuracy of every non-empty bin as an edge-coloured bar at the bin centre (width 1/n_bins,
-        method colour; ``BarContainer`` labelled "Accuracy"), the gap between accuracy and mean
-        confidence as red hatched bars (``BarContainer`` labelled "Gap"), and the dashed diagonal
-        of perfect calibration. Panel title: method name and its :func:`binned_ece` (4 decimals);
-        x label "Confidence" on every panel, y label "Accuracy" on the first.
+        A figure with 2 x (methods present) Axes: ``fig.axes[:k]`` the reliability diagrams in
+        METHOD_ORDER, ``fig.axes[k:]`` the count histograms below them (same x axis, log y,
+        ``Samples`` on the first, the ``min_count`` threshold as a dotted line). A diagram is on
+        [0, 1] x [0, 1]: the accuracy of every bin with at least ``min_count`` samples as an
+        edge-coloured bar at the bin centre (width 1/n_bins, method colour; ``BarContainer``
+        labelled "Accuracy"), the gap between accuracy and mean confidence of those bins as red
+        hatched bars ("Gap"), and the dashed diagonal of perfect calibration. Panel title: the
+        method and its global ECE (:func:`binned_ece` of all bins, in percent with 2 decimals,
+        ``APH\\nGlobal ECE = 3.21%``); x label "Confidence" under the histograms, y labels
+        "Accuracy" and "Samples" on the first column.
 
     Raises:
         ValueError: ``bins`` empty, unknown method, missing keys, list lengths other than
-            ``n_bins``, negative counts, no samples, or NaN/None values in a non-empty bin.
+            ``n_bins``, negative counts, no samples, NaN/None values in a non-empty bin, or a
+            negative ``min_count``.
     """
     if not isinstance(bins, Mapping) or not bins:
         raise ValueError(f"reliability_figure: bins must be a non-empty dict of method -> bins, got {bins!r:.80}")
     _check_methods(bins.keys(), "reliability_figure")
+    if min_count < 0:
+        raise ValueError(f"reliability_figure: min_count must be >= 0, got {min_count}")
     methods = [m for m in METHOD_ORDER if m in bins]
     parsed = {m: _bins_arrays(m, bins[m]) for m in methods}
 
     with matplotlib.rc_context(paper_style()):
-        fig = Figure(figsize=(5.2 * len(methods) + 0.8, 7.0 if title is None else 7.6), layout="constrained")
-        axes = fig.subplots(1, len(methods), sharey=True, squeeze=False)[0]
-        for k, (ax, method) in enumerate(zip(axes, methods)):
-            n_bins, conf, acc, count = parsed[method]
-            full = count > 0
-            centres = (np.arange(n_bins)[full] + 0.5) / n_bins
-            color = METHOD_COLORS[method]
-            ax.bar(centres, acc[full], 1.0 / n_bins, facecolor=to_rgba(color, BAR_FACE_ALPHA), edgecolor=color,
-                   linewidth=1.5, label="Accuracy", zorder=2)
-            ax.bar(centres, np.abs(conf[full] - acc[full]), 1.0 / n_bins, bottom=np.minimum(acc[full], conf[full]),
-                   facecolor=to_rgba(GAP_COLOR, 0.15), edgecolor=to_rgba(GAP_COLOR, 0.8), hatch="//",
-                   linewidth=1.0, label="Gap", zorder=3)
-            ax.plot([0, 1], [0, 1], linestyle="--", color="0.3", linewidth=1.5, label="Perfect calibration",
-                    zorder=4)
-            ece = binned_ece(bins[method])
-            ax.set_title(f"{method}\nECE = {ece:.4f}")
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1)
-            ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
-            ax.set_yticks([0, 0.5, 1], ["0", "0.5", "1"])
-            ax.set_xlabel("Confidence")
+        fig = Figure(figsize=(5.2 * len(methods) + 1.2, 9.0 if title is None else 9.6), layout="constrained")
+        axes = fig.subplots(2, len(methods), sharex="col", sharey="row", squeeze=False, height_ratios=[3, 1])
+        for k, method in enumerate(methods):
+            top, bottom = axes[0, k], axes[1, k]
+            _reliability_panel(top, method, parsed[method], min_count)
+            _count_panel(bottom, method, parsed[method], min_count)
+            top.set_title(f"{method}\nGlobal ECE = {100 * binned_ece(bins[method]):.2f}%")
             if k == 0:
-                ax.set_ylabel("Accuracy")
-                ax.legend(loc="upper left", fontsize=FONT_SIZE * 0.7, frameon=False)
-            _pin_tick_fonts(ax)
+                top.set_ylabel("Accuracy")
+                bottom.set_ylabel("Samples")
+                top.legend(loc="upper left", fontsize=FONT_SIZE * 0.7, frameon=False)
+            _pin_tick_fonts(top)
+            _pin_tick_fonts(bottom)
         if title is not None:
             fig.suptitle(title)
     return fig

@@ -5,16 +5,26 @@ MLflow's back is read. Only FINISHED runs count. The long frame of :func:`result
 one row per (FL run, method): ``method`` is ``"w/o"`` (the FL run's own evaluation of the
 unmodified personalized models), ``"APH"`` or ``"LoRAPH"`` (the latest finished head run of
 that method nested under the FL run). Metrics: ``acc``, ``nll`` and ``ece`` = F-ECE
-(test-sample-weighted mean of per-client ECE, 20 equal-mass bins), for every method alike,
-and ``ood_auroc``: the AUROC of the maximum softmax probability separating each client's
+(test-sample-weighted mean of per-client ECE, ``ece_bins`` = 20 equal-mass bins), for every method
+alike, and ``ood_auroc``: the AUROC of the maximum softmax probability separating each client's
 test split (in-distribution, the positive class) from its OOD sample (test-sample-weighted
 over clients; NaN where no head run scored OOD data).
 
-:func:`architecture_results` reads runs that mix client architectures (FlexiFed): one row per
-(FL run, architecture group) with that group's ``test_acc_<arch>`` (``pfl report --by architecture``).
+Metric names follow :mod:`pfl.vocabulary` (``test/acc``, ``test/f_ece``, ``ood/auroc_msp``,
+``wo/ood_auroc_msp``, ...). Per run, a metric missing under its name is read under the name stores
+held before that vocabulary (:func:`pfl.vocabulary.legacy_fl`, :data:`pfl.vocabulary.LEGACY_HEADS`:
+``test_acc``, ``test_ece``, ``f_ece``, ...), so a store mixing old and new runs reads as one.
 
-``stat`` picks the FL runs' numbers: ``final`` reads the last evaluation (``test_*``),
-``best`` the evaluation at the round of best test accuracy (``best_test_*``). Head runs are
+The setting of a run (:data:`SETTING`) holds only the partition params its partition uses
+(:data:`pfl.config.PARTITION_FIELDS`: ``alpha`` for Dirichlet, ``classes_per_client`` for
+pathological, ``partition_name`` for PFLlib imports), NaN otherwise, also for old stores that
+logged ``alpha`` for every partition. Group these frames with ``dropna=False``.
+
+:func:`architecture_results` reads runs that mix client architectures (FlexiFed): one row per
+(FL run, architecture group) with that group's ``test/acc_<arch>`` (``pfl report --by architecture``).
+
+``stat`` picks the FL runs' numbers: ``final`` reads the last evaluation (``test/*``),
+``best`` the evaluation at the round of best test accuracy (``best/test_*``). Head runs are
 post-hoc on the final client models, so APH / LoRAPH rows, and the w/o ``ood_auroc`` (the
 unmodified final models, scored by the latest head run of the FL run), are the same for both.
 :func:`aggregate` groups repeats (seeds) of the same setting.
@@ -26,19 +36,21 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from pfl.config import PARTITION_FIELDS
 from pfl.heads import METHOD_LABELS
+from pfl.vocabulary import LEGACY_HEADS, best_name, legacy_fl
 
 METRICS = ("acc", "nll", "ece", "ood_auroc")
-SETTING = ("algo", "dataset", "partition", "alpha", "join_ratio")
+SETTING = ("algo", "dataset", "partition", "alpha", "classes_per_client", "partition_name", "join_ratio")
+INFO = ("num_clients", "global_rounds", "ece_bins")  # params the captions state
 STATS = ("final", "best")
-FL_METRICS = {"final": {"acc": "test_acc", "nll": "test_nll", "ece": "test_ece"},
-              "best": {"acc": "best_test_acc", "nll": "best_test_nll", "ece": "best_test_ece"}}
-ARCH_ACC = {"final": "test_acc", "best": "best_test_acc"}  # + "_<arch>": an architecture group's accuracy
-ARCH_COLUMNS = ("fl_run_id", "row", "algo", "scheme", "dataset", "partition", "alpha", "join_ratio", "seed",
-                "arch", "acc")
-MEAN_ARCH = "mean"  # the arch label of a run's accuracy over all its clients (test_acc)
-_HEAD_METRICS = {"acc": "acc", "nll": "nll", "ece": "f_ece", "ood_auroc": "ood_auroc_msp"}
-_WO_OOD_METRIC = "wo_ood_auroc_msp"
+FL_METRICS = {"acc": "test/acc", "nll": "test/nll", "ece": "test/f_ece"}  # final; best: best_name(...)
+ARCH_ACC = {"final": "test/acc", "best": "best/test_acc"}  # + "_<arch>": an architecture group's accuracy
+ARCH_COLUMNS = ("fl_run_id", "row", "algo", "scheme", *SETTING[1:], "seed", *INFO, "arch", "acc")
+MEAN_ARCH = "mean"  # the arch label of a run's accuracy over all its clients (test/acc)
+_HEAD_METRICS = {"acc": "test/acc", "nll": "test/nll", "ece": "test/f_ece", "ood_auroc": "ood/auroc_msp"}
+_WO_OOD_METRIC = "wo/ood_auroc_msp"
+_NUMERIC = ("alpha", "classes_per_client", "join_ratio", *INFO)
 
 
 def search(kind: str, experiments: list[str] | None = None, filter_string: str = "") -> pd.DataFrame:
@@ -54,35 +66,54 @@ def search(kind: str, experiments: list[str] | None = None, filter_string: str =
                               filter_string=" and ".join(clauses), output_format="pandas")
 
 
-def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
-    for col in ("alpha", "join_ratio", *METRICS):
-        frame[col] = pd.to_numeric(frame[col])
-    frame["seed"] = pd.to_numeric(frame["seed"]).astype(int)
-    return frame
+def _column(runs: pd.DataFrame, column: str, dtype=float) -> pd.Series:
+    """Column ``column`` of a search frame; NaN / None where no run has it."""
+    return runs[column] if column in runs else pd.Series(None, index=runs.index, dtype=dtype)
 
 
-def _metric(runs: pd.DataFrame, name: str) -> pd.Series:
-    """Metric column ``name`` of a search frame (NaN where a run lacks it, or no run has it)."""
-    column = f"metrics.{name}"
-    return runs[column] if column in runs else pd.Series(float("nan"), index=runs.index)
+def _metric(runs: pd.DataFrame, name: str, legacy: str) -> pd.Series:
+    """Metric ``name`` of a search frame, per run ``legacy`` (its pre-vocabulary name) where ``name`` is missing."""
+    return _column(runs, f"metrics.{name}").fillna(_column(runs, f"metrics.{legacy}"))
+
+
+def _fl_metric(fl: pd.DataFrame, name: str) -> pd.Series:
+    """An FL-run metric (``test/acc``, ``best/test_acc``, ...), legacy names (``test_acc``) as fallback."""
+    return _metric(fl, name, legacy_fl(name))
+
+
+def _head_metric(heads: pd.DataFrame, name: str) -> pd.Series:
+    """A head-run metric (``test/f_ece``, ``ood/auroc_msp``, ...), legacy names (``f_ece``) as fallback."""
+    return _metric(heads, name, LEGACY_HEADS[name])
 
 
 def _param(runs: pd.DataFrame, name: str) -> pd.Series:
     """Param column ``name`` of a search frame (None where no run has it)."""
-    column = f"params.{name}"
-    return runs[column] if column in runs else pd.Series(None, index=runs.index, dtype=object)
+    return _column(runs, f"params.{name}", object)
+
+
+def _settings(fl: pd.DataFrame) -> pd.DataFrame:
+    """``fl_run_id``, :data:`SETTING`, ``seed`` and :data:`INFO` of FL runs; partition params their partition
+    does not use are NaN (old stores logged ``alpha`` for every partition); numbers numeric."""
+    frame = pd.DataFrame({"fl_run_id": fl["run_id"], **{k: _param(fl, k) for k in (*SETTING, "seed", *INFO)}})
+    for col in _NUMERIC:
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    frame["seed"] = pd.to_numeric(frame["seed"], errors="coerce").astype("Int64")
+    for col in ("alpha", "classes_per_client", "partition_name"):
+        frame[col] = frame[col].where(frame["partition"].isin(PARTITION_FIELDS[col]))
+    return frame
 
 
 def _fl_metrics(fl: pd.DataFrame, stat: str) -> dict[str, np.ndarray]:
     """The FL runs' ``acc``, ``nll``, ``ece`` (arrays) for ``stat``.
 
     Raises:
-        ValueError: ``best`` on runs that did not log ``best_test_acc``.
+        ValueError: ``best`` on runs that logged neither ``best/test_acc`` nor ``best_test_acc``.
     """
-    values = {m: _metric(fl, src).to_numpy() for m, src in FL_METRICS[stat].items()}
+    names = {m: best_name(n) if stat == "best" else n for m, n in FL_METRICS.items()}
+    values = {m: _fl_metric(fl, name).to_numpy() for m, name in names.items()}
     lacking = fl["run_id"][pd.isna(values["acc"])].tolist() if stat == "best" else []
     if lacking:
-        raise ValueError(f"--stat best: FL run(s) {', '.join(lacking[:3])} did not log best_test_acc (trained "
+        raise ValueError(f"--stat best: FL run(s) {', '.join(lacking[:3])} did not log best/test_acc (trained "
                          "before pfl logged it); use --stat final")
     return values
 
@@ -100,64 +131,75 @@ def _wo_ood(heads: pd.DataFrame) -> pd.DataFrame:
     columns = ["fl_run_id", "ood_auroc", "ood_dataset"]
     if heads.empty:
         return pd.DataFrame(columns=columns)
-    scored = heads[_metric(heads, _WO_OOD_METRIC).notna()].drop_duplicates("params.fl_run_id", keep="last")
+    scored = heads[_head_metric(heads, _WO_OOD_METRIC).notna()].drop_duplicates("params.fl_run_id", keep="last")
     return pd.DataFrame({"fl_run_id": scored["params.fl_run_id"].to_numpy(),
-                         "ood_auroc": _metric(scored, _WO_OOD_METRIC).to_numpy(),
+                         "ood_auroc": _head_metric(scored, _WO_OOD_METRIC).to_numpy(),
                          "ood_dataset": _param(scored, "ood_dataset").to_numpy()}, columns=columns)
 
 
+def _method_rows(base: pd.DataFrame, heads: pd.DataFrame) -> pd.DataFrame:
+    """One row per FL run of ``base`` and head-run method, from the latest head run of each method."""
+    heads = heads.drop_duplicates(["params.fl_run_id", "params.method"], keep="last")
+    found = pd.DataFrame({"fl_run_id": heads["params.fl_run_id"].to_numpy(),
+                          "method": heads["params.method"].map(METHOD_LABELS).to_numpy(),
+                          **{m: _head_metric(heads, src).to_numpy() for m, src in _HEAD_METRICS.items()},
+                          "ood_dataset": _param(heads, "ood_dataset").to_numpy()})
+    return base.merge(found, on="fl_run_id")
+
+
 def results(experiments: list[str] | None = None, filter_string: str = "", stat: str = "final") -> pd.DataFrame:
-    """Long frame of FL runs x methods: columns ``fl_run_id``, SETTING, ``seed``, ``method``, METRICS, ``ood_dataset``.
+    """Long frame of FL runs x methods: ``fl_run_id``, SETTING, ``seed``, INFO, ``method``, METRICS, ``ood_dataset``.
 
     ``filter_string`` selects FL runs (their params); head runs follow their FL run. ``stat``
-    (``final`` or ``best``) picks the FL runs' numbers (module docstring).
+    (``final`` or ``best``) picks the FL runs' numbers (module docstring). Metrics are fractions
+    (NLL in nats); ``alpha``, ``classes_per_client``, ``join_ratio``, ``seed`` and INFO are numeric
+    (NaN where not logged or not used by the run's partition).
 
     Raises:
-        ValueError: unknown ``stat``, or ``best`` on FL runs without ``best_test_*`` metrics.
+        ValueError: unknown ``stat``, or ``best`` on FL runs without best-round metrics.
     """
     if stat not in STATS:
         raise ValueError(f"unknown stat {stat!r}; use --stat final or --stat best")
     fl = search("fl", experiments, filter_string)
-    columns = ["fl_run_id", *SETTING, "seed", "method", *METRICS, "ood_dataset"]
+    columns = ["fl_run_id", *SETTING, "seed", *INFO, "method", *METRICS, "ood_dataset"]
     if fl.empty:
         return pd.DataFrame(columns=columns)
-    base = pd.DataFrame({"fl_run_id": fl["run_id"], **{k: fl[f"params.{k}"] for k in (*SETTING, "seed")}})
+    base = _settings(fl)
     heads = _latest_heads(experiments, base["fl_run_id"])
     wo = base.assign(method="w/o", **_fl_metrics(fl, stat)).merge(_wo_ood(heads), on="fl_run_id", how="left")
-    rows = [wo]
-    if not heads.empty:
-        heads = heads.drop_duplicates(["params.fl_run_id", "params.method"], keep="last")
-        found = pd.DataFrame({"fl_run_id": heads["params.fl_run_id"].to_numpy(),
-                              "method": heads["params.method"].map(METHOD_LABELS).to_numpy(),
-                              **{m: _metric(heads, src).to_numpy() for m, src in _HEAD_METRICS.items()},
-                              "ood_dataset": _param(heads, "ood_dataset").to_numpy()})
-        rows.append(base.merge(found, on="fl_run_id"))
-    return _numeric(pd.concat(rows, ignore_index=True)[columns])
+    rows = [wo] if heads.empty else [wo, _method_rows(base, heads)]
+    long = pd.concat(rows, ignore_index=True)[columns]
+    long[list(METRICS)] = long[list(METRICS)].astype(float)
+    return long
 
 
 def _architectures(fl: pd.DataFrame) -> list[str]:
-    """Architecture groups (sorted) with a ``test_acc_<arch>`` metric in a search frame; ``test_acc_std`` is none."""
-    prefix = f"metrics.{ARCH_ACC['final']}_"
-    names = sorted(c[len(prefix):] for c in fl.columns if c.startswith(prefix))
-    return [n for n in names if n != "std" and not n.endswith("_std") and fl[prefix + n].notna().any()]
+    """Architecture groups (sorted) with a ``test/acc_<arch>`` (or legacy ``test_acc_<arch>``) metric in a search
+    frame; ``test/acc_std`` is none."""
+    found = set()
+    for name in (ARCH_ACC["final"], legacy_fl(ARCH_ACC["final"])):
+        prefix = f"metrics.{name}_"
+        found |= {c[len(prefix):] for c in fl.columns if c.startswith(prefix) and fl[c].notna().any()}
+    return sorted(n for n in found if n != "std" and not n.endswith("_std"))
 
 
 def architecture_results(experiments: list[str] | None = None, filter_string: str = "",
                          stat: str = "final") -> pd.DataFrame:
     """Long frame of FL runs x architecture groups, for runs whose clients mix architectures (e.g. FlexiFed).
 
-    One row per FL run and architecture group it logged ``test_acc_<arch>`` for (``acc`` =
-    ``test_acc_<arch>``, or ``best_test_acc_<arch>`` with ``stat="best"``), plus one row with
-    ``arch = "mean"`` holding its accuracy over all clients (``test_acc`` / ``best_test_acc``,
-    sample-weighted). ``row`` is the run's ``scheme`` param (FlexiFed's sharing scheme), else its
-    ``algo``. Runs without per-architecture metrics get the ``mean`` row only.
+    One row per FL run and architecture group it logged ``test/acc_<arch>`` for (``acc`` =
+    ``test/acc_<arch>``, or ``best/test_acc_<arch>`` with ``stat="best"``; legacy names
+    ``test_acc_<arch>`` / ``best_test_acc_<arch>`` where missing), plus one row with ``arch = "mean"``
+    holding its accuracy over all clients (``test/acc`` / ``best/test_acc``, sample-weighted). ``row``
+    is the run's ``scheme`` param (FlexiFed's sharing scheme), else its ``algo``. Runs without
+    per-architecture metrics get the ``mean`` row only.
 
     Returns:
-        columns :data:`ARCH_COLUMNS`; ``alpha``, ``join_ratio``, ``seed`` numeric (NaN where not logged).
+        columns :data:`ARCH_COLUMNS`; the setting as in :func:`results`, ``acc`` a fraction.
 
     Raises:
-        ValueError: unknown ``stat``; no FL run matches; no FL run logs ``test_acc_<arch>``;
-            ``stat="best"`` on runs without ``best_test_acc`` or ``best_test_acc_<arch>``.
+        ValueError: unknown ``stat``; no FL run matches; no FL run logs ``test/acc_<arch>``;
+            ``stat="best"`` on runs without ``best/test_acc`` or ``best/test_acc_<arch>``.
     """
     if stat not in STATS:
         raise ValueError(f"unknown stat {stat!r}; use --stat final or --stat best")
@@ -168,21 +210,18 @@ def architecture_results(experiments: list[str] | None = None, filter_string: st
     if not archs:
         where = ", ".join(experiments) if experiments else "any experiment"
         raise ValueError(f"--by architecture: no FL run in {where} logs per-architecture accuracy "
-                         "(test_acc_<arch>); run a mixed-architecture algorithm such as flexifed")
-    scheme, algo = _param(fl, "scheme"), _param(fl, "algo")
-    base = pd.DataFrame({"fl_run_id": fl["run_id"], "row": scheme.where(scheme.notna() & (scheme != ""), algo),
-                         "algo": algo, "scheme": scheme,
-                         **{k: _param(fl, k) for k in ("dataset", "partition", "alpha", "join_ratio", "seed")}})
-    for col in ("alpha", "join_ratio", "seed"):
-        base[col] = pd.to_numeric(base[col], errors="coerce")
+                         "(test/acc_<arch>); run a mixed-architecture algorithm such as flexifed")
+    scheme = _param(fl, "scheme")
+    base = _settings(fl)
+    base = base.assign(row=scheme.where(scheme.notna() & (scheme != ""), base["algo"]), scheme=scheme)
     frames = [base.assign(arch=MEAN_ARCH, acc=_fl_metrics(fl, stat)["acc"])]
     for arch in archs:
-        logged = _metric(fl, f"{ARCH_ACC['final']}_{arch}").notna().to_numpy()
-        values = _metric(fl, f"{ARCH_ACC[stat]}_{arch}").to_numpy()
+        logged = _fl_metric(fl, f"{ARCH_ACC['final']}_{arch}").notna().to_numpy()
+        values = _fl_metric(fl, f"{ARCH_ACC[stat]}_{arch}").to_numpy()
         lacking = fl["run_id"][logged & pd.isna(values)].tolist()
         if lacking:
-            raise ValueError(f"--stat best: FL run(s) {', '.join(lacking[:3])} logged test_acc_{arch} but not "
-                             f"best_test_acc_{arch}; use --stat final")
+            raise ValueError(f"--stat best: FL run(s) {', '.join(lacking[:3])} logged test/acc_{arch} but not "
+                             f"best/test_acc_{arch}; use --stat final")
         frames.append(base[logged].assign(arch=arch, acc=values[logged]))
     return pd.concat(frames, ignore_index=True)[list(ARCH_COLUMNS)]
 
@@ -190,12 +229,16 @@ def architecture_results(experiments: list[str] | None = None, filter_string: st
 def aggregate(long: pd.DataFrame) -> pd.DataFrame:
     """Mean, population std (ddof=0) and count over seeds of every (setting, method).
 
+    NaN setting fields (a partition's unused params) form groups of their own (``dropna=False``).
+
     Returns:
-        one row per SETTING + ``method``; columns ``<metric>_mean``, ``<metric>_std``, ``seeds``.
+        one row per SETTING + ``method``; columns ``<metric>_mean``, ``<metric>_std``, ``<metric>_n``
+        (runs with a value: seeds) and ``seeds`` (distinct seeds of the group).
     """
-    grouped = long.groupby([*SETTING, "method"], sort=True)
-    out = grouped[list(METRICS)].agg(["mean", lambda v: v.std(ddof=0)])
-    out.columns = [f"{m}_{'mean' if stat == 'mean' else 'std'}" for m, stat in out.columns]
+    grouped = long.groupby([*SETTING, "method"], sort=True, dropna=False)
+    out = grouped[list(METRICS)].agg(["mean", lambda v: v.std(ddof=0), "count"])
+    suffix = {"mean": "mean", "count": "n"}
+    out.columns = [f"{m}_{suffix.get(stat, 'std')}" for m, stat in out.columns]
     out["seeds"] = grouped["seed"].nunique()
     return out.reset_index()
 

@@ -1,21 +1,34 @@
-"""``pfl report``: the results table and the paper's figures, built from the tracking store.
+"""``pfl report``: the results tables and the paper's figures, built from the tracking store.
 
 Writes into ``out_dir`` and logs the same files as artifacts of a *report* run
-(tag ``pfl.kind = report``):
+(tag ``pfl.kind = report``). The FL runs are those of :class:`Selection`'s experiments and
+filter, narrowed to its ``partition``, ``datasets``, ``alpha`` and ``join_ratio`` where set
+(:func:`reports.settings.narrow`); a store mixing partitions, alphas and join ratios needs none of them.
 
-* ``table.md``, ``table.csv``, ``table.tex``: :mod:`reports.table` at the selected
-  Dirichlet alpha and join ratio (when the runs hold several), captioned with the FL-run
-  statistic shown (``--stat final``: last round; ``best``: round of best test accuracy) and the OOD sets;
-* ``ece_vs_alpha_<algo>_<dataset>.{png,pdf}``: bars for w/o, APH, LoRAPH at each alpha,
-  for the selected join ratio (participation ratio);
-* ``ece_vs_join_ratio_<algo>_<dataset>.{png,pdf}``: the same over join ratios at the selected alpha;
-* ``ood_vs_alpha_<algo>_<dataset>.{png,pdf}``, ``ood_vs_join_ratio_<algo>_<dataset>.{png,pdf}``: the
-  same for the OOD AUROC of the maximum softmax probability (where head runs scored OOD data);
-* ``reliability_<fl run id>.{png,pdf}``: reliability diagrams of one FL run's methods.
+* Tables (:mod:`reports.table`), one per table setting among the selected runs (a partition
+  setting, e.g. Dir(α=0.1) or Pat(2 classes/client), and a join ratio): rows algorithms, columns
+  dataset x {w/o, APH, LoRAPH} x {Acc, NLL, F-ECE, OOD AUROC}. With a single setting the files are
+  ``table.md``, ``table.csv``, ``table.tex``; with several, ``table_<partition>_jr<ratio>.*``
+  (``table_dir0.1_jr0.2``, ``table_pat2_jr0.2``, ``table_iid_jr1``, ``table_exdir0.1c2_jr0.2``,
+  the import's name for PFLlib partitions: :func:`reports.settings.table_stem`). The Markdown and
+  CSV files hold every dataset of the setting side by side; the ``.tex`` file holds one LaTeX table
+  per dataset (``\\label{tab:<stem>-<dataset>}``), each with its own caption and scaled to the line
+  width, so each fits a page. Captions state the setting (datasets, partition, join ratio, clients,
+  global rounds), the ECE (F-ECE, in %), the FL-run statistic of the w/o columns (``--stat final``:
+  last round; ``best``: round of best test accuracy), the head runs, the OOD sets and the seeds.
+* ``ece_vs_alpha_<algo>_<dataset>_jr<ratio>.{png,pdf}``: F-ECE (%) of w/o, APH, LoRAPH at each
+  Dirichlet alpha (Dirichlet runs only), one figure per join ratio (the selected one only, with
+  ``join_ratio``);
+* ``ece_vs_join_ratio_<algo>_<dataset>_<partition>.{png,pdf}``: the same over join ratios, one
+  figure per partition setting (``dir0.1``, ``pat2``, ...; at the selected alpha only, with ``alpha``);
+* ``ood_vs_alpha_...``, ``ood_vs_join_ratio_...``: the same for the OOD AUROC (%) of the maximum
+  softmax probability (where head runs scored OOD data). A sweep needs two values or more.
+* ``reliability_<fl run id>.{png,pdf}``: reliability diagrams of one FL run's methods (pooled test
+  predictions, global ECE in %), over the samples per bin, titled with the run's setting.
 
 With ``by="architecture"`` (``pfl report --by architecture``) it writes only
 ``table_architectures.md``, ``.csv``, ``.tex``: :mod:`reports.architectures`, one row per FlexiFed
-scheme and one column per architecture group of mixed-architecture FL runs.
+scheme and one column per architecture group of mixed-architecture FL runs, for one setting.
 """
 
 from __future__ import annotations
@@ -26,9 +39,13 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from pfl.heads import METHOD_LABELS
 from reports.architectures import architecture_caption, build_architecture_table
+from reports.names import algo_name, dataset_name, number, partition_stem
 from reports.plots import bar_line_figure, reliability_figure, save_figure
 from reports.query import aggregate, architecture_results, reliability_bins, results
+from reports.settings import (PARTITION_SETTING, at, narrow, partition_label, run_title, table_caption,
+                              table_groups, table_stem)
 from reports.table import ResultsTable, build_table
 
 BY = ("method", "architecture")
@@ -41,13 +58,18 @@ class Selection:
     Attributes:
         experiments: experiment names (``None``: all).
         filter_string: extra MLflow filter on FL run params, e.g. ``"params.algo = 'fedfomo'"``.
-        alpha: Dirichlet alpha of the table and of the ECE-vs-join-ratio plots (``None``: the only one).
-        join_ratio: join ratio of the table and of the ECE-vs-alpha plots (``None``: the only one).
-        reliability_run: FL run whose reliability diagrams to draw (``None``: the first with head runs).
-        stat: the FL runs' numbers, ``final`` (last round, ``test_*``) or ``best`` (round of best
-            test accuracy, ``best_test_*``); head-run columns are the same for both.
+        alpha: only runs at this Dirichlet alpha (``None``: every alpha, and runs of partitions without
+            one); the ECE-vs-join-ratio figures are drawn at it.
+        join_ratio: only runs at this join ratio (``None``: all); the ECE-vs-alpha figures are drawn at it.
+        reliability_run: FL run whose reliability diagrams to draw (``None``: the first selected with head runs).
+        stat: the FL runs' numbers, ``final`` (last round, ``test/*``) or ``best`` (round of best
+            test accuracy, ``best/test_*``); head-run columns are the same for both.
         by: ``method`` (algorithms x dataset / method / metric, and the figures) or ``architecture``
             (schemes x architecture groups of mixed-architecture runs; no figures).
+        partition: only runs of this partition (``dirichlet``, ``pathological``, ``iid``, ``exdir``,
+            ``pfllib``; PFLlib's ``dir`` / ``pat`` too); ``None``: all. Tables and figures alike.
+        datasets: only runs on these datasets (ids: ``cifar10``, ...; each must have runs), so the
+            tables' columns and the ``.tex`` file's per-dataset tables; ``None``: all.
     """
 
     experiments: list[str] | None = None
@@ -57,133 +79,141 @@ class Selection:
     reliability_run: str | None = None
     stat: str = "final"
     by: str = "method"
+    partition: str | None = None
+    datasets: list[str] | None = None
 
 
 @dataclass
 class Report:
-    """The files a report wrote, the Markdown table it built and the table's caption (what the columns show)."""
+    """The files a report wrote, its Markdown tables (blank-line separated) and their captions (one a line)."""
 
     files: list[Path] = field(default_factory=list)
     table_markdown: str = ""
     caption: str = ""
 
 
-def _fixed(agg: pd.DataFrame, column: str, value: float | None) -> pd.DataFrame:
-    """Rows at ``column == value``; with ``value`` None the column must hold a single value."""
-    if value is None:
-        values = agg[column].unique()
-        if len(values) > 1:
-            raise ValueError(f"the runs hold several {column} values {sorted(values)}; choose one with "
-                             f"--{column.replace('_', '-')}")
-        return agg
-    rows = agg[(agg[column] - value).abs() < 1e-12]
-    if rows.empty:
-        raise ValueError(f"no runs at {column}={value}; the runs hold {sorted(agg[column].unique())}")
-    return rows
+# Swept figures: (aggregated metric, file stem prefix, y label); values in percent.
+SWEEP_METRICS = (("ece", "ece", "F-ECE (%)"), ("ood_auroc", "ood", "OOD AUROC (MSP, %)"))
+X_LABELS = {"alpha": "Dirichlet $\\alpha$", "join_ratio": "Join ratio"}
 
 
-# Swept figures: (aggregated metric, file stem prefix, y label).
-SWEEP_METRICS = (("ece", "ece", "ECE"), ("ood_auroc", "ood", "OOD AUROC (MSP)"))
-
-
-def sweep_figures(agg: pd.DataFrame, sel: Selection) -> dict[str, Figure]:
-    """Bar-line figures by file stem: ``<ece|ood>_vs_<alpha|join_ratio>_<algo>_<dataset>``.
-
-    Each swept setting with at least two values gets one figure per (algorithm, dataset) and
-    metric of :data:`SWEEP_METRICS`, at the selected value of the other setting; a metric with
-    no value there (e.g. no head run scored OOD data) gets none.
-    """
+def _bar_lines(rows: pd.DataFrame, x: str, stem: str, title: str) -> dict[str, Figure]:
+    """Bar-line figures of :data:`SWEEP_METRICS` over ``x`` (aggregated rows), ``<prefix>_vs_<x>_<stem>``; error
+    bars (std) only on cells of two seeds or more."""
     figures = {}
-    sweeps = (("alpha", "join_ratio", sel.join_ratio, "Dirichlet $\\alpha$"),
-              ("join_ratio", "alpha", sel.alpha, "participation ratio"))
-    for x, fixed, value, label in sweeps:
-        if agg[x].nunique() < 2:
+    for metric, prefix, y_label in SWEEP_METRICS:
+        if rows[f"{metric}_mean"].isna().all():
             continue
-        for (algo, dataset), rows in _fixed(agg, fixed, value).groupby(["algo", "dataset"]):
-            for metric, stem, y_label in SWEEP_METRICS:
-                if rows[f"{metric}_mean"].isna().all():
-                    continue
-                data = rows.rename(columns={f"{metric}_mean": metric})[[x, "method", metric, f"{metric}_std"]]
-                figures[f"{stem}_vs_{x}_{algo}_{dataset}"] = bar_line_figure(
-                    data, x=x, y=metric, x_label=label, y_label=y_label, title=f"{algo}, {dataset}")
+        data = pd.DataFrame({x: rows[x], "method": rows["method"], metric: 100 * rows[f"{metric}_mean"],
+                             f"{metric}_std": (100 * rows[f"{metric}_std"]).where(rows[f"{metric}_n"] > 1)})
+        figures[f"{prefix}_vs_{x}_{stem}"] = bar_line_figure(data, x=x, y=metric, x_label=X_LABELS[x],
+                                                             y_label=y_label, title=title)
     return figures
 
 
-def table_caption(long: pd.DataFrame, stat: str) -> str:
-    """What the table shows: the FL-run statistic of the w/o Acc/NLL/ECE columns, the head runs, the OOD sets."""
-    fl = {"final": "the FL runs' final round (test_*)",
-          "best": "the FL runs' round of best test accuracy (best_test_*)"}[stat]
-    text = (f"w/o Acc, NLL, ECE: {fl}. APH, LoRAPH and every OOD AUROC: head runs, post-hoc on the final client "
-            "models")
-    text += ", the same for --stat final and best." if stat == "best" else "."
-    text += " OOD AUROC: maximum softmax probability, in-distribution as the positive class"
-    scored = long[long["ood_auroc"].notna()]
-    pairs = scored.groupby("dataset")["ood_dataset"].unique()
-    if len(pairs):
-        text += "; OOD sets: " + ", ".join(f"{d} vs {'/'.join(sorted(map(str, o)))}" for d, o in pairs.items())
-    return text + "."
+def sweep_figures(agg: pd.DataFrame, sel: Selection) -> dict[str, Figure]:
+    """Bar-line figures by file stem (module docstring): ``<ece|ood>_vs_alpha_<algo>_<dataset>_jr<ratio>`` and
+    ``<ece|ood>_vs_join_ratio_<algo>_<dataset>_<partition>``.
+
+    ``agg``: :func:`reports.query.aggregate`'s frame. Over alpha: Dirichlet runs, per (algorithm, dataset,
+    join ratio), at ``sel.join_ratio`` if set; over join ratios: per (algorithm, dataset, partition
+    setting), at ``sel.alpha`` if set. A group with fewer than two swept values gets no figure, a metric
+    without values in it (e.g. no head run scored OOD data) none either. F-ECE and OOD AUROC in percent.
+    """
+    figures = {}
+    dirichlet = at(agg[agg["partition"] == "dirichlet"], "join_ratio", sel.join_ratio)
+    for (algo, dataset, jr), rows in dirichlet.groupby(["algo", "dataset", "join_ratio"]):
+        if rows["alpha"].nunique() > 1:
+            title = f"{algo_name(algo)}, {dataset_name(dataset)}, jr {number(jr)}"
+            figures.update(_bar_lines(rows, "alpha", f"{algo}_{dataset}_jr{number(jr)}", title))
+    for key, rows in at(agg, "alpha", sel.alpha).groupby(["algo", "dataset", *PARTITION_SETTING], dropna=False):
+        if rows["join_ratio"].nunique() > 1:
+            (algo, dataset), partition = key[:2], dict(zip(PARTITION_SETTING, key[2:]))
+            title = f"{algo_name(algo)}, {dataset_name(dataset)}, {partition_label(partition)}"
+            figures.update(_bar_lines(rows, "join_ratio", f"{algo}_{dataset}_{partition_stem(*key[2:])}", title))
+    return figures
 
 
-def _reliability(long: pd.DataFrame, sel: Selection, out: Path) -> list[Path]:
+def _reliability(chosen: pd.DataFrame, long: pd.DataFrame, sel: Selection, out: Path) -> list[Path]:
+    """The reliability diagrams of ``sel.reliability_run``, else of the first run of ``chosen`` with head runs."""
     candidates = [sel.reliability_run] if sel.reliability_run else \
-        long[long["method"] != "w/o"]["fl_run_id"].drop_duplicates().tolist()
+        chosen[chosen["method"] != "w/o"]["fl_run_id"].drop_duplicates().tolist()
     for fl_run_id in candidates:
         bins: dict = {}
-        for method in ("aph", "loraph"):
+        for method in METHOD_LABELS:
             bins.update(reliability_bins(fl_run_id, method) or {})
         if bins:
-            return save_figure(reliability_figure(bins, title=f"FL run {fl_run_id[:8]}"),
-                               out / f"reliability_{fl_run_id}")
+            runs = long[long["fl_run_id"] == fl_run_id]
+            title = run_title(runs.iloc[0]) if len(runs) else f"FL run {fl_run_id[:8]}"
+            return save_figure(reliability_figure(bins, title=title), out / f"reliability_{fl_run_id}")
     return []
 
 
-def _write_table(table: ResultsTable, out_dir: Path, stem: str) -> Report:
-    """Write ``<stem>.md``, ``.tex`` and ``.csv`` into ``out_dir`` (created); a Report listing them."""
+def _write_table(table: ResultsTable, latex: str, out_dir: Path, stem: str) -> list[Path]:
+    """Write ``<stem>.md`` (``table``), ``.tex`` (``latex``) and ``.csv`` (``table``) into ``out_dir`` (created)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(table_markdown=table.to_markdown(), caption=table.caption)
-    (out_dir / f"{stem}.md").write_text(report.table_markdown + "\n")
-    (out_dir / f"{stem}.tex").write_text(table.to_latex())
+    (out_dir / f"{stem}.md").write_text(table.to_markdown() + "\n")
+    (out_dir / f"{stem}.tex").write_text(latex)
     table.to_csv(out_dir / f"{stem}.csv")
-    report.files = [out_dir / f"{stem}.md", out_dir / f"{stem}.tex", out_dir / f"{stem}.csv"]
+    return [out_dir / f"{stem}.md", out_dir / f"{stem}.tex", out_dir / f"{stem}.csv"]
+
+
+def _per_dataset_latex(long: pd.DataFrame, stat: str, stem: str) -> str:
+    """One captioned LaTeX table per dataset of a table setting's runs, labelled ``tab:<stem>-<dataset>``."""
+    return "\n".join(build_table(aggregate(rows), table_caption(rows, stat)).to_latex(label=f"tab:{stem}-{dataset}")
+                     for dataset, rows in long.groupby("dataset"))
+
+
+def _method_tables(long: pd.DataFrame, stat: str, out_dir: Path) -> Report:
+    """The results tables of the selected runs, one per table setting (module docstring)."""
+    report, markdowns, captions = Report(), [], []
+    groups = table_groups(long)
+    for setting, rows in groups:
+        stem = table_stem(setting, len(groups) > 1)
+        table = build_table(aggregate(rows), table_caption(rows, stat))
+        report.files += _write_table(table, _per_dataset_latex(rows, stat, stem), out_dir, stem)
+        markdowns.append(table.to_markdown())
+        captions.append(table.full_caption())
+    report.table_markdown, report.caption = "\n\n".join(markdowns), "\n".join(captions)
     return report
 
 
 def build_architecture_report(sel: Selection, out_dir: Path) -> Report:
     """The per-architecture table of mixed-architecture FL runs as ``table_architectures.{md,tex,csv}``.
 
-    ``sel.alpha`` / ``sel.join_ratio`` select a setting as for the method table; ``sel.reliability_run``
-    is not used.
+    ``sel.partition``, ``sel.datasets``, ``sel.alpha`` and ``sel.join_ratio`` narrow the runs as for the
+    method tables; ``sel.reliability_run`` is not used.
 
     Raises:
-        ValueError: no matching runs, no run logs ``test_acc_<arch>``, several settings left
-            (the message names the option to set), or ``stat="best"`` on runs without ``best_test_acc*``.
+        ValueError: no matching runs, no run logs ``test/acc_<arch>``, several settings left
+            (the message names the option to set), or ``stat="best"`` on runs without best-round metrics.
     """
     long = architecture_results(sel.experiments, sel.filter_string, sel.stat)
-    for column, value in (("alpha", sel.alpha), ("join_ratio", sel.join_ratio)):
-        long = long if value is None else _fixed(long, column, value)
+    long = narrow(long, sel.partition, sel.datasets, sel.alpha, sel.join_ratio)
     table = build_architecture_table(long, architecture_caption(long, sel.stat))
-    return _write_table(table, out_dir, "table_architectures")
+    files = _write_table(table, table.to_latex(), out_dir, "table_architectures")
+    return Report(files, table.to_markdown(), table.full_caption())
 
 
 def build_report(sel: Selection, out_dir: Path) -> Report:
-    """Query, tabulate and plot; returns the written files and the Markdown table.
+    """Query, tabulate and plot; returns the written files, the Markdown tables and their captions.
 
     ``sel.by == "architecture"`` builds :func:`build_architecture_report` instead.
 
     Raises:
-        ValueError: unknown ``sel.by``, no matching runs, a selection that leaves several settings for the
-            table (the message names the option to set), or ``stat="best"`` on FL runs without ``best_*`` metrics.
+        ValueError: unknown ``sel.by``, no matching runs, a selected partition, dataset, alpha or
+            join ratio without runs (the message lists those the runs hold), or ``stat="best"`` on
+            FL runs without best-round metrics.
     """
     if sel.by not in BY:
         raise ValueError(f"unknown --by {sel.by!r}; use --by method or --by architecture")
     if sel.by == "architecture":
         return build_architecture_report(sel, out_dir)
     long = results(sel.experiments, sel.filter_string, sel.stat)
-    agg = aggregate(long)
-    caption = table_caption(_fixed(_fixed(long, "alpha", sel.alpha), "join_ratio", sel.join_ratio), sel.stat)
-    table = build_table(_fixed(_fixed(agg, "alpha", sel.alpha), "join_ratio", sel.join_ratio), caption)
-    report = _write_table(table, out_dir, "table")
-    for stem, fig in sweep_figures(agg, sel).items():
+    scope = narrow(long, sel.partition, sel.datasets)
+    chosen = narrow(scope, alpha=sel.alpha, join_ratio=sel.join_ratio)
+    report = _method_tables(chosen, sel.stat, out_dir)
+    for stem, fig in sweep_figures(aggregate(scope), sel).items():
         report.files += save_figure(fig, out_dir / stem)
-    report.files += _reliability(long, sel, out_dir)
+    report.files += _reliability(chosen, long, sel, out_dir)
     return report

@@ -404,8 +404,8 @@ def _check_exact_resumption(cifar10_dir, tmp_path, algo: str) -> None:
 
     after = engine.run_round(3)
     again = Engine(resumed, schedule).run_round(3)
-    assert again["train_loss"] == after["train_loss"]
-    assert again["train_samples"] == after["train_samples"]
+    assert again["train/loss"] == after["train/loss"]
+    assert again["train/samples"] == after["train/samples"]
     for c in range(5):
         assert _equal_states(resumed.personalized_state(c), original.personalized_state(c)), c
     # and the whole algorithm state after round 3 agrees, every tensor bit for bit

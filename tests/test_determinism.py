@@ -23,7 +23,7 @@ from pfl.config import load_config
 from pfl.train import run_training
 
 # wall-clock measurements, the only metrics allowed to differ between two identical runs
-_TIMING_SUFFIXES = ("_time", "_seconds")
+_TIMING_PREFIX = "time/"  # wall-clock seconds
 
 
 def _overrides(cifar10_dir: Path, folder: Path, algo: str, parallelism: str) -> list[str]:
@@ -65,7 +65,7 @@ def _fl_run_record(uri: str, run_id: str, out: Path) -> tuple[dict, dict[str, by
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-               for key in sorted(run.data.metrics) if not key.endswith(_TIMING_SUFFIXES)}
+               for key in sorted(run.data.metrics) if not key.startswith(_TIMING_PREFIX)}
     root = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(out), tracking_uri=uri))
     files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     return history, files
@@ -84,8 +84,8 @@ def test_same_config_and_seed_give_identical_metrics_and_client_models(cifar10_d
 
     history_a, files_a = _fl_run_record(f"sqlite:///{first / 'mlflow.db'}", run_a, tmp_path / "art_a")
     history_b, files_b = _fl_run_record(f"sqlite:///{second / 'mlflow.db'}", run_b, tmp_path / "art_b")
-    assert {"test_acc", "test_nll", "test_ece", "train_loss", "best_test_acc"} <= history_a.keys()
-    assert all(len(history_a[k]) == 2 for k in ("test_acc", "train_loss"))  # one value per round
+    assert {"test/acc", "test/nll", "test/f_ece", "train/loss", "best/test_acc"} <= history_a.keys()
+    assert all(len(history_a[k]) == 2 for k in ("test/acc", "train/loss"))  # one value per round
     assert history_a == history_b  # exact floats, step by step
 
     clients = sorted(k for k in files_a if k.startswith(f"{tracking.CLIENT_DIR}/"))

@@ -22,18 +22,18 @@ def test_evaluation_reruns_only_changed_models_and_equals_a_fresh_evaluation(cif
     algorithm = _fedfomo(cifar10_dir, tmp_path)
     engine = Engine(algorithm, Schedule(global_rounds=3, num_join_clients=3))
     first = engine.evaluate(0)
-    assert first.metrics["eval_reused"] == 0
+    assert first.metrics["eval/reused"] == 0
     assert [e["architecture"] for e in first.per_client] == ["cnn"] * 6
     again = engine.evaluate(0)
-    assert again.metrics["eval_reused"] == 6 and again.per_client == first.per_client
+    assert again.metrics["eval/reused"] == 6 and again.per_client == first.per_client
     engine.run_round(1)  # FedFomo changes the models of the round's 3 clients only
     after = engine.evaluate(1)
-    assert after.metrics["eval_reused"] == 3
+    assert after.metrics["eval/reused"] == 3
     fresh = Engine(algorithm, engine.schedule).evaluate(1)
-    assert fresh.metrics["eval_reused"] == 0
+    assert fresh.metrics["eval/reused"] == 0
     assert after.per_client == fresh.per_client
-    assert {k: v for k, v in after.metrics.items() if not k.startswith("eval_")} == \
-        {k: v for k, v in fresh.metrics.items() if not k.startswith("eval_")}
+    assert {k: v for k, v in after.metrics.items() if not k.startswith(("eval/", "time/"))} == \
+        {k: v for k, v in fresh.metrics.items() if not k.startswith(("eval/", "time/"))}
     changed = set(engine.sample_clients(1))
     assert [c for c in range(6) if after.per_client[c] != first.per_client[c]] == sorted(changed)
 

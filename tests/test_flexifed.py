@@ -120,7 +120,7 @@ def test_mixed_run_saves_each_clients_architecture_and_reloads_its_accuracy(mixe
     tracking.configure_tracking(f"sqlite:///{store / 'mlflow.db'}")
     run = mlflow.MlflowClient().get_run(fl_id)
     assert run.data.params["scheme"] == "max_common" and run.data.params["model"] == "vgg11,vgg16"
-    assert {"test_acc_vgg11", "test_acc_vgg16", "test_acc"} <= set(run.data.metrics)
+    assert {"test/acc_vgg11", "test/acc_vgg16", "test/acc"} <= set(run.data.metrics)
     logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=fl_id, artifact_path="client_metrics.json",
                                                                  dst_path=str(tmp_path / "m"))).read_text())
     prepared = prepare(cfg)
@@ -153,4 +153,4 @@ def test_heads_train_on_every_client_of_a_mixed_run_with_its_own_head(mixed_run)
     run = mlflow.MlflowClient().get_run(head_id)
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == fl_id
     heads = sorted(a.path for a in mlflow.MlflowClient().list_artifacts(head_id, "heads"))
-    assert len(heads) == 4 and {"acc", "wo_acc", "ece", "wo_ece"} <= set(run.data.metrics)
+    assert len(heads) == 4 and {"test/acc", "wo/acc", "test/f_ece", "wo/f_ece"} <= set(run.data.metrics)

@@ -19,7 +19,9 @@ from pfl.metrics import weighted_mean
 from pfl.train import run_training
 
 NUM_CLIENTS = 5
-OOD_METRICS = [f"{p}ood_{m}_{s}" for p in ("wo_", "") for m in ("auroc", "aupr") for s in ("msp", "entropy")]
+OOD_COLUMNS = [f"{p}ood_{m}_{s}" for p in ("wo_", "") for m in ("auroc", "aupr") for s in ("msp", "entropy")]
+OOD_METRICS = {c: c.replace("wo_ood_", "wo/ood_") if c.startswith("wo_") else c.replace("ood_", "ood/", 1)
+               for c in OOD_COLUMNS}  # client_metrics.csv column -> run metric
 
 
 @pytest.fixture
@@ -69,28 +71,30 @@ def test_head_run_is_nested_and_logs_heads_table_and_metrics(fl_run, method):
     table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run_id}/client_metrics.csv")))
     assert list(table["client"]) == list(range(NUM_CLIENTS))
     m = run.data.metrics
-    for prefix in ("wo_", ""):
-        assert m[prefix + "acc"] == pytest.approx(weighted_mean(table[prefix + "acc"], table["num_test"]))
-        assert m[prefix + "f_ece"] == pytest.approx(weighted_mean(table[prefix + "ece"], table["num_test"]))
-        assert m[prefix + "ece"] == pytest.approx(table[prefix + "ece"].mean())
+    for column, group in (("wo_", "wo/"), ("", "test/")):
+        assert m[group + "acc"] == pytest.approx(weighted_mean(table[column + "acc"], table["num_test"]))
+        assert m[group + "f_ece"] == pytest.approx(weighted_mean(table[column + "ece"], table["num_test"]))
+        assert m[group + "ece_mean"] == pytest.approx(table[column + "ece"].mean())
         for key in ("nll", "brier", "global_ece"):
-            assert 0 <= m[prefix + key] < 10
+            assert 0 <= m[group + key] < 10
     expected_trainable = 1600 * 512 + 512 + 512 * 10 + 10 if method == "aph" else \
         (512 * 4 + 512) + (10 * 4 + 10)  # LoRAPH trains B_j and the bias; A_j is a frozen projection
-    assert m["trainable_params_per_member"] == expected_trainable
+    assert m["model/trainable_params_per_member"] == expected_trainable
+    fl_name = client.get_run(fl_run).info.run_name
+    assert run.info.run_name == f"{method}-{fl_name}" and "mlflow.note.content" in run.data.tags
 
     assert params["ood_dataset"] == "cifar100"  # auto for a CIFAR-10 model
-    for key in OOD_METRICS:
+    for column, key in OOD_METRICS.items():
         assert 0 < m[key] < 1, key
-        assert 0 < table[key].min() and table[key].max() < 1
-        assert m[key] == pytest.approx(weighted_mean(table[key], table["num_test"]))
+        assert 0 < table[column].min() and table[column].max() < 1
+        assert m[key] == pytest.approx(weighted_mean(table[column], table["num_test"]))
 
 
 def test_unmodified_model_metrics_equal_the_fl_run_client_metrics(fl_run):
     run_id = run_heads(fl_run, load_head_config(["global_epoch=1", "sampling_num=2", "ood_dataset=none"]),
                        progress=False)
     run = mlflow.MlflowClient().get_run(run_id)
-    assert run.data.params["ood_dataset"] == "none" and not set(OOD_METRICS) & set(run.data.metrics)
+    assert run.data.params["ood_dataset"] == "none" and not set(OOD_METRICS.values()) & set(run.data.metrics)
     table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run_id}/client_metrics.csv")))
     assert not any("ood" in c for c in table.columns)
     fl_clients = mlflow.artifacts.load_dict(f"runs:/{fl_run}/client_metrics.json")["clients"]
@@ -149,11 +153,11 @@ def test_cli_heads_prints_both_methods_side_by_side(fl_run, capsys):
 
     assert main(["heads", "--run-id", fl_run, "--method", "loraph", "--no-progress", "sampling_num=2",
                  "global_epoch=1", "ood_dataset=none"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["acc", "nll", "f_ece", "global_ece"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines[0].split()[:3] == ["run", "acc", "(%)"] and "F-ECE" in lines[0]
     (run,) = _head_runs()
     wo = lines[1].split()
-    assert wo[0] == "w/o" and float(wo[1]) == pytest.approx(run.data.metrics["wo_acc"], abs=1e-4)
+    assert wo[0] == "w/o" and float(wo[1]) == pytest.approx(100 * run.data.metrics["wo/acc"], abs=1e-2)
     assert lines[2].split()[0] == "LoRAPH"
 
 

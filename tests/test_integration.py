@@ -57,16 +57,16 @@ def test_fedfomo_run_tree_metrics_and_client_models(cifar10_dir, tmp_path, store
     assert params["num_clients"] == str(NUM_CLIENTS) and params["join_ratio"] == "0.4"
     assert params["num_join_clients"] == "4" and len(params["dataset_fingerprint"]) == 16
 
-    for key in ("test_acc", "test_nll", "test_ece", "train_loss"):
+    for key in ("test/acc", "test/nll", "test/f_ece", "train/loss"):
         steps = [m.step for m in client.get_metric_history(fl_id, key)]
         assert steps == [1, 2], key
-    acc_hist = client.get_metric_history(fl_id, "test_acc")
+    acc_hist = client.get_metric_history(fl_id, "test/acc")
     assert all(0.0 <= m.value <= 1.0 for m in acc_hist)
     # PFLlib's "Best accuracy": the best round's test accuracy, its round and that round's other metrics
     best = max(acc_hist, key=lambda m: (m.value, -m.step))
-    assert fl.data.metrics["best_test_acc"] == best.value and fl.data.metrics["best_round"] == best.step
-    nll = {m.step: m.value for m in client.get_metric_history(fl_id, "test_nll")}
-    assert fl.data.metrics["best_test_nll"] == nll[best.step] and "best_test_ece" in fl.data.metrics
+    assert fl.data.metrics["best/test_acc"] == best.value and fl.data.metrics["best/round"] == best.step
+    nll = {m.step: m.value for m in client.get_metric_history(fl_id, "test/nll")}
+    assert fl.data.metrics["best/test_nll"] == nll[best.step] and "best/test_f_ece" in fl.data.metrics
 
     artifacts = {Path(a.path).name for a in client.list_artifacts(fl_id, "clients")}
     assert artifacts == {f"client_{c:03d}.safetensors" for c in range(NUM_CLIENTS)}
@@ -88,7 +88,7 @@ def test_fedfomo_run_tree_metrics_and_client_models(cifar10_dir, tmp_path, store
     with torch.inference_mode():
         probs = torch.softmax(model(x), dim=1)
     assert accuracy(probs, prepared.dataset.labels[test_idx]) == pytest.approx(per_client[cid]["acc"], abs=1e-9)
-    assert fl.data.metrics["test_acc"] == pytest.approx(
+    assert fl.data.metrics["test/acc"] == pytest.approx(
         sum(c["acc"] * c["num_test"] for c in per_client) / sum(c["num_test"] for c in per_client))
 
     with pytest.raises(FileNotFoundError, match="saved clients"):
@@ -115,7 +115,7 @@ def test_failed_run_is_marked_failed_and_keeps_earlier_runs(cifar10_dir, tmp_pat
     # artifacts and metrics logged before the failure stay
     assert [a.path for a in client.list_artifacts(failed_fl.info.run_id, "partition")] == \
         ["partition/label_counts.json"]
-    assert [m.step for m in client.get_metric_history(failed_fl.info.run_id, "train_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(failed_fl.info.run_id, "train/loss")] == [1, 2]
     # the earlier run's client models are intact
     assert len(client.list_artifacts(ok["fl_run_ids"][0], "clients")) == NUM_CLIENTS
 
@@ -127,7 +127,7 @@ def test_same_config_and_seed_give_same_metrics(cifar10_dir, tmp_path):
     _, second = run_federated(prepared, cfg.seed, [])
     _, other = run_federated(prepared, cfg.seed + 1, [])
     def scores(evaluation):
-        return {k: v for k, v in evaluation.metrics.items() if k != "eval_time"}
+        return {k: v for k, v in evaluation.metrics.items() if k != "time/eval"}
 
     assert scores(first) == scores(second)
     assert first.per_client == second.per_client

@@ -176,5 +176,35 @@ def test_reliability_summary_definitions():
     out = reliability_summary(clients, [3, 1], probs, labels, global_bins=15)
     assert out["acc"] == pytest.approx(0.75) and out["nll"] == pytest.approx(0.75)
     assert out["brier"] == pytest.approx((3 * 0.2 + 0.6) / 4)
-    assert out["ece"] == pytest.approx(0.25) and out["f_ece"] == pytest.approx((3 * 0.1 + 0.4) / 4)
+    assert out["ece_mean"] == pytest.approx(0.25) and out["f_ece"] == pytest.approx((3 * 0.1 + 0.4) / 4)
     assert out["global_ece"] == pytest.approx(ece(probs, labels, 15, "uniform"))
+
+
+def test_calibration_gaps_sum_over_clients_to_the_pooled_global_ece():
+    from pfl.metrics import calibration_gaps, ece_from_gaps
+
+    # 2 uniform bins. Client A: conf 0.9 correct, conf 0.8 wrong -> bin 1 gap (1 - 0.9) + (0 - 0.8) = -0.7.
+    # Client B: conf 0.6 correct -> bin 1 gap +0.4; conf 0.3 -> 0.7 for class 1, correct -> +0.3. Pooled: |-0.7 + 0.4 +
+    # 0.3| / 4 = 0 in bin 1, bin 0 empty: global ECE 0, although each client alone is miscalibrated.
+    a = torch.tensor([[0.9, 0.1], [0.8, 0.2]]), torch.tensor([0, 1])
+    b = torch.tensor([[0.6, 0.4], [0.3, 0.7]]), torch.tensor([0, 1])
+    assert calibration_gaps(*a, n_bins=2) == pytest.approx([0.0, -0.7])
+    summed = [x + y for x, y in zip(calibration_gaps(*a, n_bins=2), calibration_gaps(*b, n_bins=2))]
+    assert ece_from_gaps(summed, 4) == pytest.approx(0.0, abs=1e-12)
+    assert ece_from_gaps(calibration_gaps(*a, n_bins=2), 2) == pytest.approx(0.35)
+    probs, labels = torch.rand(50, 5).softmax(1), torch.randint(0, 5, (50,))
+    parts = [calibration_gaps(probs[i:i + 10], labels[i:i + 10]) for i in range(0, 50, 10)]
+    assert ece_from_gaps([sum(g) for g in zip(*parts)], 50) == pytest.approx(ece(probs, labels, 15, "uniform"))
+
+
+def test_classification_evaluator_summary_names_each_ece():
+    from pfl.algorithms.evaluation import POOLED, ClassificationEvaluator
+
+    scores = [{"acc": 1.0, "nll": 0.5, "ece": 0.1, "brier": 0.2, POOLED: {"gaps": [0.0, -0.7]}},
+              {"acc": 0.5, "nll": 1.5, "ece": 0.4, "brier": 0.6, POOLED: {"gaps": [0.0, 0.7]}}]
+    out = ClassificationEvaluator().summarize(scores, [2, 2])
+    assert out["f_ece"] == pytest.approx(0.25) and out["ece_mean"] == pytest.approx(0.25)
+    assert out["f_ece_std"] == pytest.approx(0.15) and out["global_ece"] == pytest.approx(0.0)
+    assert out["acc"] == pytest.approx(0.75) and "ece" not in out and POOLED not in out
+    weighted = ClassificationEvaluator().summarize(scores, [3, 1])
+    assert weighted["f_ece"] == pytest.approx(0.175) and weighted["ece_mean"] == pytest.approx(0.25)

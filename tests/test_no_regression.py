@@ -33,10 +33,10 @@ class _Record(Callback):
         self.rounds: list[list[float]] = []
 
     def on_round_end(self, rnd: int, metrics: dict[str, float]) -> None:
-        self.rounds.append([metrics["train_loss"]])
+        self.rounds.append([metrics["train/loss"]])
 
     def on_evaluate(self, evaluation: Evaluation) -> None:
-        self.rounds[-1] += [evaluation.metrics[k] for k in ("test_acc", "test_nll", "test_ece")]
+        self.rounds[-1] += [evaluation.metrics[k] for k in ("test/acc", "test/nll", "test/f_ece")]
 
 
 @pytest.mark.parametrize("algo", ["fedavg", "fedfomo", "fedala"])

@@ -1,4 +1,5 @@
-"""Pathological, Dirichlet and IID partitions of the real CIFAR-10 labels (the ``cifar10`` fixture's slice)."""
+"""Pathological, Dirichlet, extended Dirichlet (exdir) and IID partitions of the real CIFAR-10 labels
+(the ``cifar10`` fixture's slice)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pfl.data.partition import (
     Partition,
     PartitionError,
     PartitionSpec,
+    exdir,
     least_samples,
     load_or_make_partition,
     make_partition,
@@ -27,6 +29,7 @@ SCHEMES = {
     # PFLlib's CIFAR-10 pathological setting: 20 clients, 2 classes each
     "pathological": PartitionSpec("pathological", num_clients=20, seed=0, classes_per_client=2),
     "dirichlet": PartitionSpec("dirichlet", num_clients=10, seed=0, alpha=0.5),
+    "exdir": PartitionSpec("exdir", num_clients=20, seed=0, alpha=1.0, classes_per_client=2),
     # 3,600 samples over 7 clients: shards of 515 (two) and 514 (five)
     "iid": PartitionSpec("iid", num_clients=7, seed=0),
 }
@@ -246,6 +249,104 @@ def test_dirichlet_infeasible_raises(cifar10):
     spec = PartitionSpec("dirichlet", num_clients=20, seed=0, alpha=1e-3)
     with pytest.raises(PartitionError, match="raise alpha"):
         make_partition(cifar10.labels[:40], 10, spec)
+
+
+# ---------------------------------------------------------------- extended Dirichlet (exdir)
+
+
+class _ScriptedRng:
+    """Stands in for the Generator: scripted class-choice scores and Dirichlet draws; ``shuffle`` keeps the order."""
+
+    def __init__(self, scores, draws, alpha, num_clients):
+        self.scores, self.draws = list(scores), list(draws)
+        self.alpha, self.num_clients = alpha, num_clients
+
+    def random(self, shape):
+        out = np.asarray(self.scores.pop(0), dtype=float)
+        assert out.shape == shape
+        return out
+
+    def shuffle(self, x):
+        pass
+
+    def dirichlet(self, alphas):
+        assert alphas.tolist() == [self.alpha] * self.num_clients   # a draw over all clients, owners or not
+        return np.asarray(self.draws.pop(0), dtype=float)
+
+
+def test_exdir_hand_computed_draws():
+    # 3 clients, 3 classes of 32, 32 and 16 samples (indices 0-31, 32-63, 64-79), 2 classes per client.
+    # Level 1 needs max(2 * 3 // 3 // 2, 1) = 1 owner per class; a client takes its 2 lowest-scored classes.
+    labels = np.repeat([0, 1, 2], [32, 32, 16])
+    spec = PartitionSpec("exdir", num_clients=3, seed=0, alpha=0.7, classes_per_client=2)
+    scores = [[[0, 1, 2]] * 3,                       # deal 1: everyone takes {0, 1}; class 2 unowned -> redeal
+              [[0, 1, 2], [2, 0, 1], [0, 2, 1]]]     # deal 2: owners 0: [0, 2], 1: [0, 1], 2: [1, 2]
+    draws = [
+        # draw 1: class 0 -> client 2 (32); class 1 -> client 1 (32); class 2: client 1 is full (32 >= 80 / 3),
+        # client 2 drew 0, no share left -> the whole class to its last owner, client 2. Client 0 has 0 < 10: redraw
+        [0, 0, 1], [0, 1, 0], [0, 1, 0],
+        # draw 2, class 0: owners 0 and 2 -> [.375, 0, .125] / .5 = [.75, 0, .25] -> cuts at 24, 24 of 32
+        [0.375, 0.5, 0.125],
+        # class 1: owners 0 and 1 -> [.0625, .4375, 0] / .5 = [.125, .875, 0] -> cuts at 4, 32 of 32
+        [0.0625, 0.4375, 0.5],
+        # class 2: client 1 (28 >= 80 / 3) is full, client 2 drew 0: no share left -> all 16 to client 2
+        [0.5, 0.5, 0.0],
+    ]
+    rng = _ScriptedRng(scores, draws, alpha=0.7, num_clients=3)
+    shares = exdir(labels, 3, spec, rng)
+    assert not rng.scores and not rng.draws            # exactly two deals and two draws
+    assert [s.tolist() for s in shares] == [
+        list(range(0, 24)) + list(range(32, 36)),      # client 0: 24 of class 0, 4 of class 1
+        list(range(36, 64)),                           # client 1: 28 of class 1
+        list(range(24, 32)) + list(range(64, 80)),     # client 2: 8 of class 0, all 16 of class 2
+    ]
+
+
+def test_exdir_holds_at_most_classes_per_client_and_pfllib_minimum(cifar10, partitions):
+    spec = SCHEMES["exdir"]
+    sizes = []
+    for c in partitions["exdir"].clients:
+        share = _share(c)
+        assert len(cifar10.labels[share].unique()) <= spec.classes_per_client
+        sizes.append(len(share))
+    assert min(sizes) >= 10                            # PFLlib's min_require_size
+    assert sum(sizes) == len(cifar10)
+
+
+def test_exdir_alpha_sets_the_skew_within_owners(cifar10):
+    # at a large alpha the owners of a class split it near evenly; at a small one a single owner takes most
+    def largest_owner_share(alpha):
+        spec = PartitionSpec("exdir", num_clients=10, seed=0, alpha=alpha, classes_per_client=5)
+        hist = torch.stack([torch.bincount(cifar10.labels[_share(c)], minlength=10)
+                            for c in make_partition(cifar10.labels, 10, spec).clients]).double()
+        return (hist.max(0).values / hist.sum(0)).mean().item()
+
+    assert largest_owner_share(0.1) > 0.6 > largest_owner_share(100.0)
+
+
+def test_exdir_key_uses_alpha_and_classes_per_client(cifar10):
+    fp, spec = cifar10.fingerprint(), SCHEMES["exdir"]
+    for field, value in (("alpha", 0.9), ("classes_per_client", 5)):
+        assert spec.key(fp) != PartitionSpec(**{**spec.__dict__, field: value}).key(fp)
+    assert spec.key(fp) != PartitionSpec(**{**spec.__dict__, "scheme": "dirichlet"}).key(fp)
+
+
+@pytest.mark.parametrize("num_clients, cpc, match", [(20, 11, "classes_per_client=11 exceeds"),
+                                                     (4, 2, "leaves some of the 10 classes")])
+def test_exdir_impossible_class_deal_raises(cifar10, num_clients, cpc, match):
+    spec = PartitionSpec("exdir", num_clients=num_clients, seed=0, classes_per_client=cpc)
+    with pytest.raises(PartitionError, match=match):
+        make_partition(cifar10.labels, 10, spec)
+
+
+def test_exdir_gives_up_after_bounded_redraws(cifar10, monkeypatch):
+    # 10 clients from 90 samples: nobody can reach 10 samples each
+    with pytest.raises(PartitionError, match="at least 10 samples; raise alpha"):
+        make_partition(cifar10.labels[:90], 10, PartitionSpec("exdir", num_clients=10, seed=0, classes_per_client=2))
+    monkeypatch.setattr(partition_module, "_MAX_CLASS_DEALS", 1)
+    rng = _ScriptedRng([[[0, 1, 2]] * 3], [], alpha=0.1, num_clients=3)    # class 2 left unowned
+    with pytest.raises(PartitionError, match="gave every class 1 owner"):
+        exdir(np.repeat([0, 1, 2], 20), 3, PartitionSpec("exdir", num_clients=3, seed=0), rng)
 
 
 # ---------------------------------------------------------------- cache

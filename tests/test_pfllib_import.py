@@ -256,4 +256,4 @@ def test_fedavg_runs_on_the_imported_partition(src, tmp_path):
     cfg = _cfg(data_dir, tmp_path, algo="fedavg", global_rounds=1, batch_size=10, join_ratio=1.0)
     _, evaluation = run_federated(prepare(cfg), seed=0, callbacks=[])
     assert [c["num_test"] for c in evaluation.per_client] == [n_test for _, n_test in SIZES]
-    assert 0.0 <= evaluation.metrics["test_acc"] <= 1.0
+    assert 0.0 <= evaluation.metrics["test/acc"] <= 1.0

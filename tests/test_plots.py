@@ -1,5 +1,6 @@
 """Paper-style figure builders in :mod:`reports.plots`: bar heights, colours, lines, error bars,
-reliability panels and their ECE, the rc context, fonts in the saved PDF, and input errors."""
+reliability panels, their global ECE, count histograms and sparse bins, the rc context, fonts in
+the saved PDF, and input errors."""
 
 from __future__ import annotations
 
@@ -147,30 +148,33 @@ def _aggregated() -> pd.DataFrame:
             for k, method in enumerate(METHOD_ORDER):
                 auroc = math.nan if jr == 1.0 else 0.6 + 0.1 * k + alpha / 10
                 rows.append({"algo": "fedavg", "dataset": "cifar10", "partition": "dirichlet", "alpha": alpha,
-                             "join_ratio": jr, "method": method, "ece_mean": 0.1 / (k + 1) + alpha, "ece_std": 0.01,
-                             "ood_auroc_mean": auroc, "ood_auroc_std": 0.02, "seeds": 2})
+                             "classes_per_client": math.nan, "partition_name": math.nan, "join_ratio": jr,
+                             "method": method, "ece_mean": 0.1 / (k + 1) + alpha, "ece_std": 0.01,
+                             "ood_auroc_mean": auroc, "ood_auroc_std": 0.02, "ece_n": 2,
+                             "ood_auroc_n": 0 if math.isnan(auroc) else 2, "seeds": 2})
     return pd.DataFrame(rows)
 
 
-def test_report_sweep_figures_draw_ece_and_ood_auroc_bar_lines():
+def test_report_sweep_figures_draw_ece_and_ood_auroc_bar_lines_in_percent():
     from reports.report import Selection, sweep_figures
 
     agg = _aggregated()
     figures = sweep_figures(agg, Selection(alpha=0.1, join_ratio=0.5))
     # OOD AUROC has no value at alpha 0.1 for join ratio 1.0 only, so ood_vs_join_ratio still has its 0.5 group.
-    assert set(figures) == {"ece_vs_alpha_fedavg_cifar10", "ece_vs_join_ratio_fedavg_cifar10",
-                            "ood_vs_alpha_fedavg_cifar10", "ood_vs_join_ratio_fedavg_cifar10"}
-    ax = figures["ood_vs_alpha_fedavg_cifar10"].axes[0]
-    assert ax.get_ylabel() == "OOD AUROC (MSP)" and ax.get_ylim()[0] == 0
+    assert set(figures) == {"ece_vs_alpha_fedavg_cifar10_jr0.5", "ece_vs_join_ratio_fedavg_cifar10_dir0.1",
+                            "ood_vs_alpha_fedavg_cifar10_jr0.5", "ood_vs_join_ratio_fedavg_cifar10_dir0.1"}
+    ax = figures["ood_vs_alpha_fedavg_cifar10_jr0.5"].axes[0]
+    assert ax.get_ylabel() == "OOD AUROC (MSP, %)" and ax.get_ylim()[0] == 0
+    assert figures["ece_vs_alpha_fedavg_cifar10_jr0.5"].axes[0].get_ylabel() == "F-ECE (%)"
     at = agg[agg.join_ratio == 0.5].set_index(["method", "alpha"])
     for method, container in _bars(ax).items():
         heights = [p.get_height() for p in container.patches]
-        assert heights == pytest.approx([at.at[(method, a), "ood_auroc_mean"] for a in (0.1, 0.5)])
+        assert heights == pytest.approx([100 * at.at[(method, a), "ood_auroc_mean"] for a in (0.1, 0.5)])
         assert _line(ax, method).get_ydata() == pytest.approx(heights)
-    by_jr = _bars(figures["ood_vs_join_ratio_fedavg_cifar10"].axes[0])
+    by_jr = _bars(figures["ood_vs_join_ratio_fedavg_cifar10_dir0.1"].axes[0])
     assert all(len(c.patches) == 1 for c in by_jr.values())  # the NaN cells at join ratio 1 are gaps
     no_ood = sweep_figures(agg, Selection(alpha=0.1, join_ratio=1.0))
-    assert "ood_vs_alpha_fedavg_cifar10" not in no_ood and "ece_vs_alpha_fedavg_cifar10" in no_ood
+    assert "ood_vs_alpha_fedavg_cifar10_jr1" not in no_ood and "ece_vs_alpha_fedavg_cifar10_jr1" in no_ood
 
 
 def test_text_uses_paper_style_and_global_rc_is_untouched(tmp_path):
@@ -209,8 +213,10 @@ class _Entry:
     (["FreeSerif", "TeX Gyre Termes", "Nimbus Roman", "Liberation Serif"], "Liberation Serif"),
     (["FreeSerif", "TeX Gyre Termes", "Nimbus Roman"], "Nimbus Roman"),
     (["FreeSerif", "TeX Gyre Termes"], "TeX Gyre Termes"),
-    (["FreeSerif", "DejaVu Serif"], "FreeSerif"),
-    (["DejaVu Sans", "STIXGeneral"], "DejaVu Serif"),
+    (["FreeSerif", "DejaVu Serif", "STIXGeneral"], "FreeSerif"),
+    (["STIXGeneral", "Liberation Serif"], "Liberation Serif"),
+    (["DejaVu Sans", "DejaVu Serif", "STIXGeneral"], "STIXGeneral"),
+    (["DejaVu Sans", "DejaVu Serif"], "DejaVu Serif"),
 ])
 def test_resolve_serif_font_preference_order(monkeypatch, installed, expected):
     monkeypatch.setattr(font_manager.fontManager, "ttflist", [_Entry(n) for n in installed])
@@ -262,48 +268,64 @@ def rel_fig() -> Figure:
     return reliability_figure(_bins(), title="CIFAR-10")
 
 
-def test_reliability_one_panel_per_method_in_order(rel_fig):
-    assert len(rel_fig.axes) == 3
-    assert [ax.get_title().splitlines()[0] for ax in rel_fig.axes] == list(METHOD_ORDER)
+def _panels(fig: Figure) -> tuple[list, list]:
+    """(reliability diagrams, count histograms) of a reliability figure."""
+    k = len(fig.axes) // 2
+    return fig.axes[:k], fig.axes[k:]
+
+
+def test_reliability_one_panel_per_method_in_order_over_count_histograms(rel_fig):
+    top, bottom = _panels(rel_fig)
+    assert len(top) == len(bottom) == 3
+    assert [ax.get_title().splitlines()[0] for ax in top] == list(METHOD_ORDER)
     two = reliability_figure({"APH": _bins()["APH"]})
-    assert [ax.get_title().splitlines()[0] for ax in two.axes] == ["APH"]
-    # shared y axis, [0, 1] x [0, 1], labels
-    a0, a1, _ = rel_fig.axes
-    assert a0.get_shared_y_axes().joined(a0, a1)
-    for ax in rel_fig.axes:
-        assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1)
-        assert ax.get_xlabel() == "Confidence"
-    assert a0.get_ylabel() == "Accuracy"
+    assert [ax.get_title().splitlines()[0] for ax in _panels(two)[0]] == ["APH"] and len(two.axes) == 2
+    # shared y axis per row, x shared with the histogram below, [0, 1] x [0, 1], labels
+    assert top[0].get_shared_y_axes().joined(top[0], top[1])
+    assert bottom[0].get_shared_y_axes().joined(bottom[0], bottom[2])
+    for ax, hist in zip(top, bottom):
+        assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1) and hist.get_xlim() == (0, 1)
+        assert hist.get_xlabel() == "Confidence" and hist.get_yscale() == "log"
+    assert top[0].get_ylabel() == "Accuracy" and bottom[0].get_ylabel() == "Samples"
 
 
-def test_reliability_bars_are_non_empty_bin_accuracies(rel_fig):
+def test_reliability_bars_are_bin_accuracies_and_sparse_bins_are_greyed(rel_fig):
     bins = _bins()
-    for ax in rel_fig.axes:
+    for ax, hist in zip(*_panels(rel_fig)):
         method = ax.get_title().splitlines()[0]
         entry = bins[method]
-        full = [i for i, c in enumerate(entry["count"]) if c > 0]
+        dense = [i for i, c in enumerate(entry["count"]) if c >= plots.MIN_BIN_COUNT]
+        sparse = [i for i, c in enumerate(entry["count"]) if 0 < c < plots.MIN_BIN_COUNT]
         acc_bars = _bars(ax)["Accuracy"].patches
-        assert len(acc_bars) == len(full)
-        assert [p.get_height() for p in acc_bars] == pytest.approx([entry["accuracy"][i] for i in full])
-        assert [p.get_x() + p.get_width() / 2 for p in acc_bars] == pytest.approx([(i + 0.5) / 5 for i in full])
+        assert [p.get_height() for p in acc_bars] == pytest.approx([entry["accuracy"][i] for i in dense])
+        assert [p.get_x() + p.get_width() / 2 for p in acc_bars] == pytest.approx([(i + 0.5) / 5 for i in dense])
         assert all(p.get_width() == pytest.approx(0.2) for p in acc_bars)
         assert all(p.get_edgecolor() == pytest.approx(to_rgba(METHOD_COLORS[method])) for p in acc_bars)
-        # gap bars span accuracy..confidence of the same bins
+        few = _bars(ax).get("n < 10")
+        assert ([p.get_height() for p in few.patches] if few else []) == pytest.approx(
+            [entry["accuracy"][i] for i in sparse])
+        assert all(p.get_hatch() == "xx" and p.get_edgecolor() == pytest.approx(to_rgba(plots.SPARSE_COLOR))
+                   for p in (few.patches if few else []))
+        # gap bars span accuracy..confidence of the dense bins
         gaps = _bars(ax)["Gap"].patches
         assert [v for p in gaps for v in (p.get_y(), p.get_y() + p.get_height())] == pytest.approx(
-            [v for i in full for v in sorted((entry["accuracy"][i], entry["confidence"][i]))])
-        # dashed diagonal
+            [v for i in dense for v in sorted((entry["accuracy"][i], entry["confidence"][i]))])
+        # dashed diagonal; the histogram holds every non-empty bin's count
         (diag,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
         assert list(diag.get_xdata()) == [0, 1] and list(diag.get_ydata()) == [0, 1]
+        assert [p.get_height() for p in _bars(hist)["Samples"].patches] == [c for c in entry["count"] if c > 0]
+    assert len(_bars(_panels(rel_fig)[0][1])["n < 10"].patches) == 1  # APH's first bin holds 2 samples
+    everything = reliability_figure(bins, min_count=0)
+    assert len(_bars(everything.axes[1])["Accuracy"].patches) == 5 and "n < 0" not in _bars(everything.axes[1])
 
 
-def test_reliability_title_ece_matches_independent_computation(rel_fig):
+def test_reliability_title_global_ece_in_percent_matches_independent_computation(rel_fig):
     bins = _bins()
-    for ax in rel_fig.axes:
+    for ax in _panels(rel_fig)[0]:
         method, second = ax.get_title().splitlines()
-        shown = float(re.fullmatch(r"ECE = ([0-9.]+)", second).group(1))
+        shown = float(re.fullmatch(r"Global ECE = ([0-9.]+)%", second).group(1))
         expected = _independent_ece(bins[method])
-        assert shown == pytest.approx(expected, abs=5e-5)
+        assert shown / 100 == pytest.approx(expected, abs=5e-5)
         assert binned_ece(bins[method]) == pytest.approx(expected, rel=1e-12)
     assert rel_fig.get_suptitle() == "CIFAR-10"
 
@@ -317,7 +339,7 @@ def test_reliability_bins_from_metrics_match_logged_global_ece():
     labels = torch.randint(0, 10, (500,), generator=gen)
     entry = reliability_bins(probs, labels, 15)
     assert binned_ece(entry) == pytest.approx(ece(probs, labels, 15, "uniform"), abs=1e-9)
-    ax = reliability_figure({"w/o": entry}).axes[0]
+    ax = reliability_figure({"w/o": entry}, min_count=1).axes[0]
     assert len(_bars(ax)["Accuracy"].patches) == sum(c > 0 for c in entry["count"])
 
 
@@ -379,3 +401,5 @@ def test_reliability_errors(mutate, message):
     mutate(bins)
     with pytest.raises(ValueError, match=message):
         reliability_figure(bins)
+    with pytest.raises(ValueError, match="min_count must be >= 0"):
+        reliability_figure(_bins(), min_count=-1)

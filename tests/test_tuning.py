@@ -1,4 +1,5 @@
-"""Optuna search on a real CIFAR-10 slice: spaces, validation-only objective, studies in SQLite storage."""
+"""Optuna search on a real CIFAR-10 slice: spaces, validation-only objective, metric names, studies in SQLite
+storage (their Optuna attributes, MLflow runs and end-of-command summary)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pfl.config import ConfigError, load_config
 from pfl.data.loader import DeviceImages
 from tuning.objective import validation_score
 from tuning.spaces import load_space, search_space, suggest
-from tuning.study import StudySettings, run_study
+from tuning.study import StudyResult, StudySettings, dataset_fallback_note, run_study, summary_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,14 +75,14 @@ def test_objective_reads_validation_splits_never_test(cifar10_dir, tmp_path, mon
     monkeypatch.setattr(DeviceImages, "batch", lambda self, idx: touched.append(idx.clone()) or real_batch(self, idx))
     for algo in ("fedfomo", "fedavg"):
         cfg = _cfg(cifar10_dir, tmp_path, algo=algo)
-        score = validation_score(cfg, "val_acc", [])
+        score = validation_score(cfg, "val/acc", [])
         assert 0.0 <= score <= 1.0
     from pfl.train import prepare
 
     test_idx = set(int(i) for c in prepare(cfg).partition.clients for i in c.test)
     assert touched and all(not (set(idx.tolist()) & test_idx) for idx in touched)
-    with pytest.raises(ValueError, match="val_"):
-        validation_score(cfg, "test_acc", [])
+    with pytest.raises(ConfigError, match="'test/acc' is not a validation metric"):
+        validation_score(cfg, "test/acc", [])
 
 
 def test_every_trial_scores_on_one_fixed_tuning_split_whatever_its_val_ratio(cifar10_dir, tmp_path):
@@ -128,7 +129,8 @@ def _trial_runs():
 
 def test_study_tracks_trials_resumes_and_best_config_reproduces(cifar10_dir, tmp_path, stores):
     cfg = _cfg(cifar10_dir, tmp_path)
-    settings = StudySettings(n_trials=4, storage=stores, study_name="s", out_dir=tmp_path)
+    optuna.create_study(storage=stores, study_name="s", direction="maximize")  # as created before metric names
+    settings = StudySettings(n_trials=4, storage=stores, study_name="s", out_dir=tmp_path)  # with a progress bar
     result = run_study(cfg, search_space("fedfomo"), settings)
     study = optuna.load_study(study_name="s", storage=stores)
     assert len(study.trials) == 4
@@ -140,23 +142,96 @@ def test_study_tracks_trials_resumes_and_best_config_reproduces(cifar10_dir, tmp
     for t in study.trials:
         assert by_number[t.number].data.tags["optuna.state"] == t.state.name.lower()
         assert by_number[t.number].data.params["M"] == str(t.params["M"])
-    assert mlflow.MlflowClient().get_run(result.study_run_id).data.metrics["best_value"] == result.best_value
+        assert t.user_attrs["mlflow_run_id"] == by_number[t.number].info.run_id  # the dashboard links trial and run
+    # the dashboard names the objective (a study from before metric names gets its name); the study knows its
+    # MLflow runs and base config
+    assert study.metric_names == ["val/acc"]
+    assert study.user_attrs["mlflow_study_run_ids"] == [result.study_run_id]
+    assert study.user_attrs["base_config"] == cfg.flat_params()
+    assert result.best_trial == study.best_trial.number
+    assert result.best_run_id == by_number[result.best_trial].info.run_id
+    study_metrics = mlflow.MlflowClient().get_run(result.study_run_id).data.metrics
+    assert study_metrics["val/acc"] == result.best_value and study_metrics["study/best_trial"] == result.best_trial
+    assert study_metrics["study/n_complete"] == result.states["complete"] and result.final_run_ids == []
 
     best = load_config(result.best_config)
     assert yaml.safe_load(result.best_config.read_text())["M"] == result.best_params["M"]
-    assert validation_score(best, "val_acc", []) == result.best_value  # exact: same seed, same splits
+    assert validation_score(best, "val/acc", []) == result.best_value  # exact: same seed, same splits
 
     again = run_study(cfg, search_space("fedfomo"), StudySettings(n_trials=2, storage=stores, study_name="s",
-                                                                  out_dir=tmp_path, final_repeats=2))
-    assert len(optuna.load_study(study_name="s", storage=stores).trials) == 6  # resumed, not restarted
+                                                                  out_dir=tmp_path, final_repeats=2, progress=False))
+    study = optuna.load_study(study_name="s", storage=stores)
+    assert len(study.trials) == 6  # resumed, not restarted
+    assert study.user_attrs["mlflow_study_run_ids"] == [result.study_run_id, again.study_run_id]
     finals = mlflow.search_runs(experiment_names=["tune-it"], output_format="list",
                                 filter_string=f"tags.`mlflow.parentRunId` = '{again.study_run_id}' and "
                                               "tags.`pfl.kind` = 'fl'")
-    accs = [r.data.metrics["test_acc"] for r in finals]
+    assert set(again.final_run_ids) == {r.info.run_id for r in finals}
+    accs = [r.data.metrics["test/acc"] for r in finals]
     study_metrics = mlflow.MlflowClient().get_run(again.study_run_id).data.metrics
     assert len(accs) == 2 and {r.data.params["seed"] for r in finals} == {"0", "1"}
-    assert study_metrics["final_test_acc_mean"] == pytest.approx(sum(accs) / 2)
-    assert study_metrics["final_test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
+    assert study_metrics["final/test_acc"] == pytest.approx(sum(accs) / 2)
+    assert study_metrics["final/test_acc_seed_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
+    assert {"final/test_nll", "final/test_f_ece", "final/best_test_acc"} <= set(study_metrics)
+    assert study_metrics["final/seeds"] == 2
+
+    lines = summary_lines(again)
+    text = "\n".join(lines)
+    assert f"val/acc = {again.best_value:.4f}" in text and str(again.best_params) in text
+    assert f"pfl train --config {again.best_config}" in text and f"optuna-dashboard {stores}" in text
+    assert f"mlflow ui --backend-store-uri {tracking.tracking_uri()}" in text
+    assert sum("acc (%)" in line for line in lines) == 1  # the final repeats' table: a header and a row per seed
+    assert all(any(r.info.run_name in line for line in lines) for r in finals)
+
+
+def test_metric_names_old_spellings_and_errors():
+    assert StudySettings().metric == "val/acc"
+    old = {"val_acc": "val/acc", "val_nll": "val/nll", "val_ece": "val/f_ece", "val_brier": "val/brier"}
+    assert {name: StudySettings(metric=name).metric for name in old} == old
+    assert StudySettings(metric="val/global_ece").metric == "val/global_ece"
+    for bad in ("test/acc", "val_f_ece", "acc"):
+        with pytest.raises(ConfigError) as err:
+            StudySettings(metric=bad)
+        message = str(err.value)
+        assert "\n" not in message and f"{bad!r} is not a validation metric" in message
+        assert "val/acc (maximized)" in message and "val/nll, val/f_ece, val/ece_mean, val/global_ece, val/brier" \
+            in message
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # set_metric_names
+def test_a_resumed_study_keeps_its_metric(tmp_path):
+    cfg = _cfg(tmp_path / "data", tmp_path)  # refused before any data is read or any run is logged
+    stores = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(storage=stores, study_name="named", direction="maximize").set_metric_names(["val/acc"])
+    with pytest.raises(ConfigError, match="study named optimizes val/acc, not val/f_ece"):
+        run_study(cfg, search_space("fedfomo"), StudySettings(metric="val_ece", storage=stores, study_name="named"))
+    optuna.create_study(storage=stores, study_name="older", direction="maximize")  # from before metric names
+    with pytest.raises(ConfigError, match="study older optimizes a metric to maximize, not val/nll"):
+        run_study(cfg, search_space("fedfomo"), StudySettings(metric="val/nll", storage=stores, study_name="older"))
+
+
+def test_summary_lines_of_a_study_on_a_tracking_server():
+    result = StudyResult("study-run", "s", "postgresql://db/optuna", "val/nll", 3, 1.23456, {"M": 2}, None,
+                         {"complete": 4, "pruned": 1, "fail": 0}, Path("out/best_s.yaml"), "http://mlflow:5000", [])
+    assert summary_lines(result) == [
+        "study s in postgresql://db/optuna: 4 complete, 1 pruned, 0 fail (study run study-run)",
+        "best trial 3: val/nll = 1.2346", "best params: {'M': 2}", "best config: out/best_s.yaml", "next:",
+        "  pfl train --config out/best_s.yaml", "  optuna-dashboard postgresql://db/optuna",
+        "  open http://mlflow:5000"]
+
+
+def test_dataset_without_config_notes_the_default_partition(tmp_path):
+    cfg = load_config(None, ["dataset=cifar100"])
+    assert dataset_fallback_note(None, "cifar100", cfg) == (
+        "note: --dataset cifar100 without --config uses the default partition: pathological, 10 classes per "
+        "client; pass --config or e.g. partition=dirichlet alpha=0.1")
+    assert "2 classes per client" in dataset_fallback_note("", "cifar10", load_config(None, ["dataset=cifar10"]))
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: cifar100\n")
+    assert dataset_fallback_note(path, "cifar100", load_config(path, ["dataset=cifar100"])) is None
+    for chosen in ("partition=dirichlet", "classes_per_client=5", "partition=pathological"):
+        assert dataset_fallback_note(None, "cifar100", load_config(None, ["dataset=cifar100", chosen])) is None
+    assert dataset_fallback_note(None, None, load_config(None, [])) is None
 
 
 def test_two_workers_share_one_sqlite_study(cifar10_dir, tmp_path, stores):
@@ -176,6 +251,13 @@ def test_two_workers_share_one_sqlite_study(cifar10_dir, tmp_path, stores):
     assert len(study.trials) == 4 and all(t.state.is_finished() for t in study.trials)
     assert len({t.number for t in study.trials}) == 4
     assert len(_trial_runs()) == 4
+    # a new study's direction follows the metric (the CLI's old spelling val_acc is val/acc); both workers'
+    # study runs are recorded although they started together
+    assert study.metric_names == ["val/acc"] and study.direction == optuna.study.StudyDirection.MAXIMIZE
+    study_runs = mlflow.search_runs(experiment_names=["tune-it"], filter_string="tags.`pfl.kind` = 'study'",
+                                    output_format="list")
+    assert sorted(study.user_attrs["mlflow_study_run_ids"]) == sorted(r.info.run_id for r in study_runs)
+    assert len(study_runs) == 2
 
 
 def test_pruning_callback_reports_every_round_and_never_prunes_the_last():
@@ -184,8 +266,8 @@ def test_pruning_callback_reports_every_round_and_never_prunes_the_last():
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
     trial = study.ask()  # every value is below 2.0: the pruner always says prune
-    callback = PruningCallback(trial, "val_acc", last_round=3)
+    callback = PruningCallback(trial, "val/acc", last_round=3)
     with pytest.raises(optuna.TrialPruned):
-        callback.on_evaluate(Evaluation(2, {"val_acc": 0.5}))
-    callback.on_evaluate(Evaluation(3, {"val_acc": 0.6}))  # reported, not pruned
+        callback.on_evaluate(Evaluation(2, {"val/acc": 0.5}))
+    callback.on_evaluate(Evaluation(3, {"val/acc": 0.6}))  # reported, not pruned
     assert study.trials[0].intermediate_values == {2: 0.5, 3: 0.6}

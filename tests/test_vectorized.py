@@ -121,7 +121,7 @@ def test_engine_vectorized_rounds_match_sequential(cifar10_dir, tmp_path, algo):
         assert sorted(seq) == sorted(vec)
         for k in seq:
             assert torch.allclose(seq[k], vec[k], atol=1e-4), (k, (seq[k] - vec[k]).abs().max())
-    assert results["vectorized"][1]["test_acc"] == pytest.approx(results["sequential"][1]["test_acc"], abs=2e-3)
+    assert results["vectorized"][1]["test/acc"] == pytest.approx(results["sequential"][1]["test/acc"], abs=2e-3)
 
 
 def test_batched_inference_equals_one_model_at_a_time(cifar10):

@@ -4,8 +4,9 @@ Every client holds out the last ``tuning_val_ratio`` of its train split (whateve
 algorithm). The ratio is fixed for a study and searched by no trial, so every trial scores
 on the same samples and the pruner compares like with like. FedFomo's own validation split
 (``val_ratio``, which may be searched) is carved from the rest; local training uses what
-remains. Evaluation reads only the tuning splits (``val_*`` metrics), never the test split.
-Each evaluation round is reported to the trial, so the pruner can stop weak trials early.
+remains. Evaluation reads only the tuning splits (``val/*`` metrics, :mod:`pfl.vocabulary`), never
+the test split. Each evaluation round is reported to the trial, so the pruner can stop weak trials
+early. Each trial is a nested MLflow run whose id the trial keeps as its ``mlflow_run_id`` user attribute.
 """
 
 from __future__ import annotations
@@ -14,10 +15,32 @@ from typing import Any
 
 import optuna
 
+from pfl import vocabulary
 from pfl.algorithms.engine import Callback, Evaluation
-from pfl.config import RunConfig
+from pfl.config import ConfigError, RunConfig
 from pfl.train import build_algorithm, prepare, run_rounds
 from tuning.spaces import SearchParam, suggest
+
+# validation metric -> Optuna direction: accuracy is maximized, NLL, the ECEs and the Brier score minimized
+DIRECTIONS = {vocabulary.metric("val", q): "maximize" if q == "acc" else "minimize" for q in vocabulary.QUALITY}
+# names of the metrics before the vocabulary (``val_ece`` was F-ECE) -> their names now
+OLD_NAMES = {"val_acc": "val/acc", "val_nll": "val/nll", "val_ece": "val/f_ece", "val_brier": "val/brier"}
+
+
+def validation_metric(name: str) -> str:
+    """The tuning metric ``name`` in the vocabulary: a ``val/*`` name as is, an old spelling mapped
+    (:data:`OLD_NAMES`: ``val_acc`` -> ``val/acc``, ``val_nll`` -> ``val/nll``, ``val_ece`` -> ``val/f_ece``,
+    ``val_brier`` -> ``val/brier``).
+
+    Raises:
+        ConfigError: ``name`` is neither (the message lists the valid names and their directions).
+    """
+    name = OLD_NAMES.get(name, name)
+    if name not in DIRECTIONS:
+        minimized = ", ".join(m for m, d in DIRECTIONS.items() if d == "minimize")
+        raise ConfigError(f"tuning metric {name!r} is not a validation metric; use val/acc (maximized) or "
+                          f"{minimized} (minimized)")
+    return name
 
 
 class PruningCallback(Callback):
@@ -36,13 +59,12 @@ class PruningCallback(Callback):
 
 
 def validation_score(cfg: RunConfig, metric: str, callbacks: list[Callback]) -> float:
-    """Train ``cfg`` (its ``seed``) and return the final ``metric`` (e.g. ``val_acc``) on the validation splits.
+    """Train ``cfg`` (its ``seed``) and return the final ``metric`` (e.g. ``val/acc``) on the tuning splits.
 
     Raises:
-        ValueError: ``metric`` is not a validation metric (``val_*``).
+        ConfigError: ``metric`` is not a validation metric (:func:`validation_metric`).
     """
-    if not metric.startswith("val_"):
-        raise ValueError(f"tuning scores validation splits only; use a val_* metric, not {metric!r}")
+    metric = validation_metric(metric)
     prepared = prepare(cfg)
     algorithm = build_algorithm(prepared, cfg.seed, holdout=True)
     return run_rounds(algorithm, cfg, callbacks, eval_split="holdout").metrics[metric]
@@ -56,20 +78,27 @@ def trial_config(base: RunConfig, params: dict[str, Any]) -> RunConfig:
 class Objective:
     """``objective(trial) -> validation score`` with every trial a nested MLflow run of the active study run.
 
+    The trial keeps that run's id as its ``mlflow_run_id`` user attribute (shown by optuna-dashboard);
+    the run has the trial number as its ``optuna.trial`` tag.
+
     Args:
         base: the run config the trials modify.
         space: the searched fields.
-        metric: validation metric to optimize (``val_acc``, ``val_nll``, ...).
+        metric: validation metric to optimize (``val/acc``, ``val/nll``, ...: :func:`validation_metric`).
+
+    Raises:
+        ConfigError: ``metric`` is not a validation metric.
     """
 
     def __init__(self, base: RunConfig, space: dict[str, SearchParam], metric: str):
-        self.base, self.space, self.metric = base, space, metric
+        self.base, self.space, self.metric = base, space, validation_metric(metric)
 
     def __call__(self, trial: optuna.Trial) -> float:
         from pfl import tracking
 
         params = suggest(trial, self.space, self.base.num_clients)
         cfg = trial_config(self.base, params)
-        with tracking.trial_run(trial.number, cfg.flat_params(), pruned=optuna.TrialPruned):
+        with tracking.trial_run(trial.number, cfg.flat_params(), pruned=optuna.TrialPruned) as run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
             pruning = PruningCallback(trial, self.metric, cfg.global_rounds)
             return validation_score(cfg, self.metric, [tracking.MLflowCallback(), pruning])

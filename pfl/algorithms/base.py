@@ -186,6 +186,12 @@ class Algorithm:
         self.hp = self.Params(**hparams)
 
     @classmethod
+    def run_label(cls, hparams: dict[str, Any]) -> str:
+        """The algorithm in run names: its ``name``; an algorithm with variants adds the one chosen in ``hparams``
+        (validated hyperparameters), so runs of two variants get different names."""
+        return cls.name
+
+    @classmethod
     def validation_ratio(cls, hp: HyperParams) -> float | None:
         """Fraction of each client's train split held out as the algorithm's own validation split (``None``: none)."""
         return None

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from pfl.algorithms.base import Algorithm
+from pfl.algorithms.evaluation import client_metrics
 from pfl.algorithms.checkpoint import Checkpointer
 from pfl.algorithms.local import FitRes
 from pfl.algorithms.state import State, state_digest
 from pfl.algorithms.vectorized import train_vectorized, vectorizable
-from pfl.metrics import aggregate_clients, weighted_mean
 from pfl.models.split import ModelSpec
 from pfl.seed import derive_seed, rng_state, set_rng_state
 
@@ -35,11 +35,11 @@ class Evaluation:
 
     Attributes:
         round: the global round just finished (1-based).
-        metrics: sample-weighted means over clients (``test_acc``, ``test_nll``, ``test_ece`` = F-ECE,
-            ``test_brier``; ``val_*`` when scoring validation splits; whatever names the algorithm's
-            evaluator returns), unweighted stds across clients (``test_acc_std``, ...), in a run that mixes
-            architectures the weighted means per architecture (``test_acc_vgg11``, ...), and
-            ``eval_time`` (seconds).
+        metrics: the evaluator's summary of the clients (:meth:`Evaluator.summarize`), named as in
+            :mod:`pfl.vocabulary`: ``test/acc``, ``test/nll``, ``test/f_ece``, ``test/ece_mean``,
+            ``test/global_ece``, ``test/brier`` and stds across clients (``test/acc_std``, ...); ``val/*``
+            when scoring the tuning splits; in a run that mixes architectures the summary per architecture
+            (``test/acc_vgg11``, ...); ``time/eval`` (seconds) and ``eval/reused``.
         per_client: one dict per client: ``client``, ``architecture``, ``num_test`` (or ``num_val``) and
             its metrics (``acc``, ``nll``, ``ece``, ``brier``).
     """
@@ -49,7 +49,7 @@ class Evaluation:
     per_client: list[dict[str, float]] = field(default_factory=list)
 
 
-_METRIC_PREFIX = {"test": "test", "holdout": "val"}  # evaluated split -> metric name prefix
+_METRIC_GROUP = {"test": "test", "holdout": "val"}  # evaluated split -> metric group (pfl.vocabulary)
 
 
 class RunInterrupted(Exception):
@@ -158,9 +158,9 @@ class Engine:
         return [FitRes(cid, trained[cid][0], len(indices[cid]), trained[cid][1]) for cid in selected]
 
     def run_round(self, rnd: int) -> dict[str, float]:
-        """One round; returns ``train_loss`` (sample-weighted mean over the round's clients), ``train_samples``
-        (the round's clients' training samples) and seconds: ``round_time`` = ``local_time`` (round
-        starting points and local training) + ``aggregate_time`` (server update, FedALA's ALA)."""
+        """One round; returns ``train/loss`` (sample-weighted mean over the round's clients), ``train/samples``
+        (the round's clients' training samples) and seconds: ``time/round`` = ``time/local`` (round
+        starting points and local training) + ``time/aggregate`` (server update, FedALA's ALA)."""
         start = time.perf_counter()
         local = 0.0
 
@@ -175,8 +175,8 @@ class Engine:
         losses = torch.stack([r.loss for r in results]).double().cpu()  # one host sync per round
         samples = torch.tensor([r.num_samples for r in results], dtype=torch.float64)
         end = time.perf_counter()
-        return {"train_loss": float((losses * samples).sum() / samples.sum()), "round_time": end - start,
-                "local_time": local, "aggregate_time": end - start - local, "train_samples": float(samples.sum())}
+        return {"train/loss": float((losses * samples).sum() / samples.sum()), "train/samples": float(samples.sum()),
+                "time/round": end - start, "time/local": local, "time/aggregate": end - start - local}
 
     def evaluate(self, rnd: int) -> Evaluation:
         """Every client's personalized model on its own ``eval_split``; aggregates weighted by its sample counts.
@@ -185,8 +185,8 @@ class Engine:
         FedFomo client that did not take part since) keeps those scores: the same model on the
         same samples gives the same metrics, so only changed models are run: one at a time, or
         ``num_join_clients`` of one architecture at a time as one batched computation when vectorized.
-        Adds ``eval_time`` (seconds) and ``eval_reused`` (clients whose scores were kept) to the metrics,
-        and in a run that mixes architectures the means per architecture (``test_acc_vgg11``, ...).
+        Adds ``time/eval`` (seconds) and ``eval/reused`` (clients whose scores were kept) to the metrics,
+        and in a run that mixes architectures the summary per architecture (``test/acc_vgg11``, ...).
 
         Raises:
             ValueError: ``eval_split="holdout"`` but the clients hold no tuning split.
@@ -210,28 +210,19 @@ class Engine:
             self._score(spec, items, indices)
         scores = [self._scores[cid][1] for cid in range(self.ctx.num_clients)]
         weights = [len(idx) for idx in indices]
-        prefix = _METRIC_PREFIX[split]
+        group = _METRIC_GROUP[split]
         names = [spec.name for spec in self.ctx.specs]
-        per_client = [{"client": cid, "architecture": names[cid], f"num_{prefix}": n, **m}
+        per_client = [{"client": cid, "architecture": names[cid], f"num_{group}": n, **client_metrics(m)}
                       for cid, (n, m) in enumerate(zip(weights, scores))]
-        metrics = {f"{prefix}_{k}": v for k, v in aggregate_clients(scores, weights).items()}
-        if len(set(names)) > 1:
-            metrics.update(self._per_architecture(prefix, names, scores, weights))
-        metrics["eval_reused"] = float(reused)
-        metrics["eval_time"] = time.perf_counter() - start
+        summarize = self.algorithm.evaluator.summarize
+        metrics = {f"{group}/{k}": v for k, v in summarize(scores, weights).items()}
+        for arch in dict.fromkeys(names) if len(set(names)) > 1 else ():  # the summary per architecture
+            clients = [c for c, n in enumerate(names) if n == arch]
+            summary = summarize([scores[c] for c in clients], [weights[c] for c in clients])
+            metrics.update({f"{group}/{k}_{arch}": v for k, v in summary.items() if not k.endswith("_std")})
+        metrics["eval/reused"] = float(reused)
+        metrics["time/eval"] = time.perf_counter() - start
         return Evaluation(rnd, metrics, per_client)
-
-    @staticmethod
-    def _per_architecture(prefix: str, names: list[str], scores: list[dict[str, float]],
-                          weights: list[int]) -> dict[str, float]:
-        """``<prefix>_<metric>_<architecture>``: the sample-weighted mean of each metric over that architecture's clients."""
-        out = {}
-        for arch in dict.fromkeys(names):
-            group = [c for c, n in enumerate(names) if n == arch]
-            for metric in scores[group[0]]:
-                out[f"{prefix}_{metric}_{arch}"] = weighted_mean([scores[c][metric] for c in group],
-                                                                 [weights[c] for c in group])
-        return out
 
     def _split_indices(self, cid: int, split: str) -> torch.Tensor:
         idx = getattr(self.ctx.clients[cid], split)
@@ -257,8 +248,8 @@ class Engine:
         last = self.schedule.global_rounds
         for rnd in range(start_round, last + 1):
             metrics = self.run_round(rnd)
-            if not math.isfinite(metrics["train_loss"]):
-                raise DivergenceError(f"round {rnd}: the training loss is {metrics['train_loss']} (the run "
+            if not math.isfinite(metrics["train/loss"]):
+                raise DivergenceError(f"round {rnd}: the training loss is {metrics['train/loss']} (the run "
                                       "diverged); lower lr, e.g. to a tenth")
             for cb in self.callbacks:
                 cb.on_round_end(rnd, metrics)

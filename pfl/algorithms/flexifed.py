@@ -37,7 +37,7 @@ code scores in train mode, a bug); the VGG classifier is CIFAR-sized (:mod:`pfl.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -157,6 +157,11 @@ class FlexiFed(Algorithm):
     search_space = {"sample_fraction": SearchParam("float", 0.05, 1.0, log=True),
                     "momentum": SearchParam("float", 0.0, 0.95)}
     state_attributes = ("models",)
+
+    @classmethod
+    def run_label(cls, hparams: dict[str, Any]) -> str:
+        """``flexifed-<scheme>``: the schemes are the variants the paper compares."""
+        return f"{cls.name}-{hparams['scheme']}"
 
     def __init__(self, ctx: FederatedContext, **hparams):
         super().__init__(ctx, **hparams)

@@ -1,6 +1,6 @@
 """Partitions of a labelled pool among clients, with PFLlib's semantics.
 
-Three schemes; the non-IID two as in PFLlib's ``utils/dataset_utils.py`` (``separate_data``
+Four schemes; the non-IID three as in PFLlib's ``utils/dataset_utils.py`` (``separate_data``
 and ``split_data``) so that numbers compare with the literature:
 
 * **pathological** (McMahan et al., AISTATS 2017; PFLlib ``pat``): classes are dealt
@@ -11,6 +11,10 @@ and ``split_data``) so that numbers compare with the literature:
 * **dirichlet** (Hsu et al., 2019; PFLlib ``dir``): per class, client shares are
   drawn from Dirichlet(``alpha``); clients already holding more than N/num_clients
   samples get no more; redrawn until every client has ``least_samples`` samples.
+* **exdir** (extended Dirichlet, Li et al., arXiv:2311.03154; PFLlib ``exdir``): each client
+  first draws ``classes_per_client`` distinct classes, redrawn until every class has enough
+  owners; then per class, shares are drawn from Dirichlet(``alpha``) over that class's owners
+  only (with ``dirichlet``'s cap), redrawn until every client has 10 samples. See :func:`exdir`.
 * **iid** (balanced IID, in the role of PFLlib's ``niid=False, balance=True``): all
   sample indices are shuffled and cut into ``num_clients`` contiguous shards by
   ``numpy.array_split``, so shard sizes differ by at most one and each client's label mix
@@ -35,6 +39,7 @@ import os
 import uuid
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +49,9 @@ import torch
 # PFLlib's dataset_utils fixes batch_size = 10 when it computes least_samples.
 _PFLLIB_BATCH_SIZE = 10
 _MAX_DIRICHLET_TRIES = 1000
+# exdir: PFLlib's fixed minimum client size (its min_require_size) and our bound on its class-dealing redraws.
+_EXDIR_MIN_SAMPLES = 10
+_MAX_CLASS_DEALS = 10_000
 _CACHE_VERSION = 2  # 2: scikit-learn's train/test sizes at every train_ratio
 
 log = logging.getLogger(__name__)
@@ -57,8 +65,8 @@ class PartitionError(ValueError):
 class PartitionSpec:
     """Everything that determines a partition (the cache key, with the dataset fingerprint).
 
-    ``alpha`` is used by ``dirichlet`` only, ``classes_per_client`` by ``pathological`` only;
-    neither enters the key of another scheme (``iid`` uses neither).
+    ``alpha`` is used by ``dirichlet`` and ``exdir``, ``classes_per_client`` by ``pathological``
+    and ``exdir``; neither enters the key of another scheme (``iid`` uses neither).
     """
 
     scheme: str
@@ -72,8 +80,8 @@ class PartitionSpec:
     def key(self, dataset_fingerprint: str) -> str:
         """16-hex-char hash of the spec, the dataset fingerprint and the cache format version."""
         used = {k: v for k, v in self.__dict__.items()
-                if not (k == "alpha" and self.scheme != "dirichlet")
-                and not (k == "classes_per_client" and self.scheme != "pathological")}
+                if not (k == "alpha" and self.scheme not in ("dirichlet", "exdir"))
+                and not (k == "classes_per_client" and self.scheme not in ("pathological", "exdir"))}
         blob = json.dumps({"spec": used, "data": dataset_fingerprint, "v": _CACHE_VERSION}, sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
@@ -160,23 +168,112 @@ def dirichlet(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
     """
     n, total = spec.num_clients, len(labels)
     least = least_samples(total, n, spec.train_ratio)
+
+    def cut_points(c: int, idx_c: np.ndarray, batches: list[list[int]]) -> np.ndarray:
+        p = rng.dirichlet(np.repeat(spec.alpha, n))
+        capped = np.array([pj * (len(b) < total / n) for pj, b in zip(p, batches)])
+        mass = capped.sum()
+        p = capped / mass if mass > 0 else p  # every open client drew 0: keep the uncapped draw
+        return (np.cumsum(p) * len(idx_c)).astype(int)[:-1]
+
+    return _redraw_until(labels, num_classes, spec, rng, cut_points, least, "dirichlet")
+
+
+def _redraw_until(labels: np.ndarray, num_classes: int, spec: PartitionSpec, rng: np.random.Generator,
+                  cut_points: Callable[[int, np.ndarray, list[list[int]]], np.ndarray], least: int,
+                  scheme: str) -> list[np.ndarray]:
+    """The Dirichlet schemes' loop: per class, shuffle its indices and cut them at ``cut_points(class, indices,
+    clients' indices so far)`` ((num_clients - 1,) ascending); the whole split is redrawn until every client holds
+    ``least`` samples.
+
+    Raises:
+        PartitionError: no draw in 1,000 gave every client ``least`` samples.
+    """
+    n = spec.num_clients
     for _ in range(_MAX_DIRICHLET_TRIES):
         batches: list[list[int]] = [[] for _ in range(n)]
         for c in range(num_classes):
             idx_c = np.flatnonzero(labels == c)
             rng.shuffle(idx_c)
-            p = rng.dirichlet(np.repeat(spec.alpha, n))
-            capped = np.array([pj * (len(b) < total / n) for pj, b in zip(p, batches)])
-            mass = capped.sum()
-            p = capped / mass if mass > 0 else p  # every open client drew 0: keep the uncapped draw
-            cuts = (np.cumsum(p) * len(idx_c)).astype(int)[:-1]
-            for b, chunk in zip(batches, np.split(idx_c, cuts)):
+            for b, chunk in zip(batches, np.split(idx_c, cut_points(c, idx_c, batches))):
                 b.extend(chunk.tolist())
         if min(len(b) for b in batches) >= least:
             return [np.asarray(b, dtype=np.int64) for b in batches]
     raise PartitionError(
-        f"dirichlet partition: no draw in {_MAX_DIRICHLET_TRIES} tries gave every one of {n} clients "
+        f"{scheme} partition: no draw in {_MAX_DIRICHLET_TRIES} tries gave every one of {n} clients "
         f"at least {least} samples; raise alpha (now {spec.alpha}) or lower num_clients")
+
+
+def _deal_classes(num_classes: int, spec: PartitionSpec, rng: np.random.Generator) -> list[np.ndarray]:
+    """exdir's first level: the owners (ascending client ids) of each class.
+
+    Each client takes ``classes_per_client`` distinct classes uniformly at random (its lowest
+    scores in a row of ``rng.random``); the deal is redrawn until every class has at least
+    ``max(classes_per_client * num_clients // num_classes // 2, 1)`` owners.
+
+    Raises:
+        PartitionError: ``classes_per_client`` exceeds the classes, too few slots cover them,
+            or no deal in 10,000 succeeded.
+    """
+    n, cpc = spec.num_clients, spec.classes_per_client
+    if cpc > num_classes:
+        raise PartitionError(f"classes_per_client={cpc} exceeds the {num_classes} classes of the dataset")
+    if n * cpc < num_classes:
+        raise PartitionError(
+            f"exdir partition: num_clients * classes_per_client = {n} * {cpc} leaves some of the {num_classes} "
+            "classes without an owner; raise num_clients or classes_per_client")
+    need = max(cpc * n // num_classes // 2, 1)
+    for _ in range(_MAX_CLASS_DEALS):
+        taken = np.zeros((n, num_classes), dtype=bool)
+        np.put_along_axis(taken, np.argsort(rng.random((n, num_classes)), axis=1)[:, :cpc], True, axis=1)
+        if taken.sum(axis=0).min() >= need:
+            return [np.flatnonzero(taken[:, c]) for c in range(num_classes)]
+    raise PartitionError(
+        f"exdir partition: no deal of {cpc} classes to each of {n} clients in {_MAX_CLASS_DEALS} tries gave every "
+        f"class {need} owner(s); raise classes_per_client or num_clients")
+
+
+def exdir(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
+          rng: np.random.Generator) -> list[np.ndarray]:
+    """Extended Dirichlet (``exdir``) split of sample indices; returns one index array per client.
+
+    PFLlib's ``separate_data`` ``exdir`` branch (``dataset/utils/dataset_utils.py``, after Li et al.,
+    arXiv:2311.03154). First level (:func:`_deal_classes`): every client owns ``classes_per_client``
+    random classes. Second level, redrawn as a whole until every client holds at least 10 samples
+    (PFLlib's fixed ``min_require_size``; not :func:`least_samples`): for each class, its indices are
+    shuffled and a share vector over *all* clients is drawn from Dirichlet(``alpha``); a client's
+    share is zeroed unless it owns the class and holds fewer than N / ``num_clients`` samples so far;
+    the rest is normalized and the class cut at ``floor(cumsum * n_class)``. When the last cut point
+    falls short of ``n_class`` (float rounding), the cuts from the class's last owner on are moved to
+    ``n_class``, so that owner takes the remainder. A client thus holds at most
+    ``classes_per_client`` classes. ``balance`` is not used.
+
+    Deliberate differences from PFLlib: when every owner's share is zero (all full, or zero
+    draws), PFLlib divides 0 by 0 and its NaN cut points hand the whole class to the last
+    owner; pfl gives it to that owner without the NaNs. PFLlib retries both levels forever;
+    pfl stops after 10,000 class deals and 1,000 share draws. The final per-client shuffle is
+    left out (:func:`make_partition` permutes every share before its train/test split).
+
+    Raises:
+        PartitionError: as :func:`_deal_classes`, or no draw in 1,000 gave every client 10
+            samples (raise ``alpha`` or lower ``num_clients``).
+    """
+    owners = _deal_classes(num_classes, spec, rng)
+    n, total = spec.num_clients, len(labels)
+
+    def cut_points(c: int, idx_c: np.ndarray, batches: list[list[int]]) -> np.ndarray:
+        p = rng.dirichlet(np.repeat(spec.alpha, n))
+        open_owner = np.zeros(n, dtype=bool)
+        open_owner[owners[c]] = True
+        open_owner &= np.array([len(b) < total / n for b in batches])
+        p = p * open_owner
+        mass = p.sum()
+        cuts = (np.cumsum(p / mass if mass > 0 else p) * len(idx_c)).astype(int)[:-1]
+        if cuts.size and cuts[-1] != len(idx_c):
+            cuts[owners[c][-1]:] = len(idx_c)
+        return cuts
+
+    return _redraw_until(labels, num_classes, spec, rng, cut_points, _EXDIR_MIN_SAMPLES, "exdir")
 
 
 def iid(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
@@ -190,7 +287,7 @@ def iid(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
     return np.array_split(rng.permutation(len(labels)), spec.num_clients)
 
 
-_SCHEMES = {"pathological": pathological, "dirichlet": dirichlet, "iid": iid}
+_SCHEMES = {"pathological": pathological, "dirichlet": dirichlet, "exdir": exdir, "iid": iid}
 
 
 def train_test_sizes(n: int, train_ratio: float) -> tuple[int, int]:

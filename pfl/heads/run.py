@@ -3,8 +3,8 @@
 FL run id -> its config and client models -> the same data and partition (checked by
 fingerprint) -> per client, one at a time: load the personalized model, rearrange its
 head (:func:`pfl.heads.rearrange.rearrange_client`), save the members, score the
-unmodified model (``wo_*``) and the ensemble on the client's test split -> summary
-metrics (:func:`pfl.metrics.reliability_summary`), a per-client CSV table and the pooled
+unmodified model and the ensemble on the client's test split -> summary metrics
+(:func:`pfl.metrics.reliability_summary`; the ensemble's as ``test/*``, the unmodified models' as ``wo/*``), a per-client CSV table and the pooled
 reliability-diagram bins of both (``reliability.json``).
 
 OOD detection (:mod:`pfl.heads.ood`): unless ``ood_dataset=none``, the OOD pool is loaded once,
@@ -12,8 +12,8 @@ before the head run is created, and both models of every client also predict on 
 OOD sample (as many images as its test split). Per client, :func:`pfl.metrics.ood_detection`
 gives AUROC and AUPR (in-distribution = positive class) of the maximum softmax probability
 (``msp``) and of the negative predictive entropy (``entropy``); the run logs their
-test-sample-weighted means over clients as ``wo_ood_<auroc|aupr>_<msp|entropy>`` and
-``ood_<auroc|aupr>_<msp|entropy>``, and the resolved OOD set as param ``ood_dataset``.
+test-sample-weighted means over clients as ``wo/ood_<auroc|aupr>_<msp|entropy>`` and
+``ood/<auroc|aupr>_<msp|entropy>``, and the resolved OOD set as param ``ood_dataset``.
 
 Host memory holds one client's model and members at a time, so it does not grow with
 the number of clients.
@@ -30,7 +30,11 @@ from pfl.heads import METHOD_LABELS
 from pfl.heads.ood import OODPool, load_ood_pool, resolve_ood_dataset
 from pfl.heads.rearrange import ClientHeads, rearrange_client
 from pfl.metrics import classification_metrics, ood_detection, reliability_bins, reliability_summary, weighted_mean
+from pfl.summary import head_description
 from pfl.train import Prepared, prepare
+
+# FL-run params a head run repeats, so reports select head runs by setting (only those the FL run's partition has)
+FL_SETTING = ("algo", "dataset", "partition", "alpha", "classes_per_client", "partition_name", "join_ratio")
 
 
 def fl_config(inputs_config: dict, hc: HeadConfig) -> RunConfig:
@@ -76,15 +80,16 @@ def _log_summaries(rows: list[dict], pooled: dict[str, list[torch.Tensor]], labe
 
     weights, y = [r["num_test"] for r in rows], torch.cat(labels)
     metrics, bins = {}, {}
-    for prefix, label in (("wo_", "w/o"), ("", METHOD_LABELS[hc.method])):
-        probs = torch.cat(pooled[prefix])
-        clients = [{k: r[prefix + k] for k in ("acc", "nll", "ece", "brier")} for r in rows]
+    for column, group, label in (("wo_", "wo/", "w/o"), ("", "test/", METHOD_LABELS[hc.method])):
+        probs = torch.cat(pooled[column])
+        clients = [{k: r[column + k] for k in ("acc", "nll", "ece", "brier")} for r in rows]
         summary = reliability_summary(clients, weights, probs, y, hc.global_ece_bins)
-        metrics.update({prefix + k: v for k, v in summary.items()})
+        metrics.update({group + k: v for k, v in summary.items()})
         bins[label] = reliability_bins(probs, y, hc.global_ece_bins)
-    ood = [k for k in rows[0] if k.startswith(("wo_ood_", "ood_"))]
-    metrics.update({k: weighted_mean([r[k] for r in rows], weights) for k in ood})
-    metrics["head_time"] = sum(r["seconds"] for r in rows)
+    ood = {k: k.replace("wo_ood_", "wo/ood_") if k.startswith("wo_") else k.replace("ood_", "ood/", 1)
+           for k in rows[0] if k.startswith(("wo_ood_", "ood_"))}  # client column -> run metric
+    metrics.update({name: weighted_mean([r[k] for r in rows], weights) for k, name in ood.items()})
+    metrics["time/heads"] = sum(r["seconds"] for r in rows)
     tracking.log_metrics(metrics)
     tracking.log_json(bins, "reliability.json")
 
@@ -116,14 +121,14 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
     ood = pools[hc.ood_dataset] if pools and hc.ood_dataset in pools else ood_pool(hc, cfg, [prepared])
     data = DeviceImages(prepared.dataset, prepared.device)
     hc = hc.model_copy(update={"eval_batch_size": data.inference_batch_size(hc.eval_batch_size)})
-    params = {**hc.flat_params(), "fl_run_id": fl_run_id, "algo": cfg.algo, "dataset": cfg.dataset,
-              "partition": cfg.partition, "alpha": cfg.alpha, "join_ratio": cfg.join_ratio,
-              "fl_seed": inputs.params.get("seed"), "num_clients": inputs.num_clients,
-              "ood_dataset": ood.name if ood else "none"}
+    setting = {k: v for k, v in cfg.flat_params().items() if k in FL_SETTING}
+    params = {**hc.flat_params(), **setting, "fl_run_id": fl_run_id, "fl_seed": inputs.params.get("seed"),
+              "num_clients": inputs.num_clients, "ood_dataset": ood.name if ood else "none"}
+    name = f"{hc.method}-{inputs.name}"
     rows: list[dict] = []
     pooled: dict[str, list[torch.Tensor]] = {"wo_": [], "": []}
     labels: list[torch.Tensor] = []
-    with tracking.head_run(fl_run_id, inputs.experiment_id, f"{hc.method}-{cfg.algo}", params) as run_id:
+    with tracking.head_run(fl_run_id, inputs.experiment_id, name, params) as run_id:
         for cid in tqdm(range(inputs.num_clients), desc=f"{hc.method} clients", disable=not progress):
             split = prepared.partition.clients[cid]
             model = tracking.load_client_model(fl_run_id, cid)
@@ -139,7 +144,10 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
             pooled["wo_"].append(result.probs_wo)
             pooled[""].append(result.probs)
             labels.append(y)
-        tracking.log_metrics({"trainable_params_per_member": result.members.trainable_per_member()})
+        tracking.log_metrics({"model/trainable_params_per_member": result.members.trainable_per_member()})
         tracking.log_csv(rows, "client_metrics.csv")
         _log_summaries(rows, pooled, labels, hc)
+        text = f"{METHOD_LABELS[hc.method]} heads on every client of FL run {inputs.name} ({cfg.describe()})."
+        tracking.set_description(run_id, head_description(name, text, tracking.run_metrics(run_id), run_id,
+                                                          fl_run_id, METHOD_LABELS[hc.method]))
     return run_id

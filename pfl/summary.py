@@ -1,0 +1,143 @@
+"""What a researcher reads at the end of a command: seed summaries, run descriptions and the terminal table.
+
+* :func:`seed_summary`: mean and std over seeds of the final and best quality metrics of FL runs,
+  logged by launch runs (``test/acc``, ``test/acc_seed_std``, ``best/test_acc``, ...) so the
+  collapsed runs table shows results; a sweep logs one per cell (``dir0.1-jr0.2/test_acc``).
+* :func:`fl_description`, :func:`head_description`, :func:`launch_description`: Markdown for the
+  runs' ``mlflow.note.content`` (the description on a run's page): the setting, the final metrics
+  and how to load the models.
+* :func:`summary_table`: the table ``pfl train``, ``pfl sweep`` and ``pfl tune`` print at the end:
+  final and best test accuracy, NLL, F-ECE (± std across clients) and wall time per run.
+
+Plain functions of params and metrics dicts (as :func:`pfl.tracking.run_summary` reads them); nothing
+here talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from pfl.vocabulary import QUALITY, flat
+
+FINAL_QUALITY = tuple(f"test/{m}" for m in QUALITY)
+_SHOWN = (("test/acc", "acc (%)", 100), ("test/nll", "NLL (nats)", 1), ("test/f_ece", "F-ECE (%)", 100),
+          ("test/ece_mean", "ECE mean (%)", 100), ("test/global_ece", "global ECE (%)", 100))
+
+
+def _summarized(name: str) -> bool:
+    """Final and best quality metrics (``test/acc``, ``test/acc_vgg11``, ``best/test_f_ece``), not spreads."""
+    metric = name.removeprefix("best/test_").removeprefix("test/")
+    return (name.startswith(("test/", "best/test_")) and metric.startswith(QUALITY)
+            and not metric.endswith("_std"))
+
+
+def seed_summary(runs: Sequence[Mapping[str, float]], cell: str | None = None) -> dict[str, float]:
+    """Mean and population std over seeds of every final and best quality metric the FL runs share.
+
+    Args:
+        runs: each FL run's metrics (name -> latest value).
+        cell: ``None`` for a launch run of one setting (``test/acc`` = the mean, ``test/acc_seed_std``);
+            a sweep cell's name puts every metric under it (``<cell>/test_acc``, ``<cell>/test_acc_seed_std``).
+
+    Returns:
+        the metrics to log, plus ``seeds`` (or ``<cell>/seeds``): the number of runs.
+    """
+    names = [k for k in runs[0] if _summarized(k) and all(k in r for r in runs)] if runs else []
+    key = (lambda n: n) if cell is None else (lambda n: f"{cell}/{flat(n)}")
+    out = {}
+    for name in names:
+        values = [r[name] for r in runs]
+        out[key(name)] = statistics.fmean(values)
+        out[key(name) + "_seed_std"] = statistics.pstdev(values)
+    out["seeds" if cell is None else f"{cell}/seeds"] = float(len(runs))
+    return out
+
+
+def _pct(value: float | None, std: float | None = None, scale: float = 100) -> str:
+    """``value * scale`` with 2 decimals and ``± std`` when given; an em dash for a missing value."""
+    if value is None:
+        return "—"
+    text = f"{value * scale:.2f}"
+    return text if std is None else f"{text} ± {std * scale:.2f}"
+
+
+def _metric_items(metrics: Mapping[str, float]) -> list[str]:
+    """Markdown list items ``- name: value ± std across clients`` of the final quality metrics (``test/*``).
+
+    Lists, not tables: MLflow's UI draws Markdown tables without cell padding, so their numbers run together.
+    """
+    return [f"- {label}: {_pct(metrics[key], metrics.get(key + '_std'), scale)}"
+            for key, label, scale in _SHOWN if key in metrics]
+
+
+def fl_description(name: str, setting: str, metrics: Mapping[str, float], run_id: str, tracking_uri: str) -> str:
+    """Markdown description of a finished FL run: setting, final and best metrics, loading snippet."""
+    lines = [f"**{name}**: {setting}", "", "Final evaluation, test-sample-weighted mean over clients (± std across "
+             "clients):", "", *_metric_items(metrics)]
+    if "best/test_acc" in metrics:
+        lines.append(f"- best acc (%): {_pct(metrics['best/test_acc'])} at round {int(metrics.get('best/round', 0))}")
+    lines += ["", "Load a client's personalized model (`model.base`, `model.head`):", "", "```python",
+              "from pfl.tracking import configure_tracking, load_client_model",
+              f'configure_tracking("{tracking_uri}")', f'model = load_client_model("{run_id}", client_id=0)',
+              "```", "", f"Head ensembles on it: `pfl heads --run-id {run_id} --method aph` (or `loraph`)."]
+    return "\n".join(lines)
+
+
+def head_description(name: str, setting: str, metrics: Mapping[str, float], run_id: str, fl_run_id: str,
+                     method: str) -> str:
+    """Markdown description of a head run: setting, the unmodified models (w/o) against the ``method`` ensemble,
+    how to load a client's members."""
+    items = [f"- {label}: w/o {_pct(metrics.get('wo/' + key[5:]), None, scale)} → {method} "
+             f"{_pct(metrics.get(key), None, scale)}" for key, label, scale in _SHOWN]
+    lines = [f"**{name}**: {setting}", "", "Test-sample-weighted means over clients:", "", *items, "",
+             "The members of client 0's head (stacked tensors and learning rates):", "", "```python",
+             "from mlflow.artifacts import download_artifacts", "from safetensors.torch import load_file",
+             "members = load_file(download_artifacts(", f'    run_id="{run_id}",',
+             '    artifact_path="heads/client_000.safetensors"))', "```", "",
+             f"The base is client 0's model of FL run `{fl_run_id}` (`load_client_model`)."]
+    return "\n".join(lines)
+
+
+def launch_description(name: str, setting: str, summary: Mapping[str, float], run_names: Sequence[str]) -> str:
+    """Markdown description of a launch run: setting, mean ± std over seeds (the value alone for one seed), its
+    FL runs."""
+    several = len(run_names) > 1
+    shown = [*_SHOWN, ("best/test_acc", "best acc (%)", 100)]
+    items = [f"- {label}: {_pct(summary[k], summary.get(k + '_seed_std') if several else None, scale)}"
+             for k, label, scale in shown if k in summary]
+    title = f"mean ± std over {len(run_names)} seeds" if several else "1 seed"
+    return "\n".join([f"**{name}**: {setting}", "", f"Final evaluation ({title}):", "", *items, "",
+                       "FL runs: " + ", ".join(run_names)])
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def summary_table(rows: Sequence[Mapping]) -> str:
+    """The end-of-command table: one line per run.
+
+    Args:
+        rows: per run ``{"name", "metrics": {name: value}, "seconds": wall time or None}``; FL runs show
+            their final ``test/*`` and ``best/test_acc``; head runs their method's ``test/*``.
+
+    Returns:
+        a fixed-width text table (pandas): run, acc (%), best acc (%) at its round, NLL, F-ECE (%) ± std
+        across clients, global ECE (%), wall time.
+    """
+    table = []
+    for row in rows:
+        m = row["metrics"]
+        best = m.get("best/test_acc")
+        table.append({"run": row["name"], "acc (%)": _pct(m.get("test/acc")),
+                      "best acc (%)": "—" if best is None else f"{_pct(best)} (r{int(m.get('best/round', 0))})",
+                      "NLL": "—" if "test/nll" not in m else f"{m['test/nll']:.3f}",
+                      "F-ECE (%)": _pct(m.get("test/f_ece"), m.get("test/f_ece_std")),
+                      "global ECE (%)": _pct(m.get("test/global_ece")), "time": _duration(row.get("seconds"))})
+    return pd.DataFrame(table).to_string(index=False)

@@ -1,0 +1,73 @@
+"""The metric vocabulary: one name per quantity, the same in every run type, grouped with ``/``.
+
+MLflow's UI groups charts by the part of a metric name before the first ``/``, and one sort
+column then ranks FL runs and head runs together (``test/f_ece``).
+
+* ``test/<metric>``: the evaluated models on every client's own test split. Quality metrics
+  (:data:`QUALITY`):
+
+  - ``acc``: test-sample-weighted mean of the clients' accuracies (fraction);
+  - ``nll``: test-sample-weighted mean NLL (nats);
+  - ``f_ece``: F-ECE, the test-sample-weighted mean of per-client ECE (equal-mass bins);
+  - ``ece_mean``: the unweighted mean of per-client ECE;
+  - ``global_ece``: ECE of all clients' predictions pooled (uniform bins);
+  - ``brier``: test-sample-weighted mean Brier score.
+
+  ``test/<metric>_std`` is the unweighted std across clients; ``test/<metric>_<arch>`` the
+  weighted mean over one architecture's clients (runs that mix architectures).
+  FL runs score the personalized models; head runs the method's ensemble.
+* ``val/<metric>``: the same on the tuning splits (hyperparameter search).
+* ``wo/<metric>``: a head run's unmodified models (w/o the method), beside its ``test/*``.
+* ``ood/<score>``: OOD detection of a head run's ensemble (``ood/auroc_msp``, ...);
+  ``wo/ood_<score>`` of its unmodified models.
+* ``train/loss``, ``train/samples``: the round's local training.
+* ``time/<part>``: seconds (``time/round``, ``time/local``, ``time/aggregate``, ``time/eval``,
+  ``time/checkpoint``, ``time/heads``, ``time/total``).
+* ``best/<split>_<metric>``: the evaluation at the round of best accuracy (``best/test_acc``,
+  ``best/round``), :func:`best_name`.
+* ``eval/reused``, ``checkpoint/mb``, ``model/<count>``, ``comm/<bytes>``: bookkeeping.
+* Launch runs: the mean over seeds of every final and best metric under its own name, ``<name>_seed_std`` and
+  ``seeds``; a sweep's per cell, ``<cell>/<flat name>`` (``dir0.1-jr0.2/test_f_ece``). Study runs: the best value
+  under its ``val/<metric>`` name, ``study/best_trial``, ``study/n_complete`` ...; their final repeats
+  ``final/test_acc``, ``final/test_acc_seed_std`` ...
+
+Algorithms of later issues place their own metrics the same way: ``test/knn_acc``,
+``comm/bytes_up``, ``server/<name>``. :data:`LEGACY` maps names to those of stores written
+before this vocabulary, so reports read old runs too.
+"""
+
+from __future__ import annotations
+
+QUALITY = ("acc", "nll", "f_ece", "ece_mean", "global_ece", "brier")
+OOD_SCORES = ("auroc_msp", "aupr_msp", "auroc_entropy", "aupr_entropy")
+SEP = "/"
+
+
+def metric(group: str, name: str) -> str:
+    """``<group>/<name>``, e.g. ``metric("test", "acc") == "test/acc"``."""
+    return f"{group}{SEP}{name}"
+
+
+def best_name(name: str) -> str:
+    """The best-round counterpart of an evaluation metric: ``test/acc`` -> ``best/test_acc``."""
+    return metric("best", name.replace(SEP, "_"))
+
+
+def flat(name: str) -> str:
+    """A metric name without its group separators (``test/acc`` -> ``test_acc``), for prefixed copies."""
+    return name.replace(SEP, "_")
+
+
+# new name -> the name stores written before this vocabulary hold; FL runs: :func:`legacy_fl`
+LEGACY_HEADS = {
+    "test/acc": "acc", "test/nll": "nll", "test/f_ece": "f_ece", "test/ece_mean": "ece", "test/brier": "brier",
+    "test/global_ece": "global_ece", "wo/acc": "wo_acc", "wo/nll": "wo_nll", "wo/f_ece": "wo_f_ece",
+    "wo/ece_mean": "wo_ece", "wo/brier": "wo_brier", "wo/global_ece": "wo_global_ece",
+    **{f"ood/{s}": f"ood_{s}" for s in OOD_SCORES}, **{f"wo/ood_{s}": f"wo_ood_{s}" for s in OOD_SCORES},
+}
+
+
+def legacy_fl(name: str) -> str:
+    """The pre-vocabulary name of an FL-run metric: ``test/acc`` -> ``test_acc``, ``test/f_ece`` -> ``test_ece``,
+    ``best/test_f_ece`` -> ``best_test_ece``, ``test/acc_vgg11`` -> ``test_acc_vgg11``, ``best/round`` -> ``best_round``."""
+    return flat(name).replace("f_ece", "ece")

@@ -1,0 +1,74 @@
+"""Display names for tables, captions and figure titles, and the ASCII stems of file names.
+
+Algorithms and datasets by their papers' spelling (``fedfomo`` -> FedFomo, ``cifar10`` ->
+CIFAR-10); ids without an entry are shown unchanged. A partition setting reads ``Dir(α=0.1)``,
+``Pat(2 classes/client)``, ``ExDir(α=0.1, 2 classes/client)``, ``IID`` or ``PFLlib(<name>)``; its
+file stem ``dir0.1``, ``pat2``, ``exdir0.1c2``, ``iid`` or the import's name (as in FL run names).
+Numbers print in shortest form (``0.1``, ``1``); a parameter not logged (NaN) is left out.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+ALGORITHMS = {"fedavg": "FedAvg", "fedfomo": "FedFomo", "fedala": "FedALA", "flexifed": "FlexiFed"}
+DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet"}
+
+
+def algo_name(algo: str) -> str:
+    """``fedavg`` -> ``FedAvg``, ``fedfomo`` -> ``FedFomo``, ``fedala`` -> ``FedALA``, ``flexifed`` -> ``FlexiFed``."""
+    return ALGORITHMS.get(algo, str(algo))
+
+
+def dataset_name(dataset: str) -> str:
+    """``cifar10`` -> ``CIFAR-10``, ``cifar100`` -> ``CIFAR-100``, ``tinyimagenet`` -> ``Tiny-ImageNet``."""
+    return DATASETS.get(dataset, str(dataset))
+
+
+def _given(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def number(value: float) -> str:
+    """Shortest form of a number: ``0.1``, ``1`` (for 1.0), ``20``."""
+    return f"{float(value):g}"
+
+
+def _classes(count) -> str:
+    return f"{number(count)} class{'' if float(count) == 1 else 'es'}/client"
+
+
+def partition_name(partition: str, alpha: float = math.nan, classes_per_client: float = math.nan,
+                   name: str | None = None) -> str:
+    """``Dir(α=0.1)``, ``Pat(2 classes/client)``, ``ExDir(α=0.1, 2 classes/client)``, ``IID``, ``PFLlib(name)``.
+
+    Args:
+        partition: the ``partition`` param (``dirichlet``, ``pathological``, ``exdir``, ``iid``, ``pfllib``);
+            another value is shown unchanged.
+        alpha, classes_per_client, name: that partition's params (NaN / None where not logged).
+    """
+    parts = [f"α={number(alpha)}" if _given(alpha) else "", _classes(classes_per_client)
+             if _given(classes_per_client) else ""]
+    inner = ", ".join(p for p in parts if p)
+    label = {"dirichlet": "Dir", "pathological": "Pat", "exdir": "ExDir"}.get(partition)
+    if label is not None:
+        return f"{label}({inner})" if inner else label
+    if partition == "pfllib":
+        return f"PFLlib({name})" if _given(name) else "PFLlib"
+    return "IID" if partition == "iid" else str(partition)
+
+
+def partition_stem(partition: str, alpha: float = math.nan, classes_per_client: float = math.nan,
+                   name: str | None = None) -> str:
+    """File-name stem of a partition setting: ``dir0.1``, ``pat2``, ``exdir0.1c2``, ``iid``, the PFLlib import's name.
+
+    Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``.
+    """
+    alpha_part = number(alpha) if _given(alpha) else ""
+    classes_part = number(classes_per_client) if _given(classes_per_client) else ""
+    stem = {"dirichlet": f"dir{alpha_part}", "pathological": f"pat{classes_part}",
+            "exdir": f"exdir{alpha_part}c{classes_part}"}.get(partition, str(partition))
+    if partition == "pfllib" and _given(name):
+        stem = str(name)
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem)
