@@ -63,8 +63,9 @@ def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], hea
     firsts = [build_algorithm(p, p.cfg.seed) for p in prepared]
     by_setting = {hc.ood_dataset: hc for hc in heads}  # one OOD pool per setting, loaded and checked now
     pools = {name: ood_pool(hc, fl_config(cells[0].flat_params(), hc), prepared) for name, hc in by_setting.items()}
-    params = {**cfg.flat_params(), "join_ratio": str(join_ratios), "head_methods": ",".join(h.method for h in heads),
-              **({"alpha": str(alphas)} if "alpha" in cfg.flat_params() else {})}
+    shared = prepared[0].cfg.flat_params()  # eval_batch_size resolved for the device, as the FL runs log it
+    params = {**shared, "join_ratio": str(join_ratios), "head_methods": ",".join(h.method for h in heads),
+              **({"alpha": str(alphas)} if "alpha" in shared else {})}
     fl_ids, head_ids = [], []
     with tracking.launch_run(cfg.experiment, sweep_name(cfg, alphas, join_ratios), params) as launch_id:
         for cell, first in zip(prepared, firsts):

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from pfl import tracking
 from pfl.cli import main
 from pfl.data.datasets import CIFAR10_FOLDER
 
@@ -140,10 +141,12 @@ CASES = [
     ("data-truncated-pickle", [*TRAIN, "data_dir={tmp}/bad"], "data_batch_1", {"setup": "truncated"}),
     ("data-random-bytes-pickle", [*TRAIN, "data_dir={tmp}/bad"], "test_batch", {"setup": "random"}),
     # run ids
-    ("run-id-nonexistent", ["heads", "--run-id", FL_ID, "--no-progress"], FL_ID, {}),
+    ("run-id-nonexistent", ["heads", "--run-id", FL_ID, "--no-progress"], FL_ID, {"setup": "store"}),
+    ("heads-store-missing", ["heads", "--run-id", FL_ID, "--no-progress"], "no such store", {}),
     ("run-id-of-a-launch-run", ["heads", "--run-id", "{launch}", "--no-progress"], "{launch}", {"setup": "launch"}),
     # stores
-    ("report-empty-store", ["report", "--out", "{tmp}/report"], "report: ", {}),
+    ("report-empty-store", ["report", "--out", "{tmp}/report"], "report: ", {"setup": "store"}),
+    ("report-store-missing", ["report", "--out", "{tmp}/report"], "no such store", {}),
     ("tracking-uri-unwritable", [*TRAIN[:2], "--tracking-uri", "sqlite:////proc/x/mlflow.db", *TRAIN[2:]],
      "/proc/x/mlflow.db", {}),
 ]
@@ -166,6 +169,8 @@ def _setup(kind: str, tmp: Path, data: Path | None, uri: str) -> dict[str, str]:
             batch.write_bytes(batch.read_bytes()[:1000])
         else:
             (bad / "test_batch").write_bytes(bytes(range(256)) * 40)
+    elif kind == "store":  # an existing, empty tracking store
+        tracking.configure_tracking(uri)
     elif kind == "launch":
         client = mlflow.MlflowClient(uri)
         run = client.create_run(client.create_experiment("pfl"), tags={"pfl.kind": "launch"})

@@ -53,7 +53,7 @@ def test_four_trains_on_one_fresh_sqlite_store_all_finish(cifar10_dir, tmp_path)
     assert {r.info.status for r in runs} == {"FINISHED"}
     # each FL run under its own launch run, each launch run printed by one process
     assert {r.data.tags["mlflow.parentRunId"] for r in fl} == {r.info.run_id for r in launch}
-    printed = {line.split(": ", 1)[1] for out in outputs for line in out.splitlines() if line.startswith("FL run: ")}
+    printed = {line.split()[2] for out in outputs for line in out.splitlines() if line.startswith("FL run: ")}
     assert printed == {r.info.run_id for r in fl}
     assert all("test/acc" in r.data.metrics for r in fl)
     print(f"{WORKERS} concurrent `pfl train`: {elapsed:.1f} s")
