@@ -228,7 +228,8 @@ def _print_summary(uri: str, launch_id: str | None, fl_ids: list[str], head_ids:
     first = fl_ids[0]
     print("next:")
     if not head_ids:
-        print(f"  pfl heads --run-id {first} --method aph" + (f" --tracking-uri {uri}" if uri != _default_uri() else ""))
+        where = f" --tracking-uri {uri}" if uri != _default_uri() else ""
+        print(f"  pfl heads --run-id {first} --method aph{where}")
     print(f"  mlflow ui --backend-store-uri {uri}")
     print(f'  python -c "from pfl.tracking import configure_tracking, load_client_model; '
           f"configure_tracking('{uri}'); print(load_client_model('{first}', client_id=0))\"")
@@ -344,6 +345,8 @@ def _report(args: argparse.Namespace) -> int:
         raise ConfigError(f"report: {err}") from None
     with tracking.launch_run(experiment, "report", params, kind="report") as run_id:
         tracking.log_folder(out)
+        files = "\n".join(f"- `{p.name}`" for p in report.files)
+        tracking.set_description(run_id, f"**report** ({args.stat} statistic)\n\n{report.caption}\n\nFiles:\n\n{files}")
     print(report.table_markdown)
     print(f"tracking store: {uri}")
     print(f"report run: {run_id}; files in {out}: {', '.join(p.name for p in report.files)}")

@@ -69,5 +69,6 @@ LEGACY_HEADS = {
 
 def legacy_fl(name: str) -> str:
     """The pre-vocabulary name of an FL-run metric: ``test/acc`` -> ``test_acc``, ``test/f_ece`` -> ``test_ece``,
-    ``best/test_f_ece`` -> ``best_test_ece``, ``test/acc_vgg11`` -> ``test_acc_vgg11``, ``best/round`` -> ``best_round``."""
+    ``best/test_f_ece`` -> ``best_test_ece``, ``test/acc_vgg11`` -> ``test_acc_vgg11``,
+    ``best/round`` -> ``best_round``."""
     return flat(name).replace("f_ece", "ece")

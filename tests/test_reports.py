@@ -186,6 +186,8 @@ def test_report_command_logs_a_report_run_and_rejects_bad_selections(table_store
     assert len(runs) == 1
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
     assert {"table.md", "table.csv", "table.tex"} <= arts
+    note = runs[0].data.tags["mlflow.note.content"]
+    assert "F-ECE" in note and "`table.tex`" in note
     assert main(["report", "--experiment", "tbl", "--alpha", "0.7", "--out", str(out)]) == 2
     assert "alpha=0.7" in capsys.readouterr().err
     assert len(mlflow.search_runs(experiment_names=["tbl"], filter_string="tags.`pfl.kind` = 'report'",

@@ -150,7 +150,9 @@ def test_study_tracks_trials_resumes_and_best_config_reproduces(cifar10_dir, tmp
     assert study.user_attrs["base_config"] == cfg.flat_params()
     assert result.best_trial == study.best_trial.number
     assert result.best_run_id == by_number[result.best_trial].info.run_id
-    study_metrics = mlflow.MlflowClient().get_run(result.study_run_id).data.metrics
+    study_run = mlflow.MlflowClient().get_run(result.study_run_id)
+    study_metrics = study_run.data.metrics
+    assert f"best trial {result.best_trial}:" in study_run.data.tags["mlflow.note.content"]
     assert study_metrics["val/acc"] == result.best_value and study_metrics["study/best_trial"] == result.best_trial
     assert study_metrics["study/n_complete"] == result.states["complete"] and result.final_run_ids == []
 

@@ -224,8 +224,10 @@ def run_study(base: RunConfig, space: dict[str, SearchParam], settings: StudySet
         tracking.log_json(best.params, "best_params.json")
         tracking.log_file(path)
         finals = _final_repeats(best_cfg, settings.final_repeats, settings.progress) if settings.final_repeats else []
-    return StudyResult(run_id, name, settings.storage, settings.metric, best.number, study.best_value, best.params,
-                       best.user_attrs.get("mlflow_run_id"), states, path, tracking.tracking_uri(), finals)
+    result = StudyResult(run_id, name, settings.storage, settings.metric, best.number, study.best_value, best.params,
+                         best.user_attrs.get("mlflow_run_id"), states, path, tracking.tracking_uri(), finals)
+    tracking.set_description(run_id, "```\n" + "\n".join(summary_lines(result)) + "\n```")  # the printed summary
+    return result
 
 
 def summary_lines(result: StudyResult) -> list[str]:
