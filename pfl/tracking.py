@@ -478,6 +478,14 @@ def head_run(fl_run_id: str, experiment_id: str, name: str, params: dict[str, An
         yield run.info.run_id
 
 
+def log_state(state: State, artifact_file: str) -> None:
+    """Save a named state as a safetensors artifact ``artifact_file`` (e.g. ``server/generator.safetensors``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
 def log_member_heads(client_id: int, members: nn.Module, lrs: torch.Tensor) -> None:
     """Save one client's trained head members (stacked tensors) as ``heads/client_XXX.safetensors``."""
     state = {k: v.detach().cpu().contiguous() for k, v in members.state_dict().items()}

@@ -232,6 +232,8 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
         raise
     for key, tensor in algorithm.state_for_logging().items():
         tracking.log_json(tensor.tolist(), f"server/{key}.json")
+    for name, state in algorithm.server_models().items():
+        tracking.log_state(state, f"server/{name}.safetensors")
     tracking.log_client_models(algorithm.ctx.specs, algorithm.personalized_state)
     tracking.log_file(checkpointer.path, "checkpoint")
     if checkpointer.sizes:

@@ -60,3 +60,10 @@ def test_inference_batch_follows_the_device_unless_configured(cifar10_dir, tmp_p
     assert algorithm.ctx.runner.eval_batch_size == 195
     with pytest.raises(ConfigError, match="eval_batch_size"):
         load_config(None, ["eval_batch_size=0"])
+
+
+def test_round_metrics_of_the_algorithm_join_the_engines(cifar10_dir, tmp_path, monkeypatch):
+    algorithm = _fedfomo(cifar10_dir, tmp_path)
+    monkeypatch.setattr(algorithm, "round_metrics", lambda: {"server/probe": 1.5})
+    metrics = Engine(algorithm, Schedule(global_rounds=1, num_join_clients=3)).run_round(1)
+    assert metrics["server/probe"] == 1.5 and "train/loss" in metrics and "time/round" in metrics

@@ -229,6 +229,15 @@ class Algorithm:
         """Extra server state worth saving with the run as JSON (e.g. FedFomo's affinity matrix)."""
         return {}
 
+    def server_models(self) -> dict[str, State]:
+        """Server-side models saved with the run as ``server/<name>.safetensors`` (e.g. FedGen's generator)."""
+        return {}
+
+    def round_metrics(self) -> dict[str, float]:
+        """Server-side metrics of the round just run, logged with the engine's (names of :mod:`pfl.vocabulary`,
+        e.g. ``server/generator_teacher_loss``); default none."""
+        return {}
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The algorithm's full state as named tensors plus JSON (:mod:`pfl.algorithms.checkpoint`)."""
         return export_state(self, self.state_attributes)

@@ -159,8 +159,9 @@ class Engine:
 
     def run_round(self, rnd: int) -> dict[str, float]:
         """One round; returns ``train/loss`` (sample-weighted mean over the round's clients), ``train/samples``
-        (the round's clients' training samples) and seconds: ``time/round`` = ``time/local`` (round
-        starting points and local training) + ``time/aggregate`` (server update, FedALA's ALA)."""
+        (the round's clients' training samples), seconds: ``time/round`` = ``time/local`` (round
+        starting points and local training) + ``time/aggregate`` (server update, FedALA's ALA), and the
+        algorithm's :meth:`~pfl.algorithms.base.Algorithm.round_metrics`."""
         start = time.perf_counter()
         local = 0.0
 
@@ -176,7 +177,8 @@ class Engine:
         samples = torch.tensor([r.num_samples for r in results], dtype=torch.float64)
         end = time.perf_counter()
         return {"train/loss": float((losses * samples).sum() / samples.sum()), "train/samples": float(samples.sum()),
-                "time/round": end - start, "time/local": local, "time/aggregate": end - start - local}
+                "time/round": end - start, "time/local": local, "time/aggregate": end - start - local,
+                **self.algorithm.round_metrics()}
 
     def evaluate(self, rnd: int) -> Evaluation:
         """Every client's personalized model on its own ``eval_split``; aggregates weighted by its sample counts.
