@@ -19,6 +19,8 @@ STREAMS: dict[str, int] = {
     "head_batches": 7,       # APH / LoRAPH: a member's batch order
     "ood_sample": 8,         # head runs: a client's sample of the OOD set
     "local_subsample": 9,    # FlexiFed: the sample_fraction of a client's shard trained on in a round
+    "fedgen_client": 10,     # FedGen: a client's generated labels and noise in a round
+    "fedgen_server": 11,     # FedGen: the server's generator training and evaluation draws in a round
 }
 
 

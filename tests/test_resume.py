@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("time/", "checkpoint/mb")  # wall-clock figures differ from run to run
 
 ALGOS = {"fedavg": [], "fedfomo": ["M=2"], "fedala": [],
-         "flexifed": ["model=vgg11,vgg13", "model_width=0.125", "partition=iid", "sample_fraction=0.3"]}
+         "flexifed": ["model=vgg11,vgg13", "model_width=0.125", "partition=iid", "sample_fraction=0.3"],
+         "fedgen": ["server_epochs=3", "gen_hidden=[32]"]}
 
 
 def _overrides(data_dir, tmp_path, algo="fedfomo", rounds=6):
