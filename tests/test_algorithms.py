@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import check_exact_resumption
 from pfl.algorithms.base import FederatedContext
 from pfl.algorithms.fedfomo import FedFomo, fomo_weights, normalize_weights
 from pfl.algorithms.local import FitRes
@@ -366,63 +365,19 @@ def test_fedfomo_aggregate_adds_raw_weights_to_affinity_row():
     assert 1 not in algo._pending
 
 
-# ---------------------------------------------------------------- exact resumption
-
-
-def _resumable(cifar10_dir, tmp_path, algo: str):
-    from pfl.config import load_config
-    from pfl.train import build_algorithm, prepare
-
-    cfg = load_config(None, [f"data_dir={cifar10_dir}", f"cache_dir={tmp_path}", f"algo={algo}", "num_clients=5",
-                             "join_ratio=0.4", "global_rounds=3", "device=cpu", "num_threads=1"])
-    prepared = prepare(cfg)
-    return (lambda: build_algorithm(prepared, seed=0)), cfg
-
-
-def _check_exact_resumption(cifar10_dir, tmp_path, algo: str) -> None:
-    """2 rounds, export, restore into a fresh algorithm (same config and seed); round 3 is bit-identical."""
-    from pfl.algorithms.engine import Engine, Schedule
-
-    build, cfg = _resumable(cifar10_dir, tmp_path, algo)
-    schedule = Schedule(global_rounds=3, num_join_clients=cfg.num_join_clients)
-    original = build()
-    engine = Engine(original, schedule)
-    for rnd in (1, 2):
-        engine.run_round(rnd)
-    tensors, meta = original.state_dict()
-    # the export survives a file and JSON: nothing pickled, nothing shared
-    save_file(tensors, tmp_path / "state.safetensors")
-    tensors = load_file(tmp_path / "state.safetensors")
-    meta = json.loads(json.dumps(meta))
-
-    resumed = build()
-    # not vacuous: two rounds moved the state away from a fresh algorithm's
-    assert any(not _equal_states(original.personalized_state(c), resumed.personalized_state(c)) for c in range(5))
-    resumed.load_state_dict(tensors, meta)
-    for c in range(5):
-        assert _equal_states(resumed.personalized_state(c), original.personalized_state(c)), c
-
-    after = engine.run_round(3)
-    again = Engine(resumed, schedule).run_round(3)
-    assert again["train/loss"] == after["train/loss"]
-    assert again["train/samples"] == after["train/samples"]
-    for c in range(5):
-        assert _equal_states(resumed.personalized_state(c), original.personalized_state(c)), c
-    # and the whole algorithm state after round 3 agrees, every tensor bit for bit
-    (t1, m1), (t2, m2) = original.state_dict(), resumed.state_dict()
-    assert m1 == m2 and _equal_states(t1, t2)
+# ---------------------------------------------------------------- exact resumption (conftest.check_exact_resumption)
 
 
 def test_fedavg_resumes_exactly(cifar10_dir, tmp_path):
-    _check_exact_resumption(cifar10_dir, tmp_path, "fedavg")
+    check_exact_resumption(cifar10_dir, tmp_path, "fedavg")
 
 
 def test_fedfomo_resumes_exactly(cifar10_dir, tmp_path):
-    _check_exact_resumption(cifar10_dir, tmp_path, "fedfomo")
+    check_exact_resumption(cifar10_dir, tmp_path, "fedfomo")
 
 
 def test_fedala_resumes_exactly(cifar10_dir, tmp_path):
-    _check_exact_resumption(cifar10_dir, tmp_path, "fedala")
+    check_exact_resumption(cifar10_dir, tmp_path, "fedala")
 
 
 def test_store_keeps_the_architectures_entry_order_in_memory_and_spilled(tmp_path):
