@@ -97,7 +97,25 @@ def test_official_round_one_is_unregularized_and_pfllib_regularizes_from_round_o
     assert build().coefficients(1) == (1.0, 0.0)
 
 
-@pytest.mark.parametrize("overrides", [(), ("variant=pfllib", "localize_feature_extractor=true", "noise_dim=8")])
+def test_eval_personalized_scores_each_clients_upload_beside_the_global_model(cifar10_dir, tmp_path):
+    build, _ = _build(cifar10_dir, tmp_path, "fedgen", "server_epochs=2", "eval_personalized=true")
+    fedgen = build()
+    engine = Engine(fedgen, Schedule(1, 2))
+    selected = engine.sample_clients(1)
+    engine.run_round(1)
+    evaluation = engine.evaluate(1)
+    assert {"finetuned/acc", "finetuned/f_ece", "test/acc"} <= set(evaluation.metrics)
+    for row in evaluation.per_client:
+        if row["client"] in selected:  # its last upload, not the global model
+            assert state_digest(fedgen.extra_models()["finetuned"](row["client"])) != \
+                state_digest(fedgen.global_state)
+        else:  # has not taken part: the global model, scored alike
+            assert row["finetuned_acc"] == row["acc"] and row["finetuned_nll"] == row["nll"]
+    assert not build().extra_models()["finetuned"].__self__.written()
+
+
+@pytest.mark.parametrize("overrides", [("eval_personalized=true",),
+                                       ("variant=pfllib", "localize_feature_extractor=true", "noise_dim=8")])
 def test_fedgen_resumes_exactly(cifar10_dir, tmp_path, overrides):
     """Round 3 after a restore is bit-identical (conftest.check_exact_resumption), the generator, Adam's moments
     and learning rate and the localized bases included."""

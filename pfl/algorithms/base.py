@@ -233,6 +233,11 @@ class Algorithm:
         """Server-side models saved with the run as ``server/<name>.safetensors`` (e.g. FedGen's generator)."""
         return {}
 
+    def extra_models(self) -> dict[str, Callable[[int], State]]:
+        """Other model sets the engine evaluates beside the personalized models, by name: client id -> its
+        state (e.g. FedGen's locally fine-tuned models, ``finetuned``, logged as ``finetuned/acc``); default none."""
+        return {}
+
     def round_metrics(self) -> dict[str, float]:
         """Server-side metrics of the round just run, logged with the engine's (names of :mod:`pfl.vocabulary`,
         e.g. ``server/generator_teacher_loss``); default none."""

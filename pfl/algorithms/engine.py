@@ -123,7 +123,8 @@ class Engine:
         self.checkpointer = checkpointer
         self.stop = stop
         self.last: Evaluation | None = None  # the latest evaluation
-        self._scores: dict[int, tuple[bytes, dict[str, float]]] = {}  # client -> (model digest, metrics)
+        # model set ("": the personalized models, else an extra_models() name) -> client -> (model digest, metrics)
+        self._scores: dict[str, dict[int, tuple[bytes, dict[str, float]]]] = {"": {}}
 
     def sample_clients(self, rnd: int) -> list[int]:
         """Sorted ids of the clients taking part in round ``rnd`` (uniform, without replacement)."""
@@ -188,7 +189,9 @@ class Engine:
         same samples gives the same metrics, so only changed models are run: one at a time, or
         ``num_join_clients`` of one architecture at a time as one batched computation when vectorized.
         Adds ``time/eval`` (seconds) and ``eval/reused`` (clients whose scores were kept) to the metrics,
-        and in a run that mixes architectures the summary per architecture (``test/acc_vgg11``, ...).
+        and in a run that mixes architectures the summary per architecture (``test/acc_vgg11``, ...). The
+        algorithm's :meth:`~pfl.algorithms.base.Algorithm.extra_models` are scored the same way and logged under
+        their name (``finetuned/acc``; ``finetuned/val_acc`` on the tuning splits), per client as ``finetuned_acc``.
 
         Raises:
             ValueError: ``eval_split="holdout"`` but the clients hold no tuning split.
@@ -196,35 +199,52 @@ class Engine:
         start = time.perf_counter()
         split = self.schedule.eval_split
         indices = [self._split_indices(cid, split) for cid in range(self.ctx.num_clients)]
+        weights = [len(idx) for idx in indices]
+        group = _METRIC_GROUP[split]
+        names = [spec.name for spec in self.ctx.specs]
+        scores, reused = self._scores_of("", self.algorithm.personalized_state, indices)
+        per_client = [{"client": cid, "architecture": names[cid], f"num_{group}": n, **client_metrics(m)}
+                      for cid, (n, m) in enumerate(zip(weights, scores))]
+        metrics = self._summary(f"{group}/", scores, weights, names)
+        for name, state_of in self.algorithm.extra_models().items():
+            extra, _ = self._scores_of(name, state_of, indices)
+            metrics.update(self._summary(f"{name}/" if split == "test" else f"{name}/val_", extra, weights, names))
+            for row, m in zip(per_client, extra):
+                row.update({f"{name}_{k}": v for k, v in client_metrics(m).items()})
+        metrics["eval/reused"] = float(reused)
+        metrics["time/eval"] = time.perf_counter() - start
+        return Evaluation(rnd, metrics, per_client)
+
+    def _scores_of(self, models: str, state_of: Callable[[int], State],
+                   indices: list[torch.Tensor]) -> tuple[list[dict], int]:
+        """Every client's score of model set ``models`` (``state_of(client)``), re-running only the models whose
+        digest changed since their last score; returns the scores in client order and how many were kept."""
+        cache = self._scores.setdefault(models, {})
         pending: dict[ModelSpec, list] = defaultdict(list)  # architecture -> [(client, state, digest)]
         reused = 0
         for cid in range(self.ctx.num_clients):
             spec = self.ctx.specs[cid]
-            state = self.algorithm.personalized_state(cid)
+            state = state_of(cid)
             key = state_digest(state)
-            if self._scores.get(cid, (None,))[0] == key:
+            if cache.get(cid, (None,))[0] == key:
                 reused += 1
                 continue
             pending[spec].append((cid, state, key))
             if len(pending[spec]) == (self.ctx.num_join_clients if self.ctx.batched(spec) else 1):
-                self._score(spec, pending.pop(spec), indices)
+                self._score(cache, spec, pending.pop(spec), indices)
         for spec, items in pending.items():
-            self._score(spec, items, indices)
-        scores = [self._scores[cid][1] for cid in range(self.ctx.num_clients)]
-        weights = [len(idx) for idx in indices]
-        group = _METRIC_GROUP[split]
-        names = [spec.name for spec in self.ctx.specs]
-        per_client = [{"client": cid, "architecture": names[cid], f"num_{group}": n, **client_metrics(m)}
-                      for cid, (n, m) in enumerate(zip(weights, scores))]
+            self._score(cache, spec, items, indices)
+        return [cache[cid][1] for cid in range(self.ctx.num_clients)], reused
+
+    def _summary(self, prefix: str, scores: list[dict], weights: list[int], names: list[str]) -> dict[str, float]:
+        """``<prefix><metric>``: the evaluator's summary of the clients, and per architecture in a mixed run."""
         summarize = self.algorithm.evaluator.summarize
-        metrics = {f"{group}/{k}": v for k, v in summarize(scores, weights).items()}
-        for arch in dict.fromkeys(names) if len(set(names)) > 1 else ():  # the summary per architecture
+        metrics = {f"{prefix}{k}": v for k, v in summarize(scores, weights).items()}
+        for arch in dict.fromkeys(names) if len(set(names)) > 1 else ():
             clients = [c for c, n in enumerate(names) if n == arch]
             summary = summarize([scores[c] for c in clients], [weights[c] for c in clients])
-            metrics.update({f"{group}/{k}_{arch}": v for k, v in summary.items() if not k.endswith("_std")})
-        metrics["eval/reused"] = float(reused)
-        metrics["time/eval"] = time.perf_counter() - start
-        return Evaluation(rnd, metrics, per_client)
+            metrics.update({f"{prefix}{k}_{arch}": v for k, v in summary.items() if not k.endswith("_std")})
+        return metrics
 
     def _split_indices(self, cid: int, split: str) -> torch.Tensor:
         idx = getattr(self.ctx.clients[cid], split)
@@ -232,12 +252,14 @@ class Engine:
             raise ValueError(f"client {cid} has no {split} split; build the algorithm with holdout=True")
         return idx
 
-    def _score(self, spec: ModelSpec, pending: list[tuple[int, State, bytes]], indices: list[torch.Tensor]) -> None:
-        """Metrics of the pending clients' models (architecture ``spec``) on their splits, stored with each digest."""
+    def _score(self, cache: dict, spec: ModelSpec, pending: list[tuple[int, State, bytes]],
+               indices: list[torch.Tensor]) -> None:
+        """Metrics of the pending clients' models (architecture ``spec``) on their splits, stored in ``cache`` with
+        each digest."""
         results = self.algorithm.evaluator.score(self.ctx, spec, [s for _, s, _ in pending],
                                                  [indices[cid] for cid, _, _ in pending], self.schedule.ece_bins)
         for (cid, _, key), metrics in zip(pending, results):
-            self._scores[cid] = (key, metrics)
+            cache[cid] = (key, metrics)
 
     def run(self, start_round: int = 1) -> Evaluation:
         """Rounds ``start_round`` .. ``global_rounds`` (after :meth:`restore`, the checkpoint's next round);
@@ -275,7 +297,8 @@ class Engine:
         rng_tensors, rng_meta = rng_state()
         tensors = {**{f"algorithm/{k}": v for k, v in algo_tensors.items()}, **rng_tensors}
         meta = {"round": rnd, "algorithm": algo_meta, "rng": rng_meta,
-                "scores": {str(cid): [key.hex(), m] for cid, (key, m) in self._scores.items()},
+                "scores": {models: {str(cid): [key.hex(), m] for cid, (key, m) in cache.items()}
+                           for models, cache in self._scores.items()},
                 "last_evaluation": asdict(self.last) if self.last else None,
                 "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks}}
         return tensors, meta
@@ -286,7 +309,11 @@ class Engine:
         self.algorithm.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                                        meta["algorithm"])
         set_rng_state(tensors, meta["rng"])
-        self._scores = {int(cid): (bytes.fromhex(key), m) for cid, (key, m) in meta["scores"].items()}
+        saved = meta["scores"]
+        if any(isinstance(v, list) for v in saved.values()):  # a checkpoint from before extra_models(): one set
+            saved = {"": saved}
+        self._scores = {models: {int(cid): (bytes.fromhex(key), m) for cid, (key, m) in cache.items()}
+                        for models, cache in saved.items()}
         self.last = Evaluation(**meta["last_evaluation"]) if meta["last_evaluation"] else None
         for cb in self.callbacks:
             cb.load_state_dict(meta["callbacks"].get(type(cb).__name__, {}))

@@ -22,6 +22,9 @@ in the space the classifier head reads (the base's output, ``model.head``'s inpu
    and Adam's moments persist across rounds;
 3. the global model is FedAvg of the uploads (sample-weighted; float buffers averaged, counters kept).
 
+Evaluation scores the global model (as FL-bench and PFLlib do); ``eval_personalized`` also scores each
+client's latest upload, its locally fine-tuned model, as ``finetuned/*``.
+
 ``variant="pfllib"`` follows PFLlib's ``servergen.py`` / ``clientgen.py`` instead: the client adds
 ``generative_alpha * CE(head(G(y', eps)), y')`` (PFLlib: coefficient 1, no decay, from round 1, no KL
 term, ``batch_size`` generated samples) with ``y'`` drawn from all clients' pooled train labels; the server's
@@ -43,6 +46,7 @@ object, so its batch-norm statistics also move during client training; here they
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
@@ -95,6 +99,8 @@ class FedGenParams(HyperParams):
         localize_feature_extractor: clients keep their own base, only the head is shared (pfllib variant only).
         generator_warmup_rounds: rounds in which clients train without the regularizers while the
             generator already trains (the official code always skips round 1).
+        eval_personalized: also evaluate each client's locally fine-tuned model, the model it uploaded after
+            its latest local training (the global model while it has not taken part), as ``finetuned/*``.
 
     Raises:
         ValueError: out-of-range values, ``generative_beta > 0`` or ``localize_feature_extractor`` with a
@@ -115,6 +121,7 @@ class FedGenParams(HyperParams):
     diversity_weight: float | None = Field(None, ge=0)
     localize_feature_extractor: bool = False
     generator_warmup_rounds: int = Field(0, ge=0)
+    eval_personalized: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -288,7 +295,7 @@ class FedGen(Algorithm):
                     "generative_beta": SearchParam("float", 0.1, 30.0, log=True),
                     "server_epochs": SearchParam("int", 10, 1000, log=True),
                     "diversity_weight": SearchParam("float", 0.0, 2.0)}
-    state_attributes = ("global_state", "bases", "generator_state", "generator_opt", "generator_lr")
+    state_attributes = ("global_state", "bases", "finetuned", "generator_state", "generator_opt", "generator_lr")
 
     @classmethod
     def run_label(cls, hparams: dict[str, Any]) -> str:
@@ -300,6 +307,7 @@ class FedGen(Algorithm):
         spec = ctx.single_spec(self.name)
         self.global_state = ctx.init_states[spec]
         self.bases = ctx.new_store()  # localize_feature_extractor: each client's own model (its base is kept)
+        self.finetuned = ctx.new_store(lambda _cid: self.personalized_state(_cid))  # eval_personalized: uploads
         self.head = ctx.runner.models[spec].head
         self.device = ctx.runner.data.device
         self.generator = self._new_generator(spec.num_classes)
@@ -362,9 +370,11 @@ class FedGen(Algorithm):
         self.metrics = self.train_generator(results, rng)
         avg = weighted_average([r.state for r in results], [r.num_samples for r in results], self._shared_keys())
         self.global_state = {**self.global_state, **avg}
-        if self.hp.localize_feature_extractor:
-            for r in results:
+        for r in results:
+            if self.hp.localize_feature_extractor:
                 self.bases[r.client_id] = r.state
+            if self.hp.eval_personalized:
+                self.finetuned[r.client_id] = r.state
         self.metrics.update(self.generated_accuracy(rng))
 
     def train_generator(self, results: list[FitRes], rng: torch.Generator) -> dict[str, float]:
@@ -437,6 +447,11 @@ class FedGen(Algorithm):
 
     def round_metrics(self) -> dict[str, float]:
         return self.metrics
+
+    def extra_models(self) -> dict[str, Callable[[int], State]]:
+        """``finetuned``: each client's locally fine-tuned model, with ``eval_personalized`` (FedGen itself is
+        scored on the global model, as FL-bench and PFLlib do)."""
+        return {"finetuned": self.finetuned.__getitem__} if self.hp.eval_personalized else {}
 
     def server_models(self) -> dict[str, State]:
         return {"generator": self.generator_state}
