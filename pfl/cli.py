@@ -228,17 +228,12 @@ def _print_summary(uri: str, launch_id: str | None, fl_ids: list[str], head_ids:
     first = fl_ids[0]
     print("next:")
     if not head_ids:
-        where = f" --tracking-uri {uri}" if uri != _default_uri() else ""
+        where = f" --tracking-uri {uri}" if uri != tracking.DEFAULT_TRACKING_URI else ""
         print(f"  pfl heads --run-id {first} --method aph{where}")
     print(f"  mlflow ui --backend-store-uri {uri}")
     print(f'  python -c "from pfl.tracking import configure_tracking, load_client_model; '
           f"configure_tracking('{uri}'); print(load_client_model('{first}', client_id=0))\"")
 
-
-def _default_uri() -> str:
-    from pfl.tracking import DEFAULT_TRACKING_URI
-
-    return DEFAULT_TRACKING_URI
 
 
 def _runs(args: argparse.Namespace) -> int:
