@@ -76,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
                        "(key=value overrides win)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. global_rounds=5 join_ratio=0.2")
     train.set_defaults(handler=_train)
+    pretrain = sub.add_parser("pretrain", help="train a model centrally on one dataset (a tracked run whose model "
+                              "init_from=runs:/<run id> starts from)", epilog="The config's algo, partition, "
+                              "num_clients, join_ratio and local_epochs are replaced by one client holding the whole "
+                              "dataset; global_rounds counts epochs.")
+    pretrain.add_argument("--config", default="",
+                          help="YAML run config, e.g. configs/pretrain_vit_tinyimagenet_cpu.yaml")
+    pretrain.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    pretrain.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pretrain.add_argument("overrides", nargs="*", help="key=value overrides, e.g. global_rounds=10 image_size=32")
+    pretrain.set_defaults(handler=_pretrain)
     runs = sub.add_parser("runs", help="list RUNNING runs whose process is gone (--stale), mark or resume them")
     runs.add_argument("--stale", action="store_true", required=True, help="RUNNING launch / FL runs whose process "
                       "(pfl.host, pfl.pid tags) no longer exists on this host")
@@ -208,6 +218,18 @@ def _train(args: argparse.Namespace) -> int:
                   f"with its checkpoint. Resume with: pfl train --resume {err.run_id}", file=sys.stderr)
             return 128 + err.signum
     _print_summary(uri, ids["launch_run_id"], ids["fl_run_ids"])
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from pfl import tracking
+    from pfl.train import pretrain_config, run_training
+
+    cfg = pretrain_config(load_config(args.config or None, args.overrides))
+    uri = tracking.configure_tracking(args.tracking_uri)
+    ids = run_training(cfg, progress=not args.no_progress, launch_tags={"pfl.pretrain": "true"})
+    _print_summary(uri, ids["launch_run_id"], ids["fl_run_ids"])
+    print(f"start a run from this model with: init_from=runs:/{ids['fl_run_ids'][0]}")
     return 0
 
 

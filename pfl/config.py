@@ -31,6 +31,7 @@ DEFAULT_CLASSES_PER_CLIENT = {"cifar10": 2, "cifar100": 10, "tinyimagenet": 20}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200}  # at most, for Tiny-ImageNet
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_INIT_FROM = re.compile(r"runs:/[0-9a-f]{32}(/clients/client_\d+)?")
 
 
 _CHOICES = {"algo": ("algorithm", ALGORITHMS), "dataset": ("dataset", DATASETS)}
@@ -55,6 +56,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                          "checkpoint is under 100 MB, else every 5"),
     "model_width": (lambda v: v > 0, "channel multiplier of the VGG / CIFAR-ResNet families: use a value > 0 "
                     "(1.0 = the paper's widths)"),
+    "image_size": (lambda v: v is None or v >= 1, "the model's input side in pixels: a positive integer (e.g. "
+                   "image_size=224), or left unset for the dataset's own size"),
+    "random_crop": (lambda v: v >= 0, "padding in pixels of the random crop: >= 0 (e.g. random_crop=4; 0: off)"),
     "eval_batch_size": (lambda v: v is None or v >= 1,
                         "must be a positive integer, or left unset for the device's default"),
     **{name: _POSITIVE_INT for name in ("num_clients", "global_rounds", "local_epochs", "batch_size",
@@ -190,6 +194,9 @@ class RunConfig(_Checked):
     dataset: str = "cifar10"
     model: str = "cnn"  # or a comma-separated list assigned round-robin, e.g. "vgg11,vgg13,vgg16,vgg19"
     model_width: float = 1.0
+    # initial weights: none | timm (timm's published weights) | a weights file; or a model a pfl run logged
+    pretrained: str = "none"
+    init_from: str | None = None  # runs:/<run id> (its client 0) or runs:/<run id>/clients/client_NNN
     experiment: str = "pfl"
     # data
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("PFL_DATA_DIR", "data")))
@@ -209,6 +216,7 @@ class RunConfig(_Checked):
     local_epochs: int = 1
     batch_size: int = 10
     lr: float = 0.005
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # a fresh one per client and round (sgd: PFLlib's plain SGD)
     eval_gap: int = 1
     seed: int = 0
     repeats: int = 1
@@ -216,6 +224,10 @@ class RunConfig(_Checked):
     hparams: dict[str, Any] = Field(default_factory=dict)
     # hyperparameter search: every trial of a study scores on the last tuning_val_ratio of each train split
     tuning_val_ratio: float = 0.2
+    # on-device input path (pfl.data.transforms): resizing to the model's input, training augmentation
+    image_size: int | None = None  # unset: the dataset's own size
+    random_crop: int = 0  # zero padding (pixels) of a random crop at the stored size; 0: off
+    hflip: bool = False
     # evaluation and runtime
     ece_bins: int = 20
     eval_batch_size: int | None = None  # unset: pfl.data.loader.inference_batch_size's default for the device
@@ -225,6 +237,7 @@ class RunConfig(_Checked):
     client_state_budget_mb: int = 0  # per-client state held in memory per store; beyond it, on disk (0: no limit)
     checkpoint_every: int = 0  # rounds between checkpoints (0: every round under 100 MB, else every 5)
     deterministic: bool = False  # GPU: torch.use_deterministic_algorithms (CPU runs are deterministic already)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on GPUs (CPU runs stay fp32)
 
     @model_validator(mode="before")
     @classmethod
@@ -299,6 +312,28 @@ class RunConfig(_Checked):
                              "or a comma-separated list of them (assigned to clients round-robin)")
         return ",".join(names)
 
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_source(cls, v: str) -> str:
+        if v in ("none", "timm"):
+            return v
+        from pfl.models.pretrained import CHECKPOINT_SUFFIXES
+
+        path = Path(v).expanduser()
+        if not path.is_file() or path.suffix not in CHECKPOINT_SUFFIXES:
+            what = "does not exist" if not path.is_file() else "is not a weights file"
+            raise ValueError(f"{v} {what}; use pretrained=none, pretrained=timm, or the path of a "
+                             f"{' / '.join(CHECKPOINT_SUFFIXES)} file")
+        return str(path)
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_uri(cls, v: str | None) -> str | None:
+        if v is not None and not _INIT_FROM.fullmatch(v):
+            raise ValueError(f"{v!r} is not a pfl model URI; use init_from=runs:/<run id> (the run's client 0, e.g. "
+                             "a `pfl pretrain` run) or runs:/<run id>/clients/client_003")
+        return v
+
     @field_validator(*_CHOICES)
     @classmethod
     def _known_choice(cls, v: str, info: ValidationInfo) -> str:
@@ -317,6 +352,8 @@ class RunConfig(_Checked):
 
     @model_validator(mode="after")
     def _fill_dataset_defaults(self) -> RunConfig:
+        if self.pretrained != "none" and self.init_from is not None:
+            raise ValueError("pretrained and init_from both set the initial weights; keep one of them")
         if (self.partition == "pfllib") != (self.partition_name is not None):
             raise ValueError("partition_name names a partition imported with `pfl data import-pfllib DIR`; "
                              "set it together with partition=pfllib and only then")
@@ -368,7 +405,15 @@ class RunConfig(_Checked):
         knobs = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
         return (f"{self.algo}{f' ({knobs})' if knobs else ''} on {self.dataset}, {part}, {self.num_clients} clients, "
                 f"join ratio {join_ratios or f'{self.join_ratio:g}'}, {self.global_rounds} global rounds of "
-                f"{self.local_epochs} local epoch(s) (batch {self.batch_size}, lr {self.lr:g}), model {self.model}")
+                f"{self.local_epochs} local epoch(s) (batch {self.batch_size}, {self.optimizer} lr {self.lr:g}), model "
+                f"{self.model}{self._inputs_and_weights()}")
+
+    def _inputs_and_weights(self) -> str:
+        """`` at 224x224 from init_from=runs:/...`` for a run with resized inputs or initial weights, else empty."""
+        size = f" at {self.image_size}x{self.image_size}" if self.image_size else ""
+        source = (f" from init_from={self.init_from}" if self.init_from else
+                  f" from pretrained={self.pretrained}" if self.pretrained != "none" else "")
+        return size + source
 
     def setting_name(self) -> str:
         """``<algo>-<dataset>-<partition><alpha or classes>-jr<ratio>``, e.g. ``fedfomo-cifar10-dir0.1-jr0.2`` (the

@@ -42,6 +42,7 @@ from pfl.vocabulary import QUALITY, best_name
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CLIENT_DIR = "clients"
 HEADS_DIR = "heads"
+BACKBONE_FILE = "server/backbone.safetensors"  # the frozen entries every client shares (FedLoRA)
 MODEL_SPEC_FILE = "model.json"  # runs before per-client specs: one architecture for the whole run
 # safetensors metadata key of a client file: JSON {"client_id": ..., "model_spec": {...}}. One key, because
 # safetensors writes metadata in hash-map order, which differs between processes: one key keeps files byte-identical
@@ -265,20 +266,27 @@ def _client_file(client_id: int) -> str:
     return f"client_{client_id:03d}.safetensors"
 
 
-def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State]) -> None:
+def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], backbone: State | None = None) -> None:
     """Save every client's personalized model as ``clients/client_XXX.safetensors`` artifacts.
 
     Args:
         specs: each client's architecture, stored in its file's metadata.
         state_of: client id -> its named state (fetched one client at a time); nothing is pickled.
+        backbone: entries every client shares (FedLoRA's frozen backbone), logged once as
+            ``server/backbone.safetensors``; each client file then holds only its other entries and names the
+            backbone file in its metadata (:func:`load_client_state` joins them).
     """
+    shared = {}
+    if backbone:
+        log_state(backbone, BACKBONE_FILE)
+        shared = {"backbone": BACKBONE_FILE}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / CLIENT_DIR
         folder.mkdir()
         for cid, spec in enumerate(specs):
-            state = {k: v.detach().cpu().contiguous() for k, v in state_of(cid).items()}
-            save_file(state, folder / _client_file(cid),
-                      metadata={CLIENT_METADATA: json.dumps({"client_id": cid, "model_spec": spec.to_dict()})})
+            state = {k: v.detach().cpu().contiguous() for k, v in state_of(cid).items() if k not in (backbone or {})}
+            meta = {"client_id": cid, "model_spec": spec.to_dict(), **shared}
+            save_file(state, folder / _client_file(cid), metadata={CLIENT_METADATA: json.dumps(meta)})
         mlflow.log_artifacts(str(folder), CLIENT_DIR)
 
 
@@ -295,20 +303,16 @@ def _client_number(client_id: int | str) -> int:
     return client_id
 
 
-def load_client_model(run_id: str, client_id: int, map_location: str = "cpu") -> SplitModel:
-    """Rebuild client ``client_id``'s personalized model from an FL run's artifacts.
+def load_client_state(run_id: str, client_id: int) -> tuple[ModelSpec, State]:
+    """Client ``client_id``'s architecture and complete named state (on the host) from an FL run's artifacts.
 
-    Only the run id and client id are needed: the architecture comes from the client file's
-    metadata (runs saved before per-client architectures: the run's ``model.json``), the
-    weights from ``clients/client_XXX.safetensors`` of that run. Uses the current tracking URI.
-
-    Returns:
-        the model in eval mode on ``map_location``.
+    The architecture comes from the client file's metadata (runs saved before per-client architectures:
+    the run's ``model.json``), the weights from ``clients/client_XXX.safetensors``, joined with the
+    run's ``server/backbone.safetensors`` when the file names one (FedLoRA). Uses the current tracking URI.
 
     Raises:
         FLRunError: an unknown run id (in this store), or a client id that is not a number.
-        FileNotFoundError: the run has no saved model for that client (the message lists
-            the clients it has).
+        FileNotFoundError: the run has no saved model for that client (the message lists the clients it has).
     """
     client_id = _client_number(client_id)
     _fl_run(run_id, check_kind=False)  # an unknown id is a one-line error; any run holding client files loads
@@ -319,17 +323,35 @@ def load_client_model(run_id: str, client_id: int, map_location: str = "cpu") ->
         have = sorted(int(n[7:10]) for n in names if n.startswith("client_"))
         raise FileNotFoundError(f"run {run_id} has no model for client {client_id}; saved clients: {have}")
     with tempfile.TemporaryDirectory() as tmp:
-        weights = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CLIENT_DIR}/{wanted}",
-                                                      dst_path=tmp)
+        def download(path: str) -> str:
+            return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+
+        weights = download(f"{CLIENT_DIR}/{wanted}")
         with safe_open(weights, framework="pt") as f:
             entry = (f.metadata() or {}).get(CLIENT_METADATA)
-        if entry is not None:
-            spec = json.loads(entry)["model_spec"]
-        else:  # runs saved before per-client architectures: one model.json for the run
-            spec = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_SPEC_FILE,
-                                                                       dst_path=tmp)).read_text())
-        model = build_model(ModelSpec(**spec))
-        model.load_state_dict(load_file(weights, device=map_location))
+        meta = json.loads(entry) if entry is not None else {}
+        # runs saved before per-client architectures: one model.json for the run
+        spec = meta["model_spec"] if meta else json.loads(Path(download(MODEL_SPEC_FILE)).read_text())
+        state = load_file(download(meta["backbone"])) if "backbone" in meta else {}
+        state.update(load_file(weights))
+    return ModelSpec.from_dict(spec), state
+
+
+def load_client_model(run_id: str, client_id: int, map_location: str = "cpu") -> SplitModel:
+    """Rebuild client ``client_id``'s personalized model from an FL run's artifacts (:func:`load_client_state`):
+    only the run id and the client id are needed.
+
+    Returns:
+        the model in eval mode on ``map_location``.
+
+    Raises:
+        FLRunError: an unknown run id (in this store), or a client id that is not a number.
+        FileNotFoundError: the run has no saved model for that client (the message lists
+            the clients it has).
+    """
+    spec, state = load_client_state(run_id, client_id)
+    model = build_model(spec)
+    model.load_state_dict(state)
     return model.to(map_location).eval()
 
 

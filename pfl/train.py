@@ -18,14 +18,15 @@ from pfl.algorithms import REGISTRY, Algorithm, FederatedContext
 from pfl.algorithms.checkpoint import CHECKPOINT_FILE, Checkpointer, load_checkpoint
 from pfl.algorithms.engine import Callback, Engine, Evaluation, RunInterrupted, Schedule
 from pfl.algorithms.local import ModelRunner, SGDUpdate
-from pfl.algorithms.state import model_state
+from pfl.algorithms.state import State, model_state
 from pfl.config import DATASETS, ConfigError, RunConfig, algorithm_fields
 from pfl.data.datasets import ImageDataset, load_dataset
 from pfl.data.loader import DeviceImages, client_data, inference_batch_size
+from pfl.data.transforms import ImageTransform
 from pfl.data.partition import Partition, PartitionError, PartitionSpec, load_or_make_partition
 from pfl.data.pfllib import PfllibImportError, load_imported
 from pfl.metrics import classification_metrics
-from pfl.models import ModelSpec, build_model
+from pfl.models import ModelSpec, build_model, input_normalization
 from pfl.seed import seed_everything
 from pfl.summary import fl_description, launch_description, seed_summary
 
@@ -42,11 +43,31 @@ class Prepared:
 
     @property
     def model_specs(self) -> list[ModelSpec]:
-        """Every client's architecture: ``cfg.models`` assigned round-robin (client k gets entry k mod len)."""
+        """Every client's architecture: ``cfg.models`` assigned round-robin (client k gets entry k mod len), at the
+        input size ``image_size`` (default: the dataset's), as the algorithm adapts it (FedLoRA adds adapters)."""
         _, c, h, _ = self.dataset.images.shape
         names = self.cfg.models
-        return [ModelSpec(names[k % len(names)], self.dataset.num_classes, in_channels=c, image_size=h,
-                          width=self.cfg.model_width) for k in range(self.cfg.num_clients)]
+        algo = REGISTRY[self.cfg.algo]
+        hp = algo.Params(**self.cfg.hparams)
+        return [algo.model_spec(ModelSpec(names[k % len(names)], self.dataset.num_classes, in_channels=c,
+                                          image_size=self.cfg.image_size or h, width=self.cfg.model_width), hp)
+                for k in range(self.cfg.num_clients)]
+
+    @property
+    def transform(self) -> ImageTransform:
+        """The run's on-device input path: the first architecture's normalization, resizing to ``image_size``,
+        ``random_crop`` and ``hflip`` (:mod:`pfl.data.transforms`)."""
+        mean, std = input_normalization(self.cfg.models[0])
+        return ImageTransform(self.cfg.image_size, mean, std, self.cfg.random_crop, self.cfg.hflip)
+
+    def device_images(self) -> DeviceImages:
+        """The pool on the run's device, batched through :attr:`transform`."""
+        return DeviceImages(self.dataset, self.device, self.transform)
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """``torch.bfloat16`` for ``precision=bf16`` on a GPU, else ``None`` (fp32; CPU runs stay fp32)."""
+        return torch.bfloat16 if self.cfg.precision == "bf16" and self.device.type == "cuda" else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,8 +159,38 @@ def prepare(cfg: RunConfig, like: Prepared | None = None) -> Prepared:
 def _prepared(cfg: RunConfig, dataset: ImageDataset, fingerprint: str, partition: Partition,
               device: torch.device) -> Prepared:
     """A :class:`Prepared` whose config has ``eval_batch_size`` set (the device's default when unset)."""
-    batch = inference_batch_size(cfg.eval_batch_size, device, tuple(dataset.images.shape[1:]))
+    c, h, w = dataset.images.shape[1:]
+    size = (c, cfg.image_size, cfg.image_size) if cfg.image_size else (c, h, w)
+    batch = inference_batch_size(cfg.eval_batch_size, device, size)
     return Prepared(cfg.model_copy(update={"eval_batch_size": batch}), dataset, fingerprint, partition, device)
+
+
+def initial_weights(cfg: RunConfig, spec: ModelSpec) -> tuple[State | None, str]:
+    """The weights a run's models start from, and their source for messages: ``pretrained=timm`` (timm's
+    published weights), ``pretrained=<file>``, ``init_from=runs:/<run id>[/clients/client_NNN]`` (a model a pfl
+    run logged, e.g. by ``pfl pretrain``); ``(None, "")`` for a random initialization.
+
+    Raises:
+        ValueError: the weights cannot be had (offline, unreadable file, unknown run or client, a run's model of
+            another architecture); the message names the source and the fix.
+    """
+    from pfl.models.pretrained import read_weights, timm_weights
+
+    if cfg.init_from is not None:
+        from pfl import tracking
+
+        run_id, _, client = cfg.init_from.removeprefix("runs:/").partition("/clients/client_")
+        source_spec, state = tracking.load_client_state(run_id, int(client or 0))
+        if source_spec.name != spec.name or source_spec.lora is not None:
+            what = f"{source_spec.name} with LoRA adapters" if source_spec.lora else source_spec.name
+            raise ValueError(f"init_from: run {run_id}'s model is {what}, this run's model is {spec.name}; set "
+                             f"model={source_spec.name}, or start from a run of {spec.name} without adapters")
+        return state, f"init_from={cfg.init_from}"
+    if cfg.pretrained == "timm":
+        return timm_weights(spec.name), "pretrained=timm"
+    if cfg.pretrained != "none":
+        return read_weights(cfg.pretrained), f"pretrained={cfg.pretrained}"
+    return None, ""
 
 
 def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Algorithm:
@@ -159,14 +210,15 @@ def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Alg
     cls = REGISTRY[cfg.algo]
     try:
         specs = prepared.model_specs
-        models = {spec: build_model(spec).to(prepared.device) for spec in dict.fromkeys(specs)}  # in client order
+        models = {spec: build_model(spec, *initial_weights(cfg, spec)).to(prepared.device)
+                  for spec in dict.fromkeys(specs)}  # in client order
         clients = client_data(prepared.partition, prepared.device, cls.validation_ratio(cls.Params(**cfg.hparams)),
                               cfg.tuning_val_ratio if holdout else None)
-        runner = ModelRunner(models, DeviceImages(prepared.dataset, prepared.device), cfg.eval_batch_size)
+        runner = ModelRunner(models, prepared.device_images(), cfg.eval_batch_size, prepared.autocast)
         budget = cfg.client_state_budget_mb * 2**20 or None
-        ctx = FederatedContext(clients, specs, runner, SGDUpdate(cfg.batch_size, cfg.lr, cfg.local_epochs),
-                               {spec: model_state(m) for spec, m in models.items()}, cfg.num_join_clients, seed,
-                               budget, cfg.client_parallelism)
+        update = SGDUpdate(cfg.batch_size, cfg.lr, cfg.local_epochs, cfg.optimizer, prepared.autocast)
+        ctx = FederatedContext(clients, specs, runner, update, {spec: model_state(m) for spec, m in models.items()},
+                               cfg.num_join_clients, seed, budget, cfg.client_parallelism)
         return cls(ctx, **cfg.hparams)
     except ValueError as err:  # PartitionError, model sizes and the algorithms' hyperparameter checks
         raise ConfigError(f"{cfg.algo} with model={cfg.model}: {err}") from None
@@ -190,6 +242,7 @@ def run_params(prepared: Prepared, algorithm: Algorithm) -> dict:
             "partition_key": prepared.partition.spec.key(prepared.fingerprint),
             "num_join_clients": prepared.cfg.num_join_clients,
             "num_params": sum(v.numel() for v in algorithm.ctx.init_state(0).values() if v.is_floating_point()),
+            "trainable_params": sum(p.numel() for p in algorithm.ctx.model(0).parameters() if p.requires_grad),
             "device_used": str(prepared.device), "threads_used": torch.get_num_threads()}
 
 
@@ -234,7 +287,7 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
         tracking.log_json(tensor.tolist(), f"server/{key}.json")
     for name, state in algorithm.server_models().items():
         tracking.log_state(state, f"server/{name}.safetensors")
-    tracking.log_client_models(algorithm.ctx.specs, algorithm.personalized_state)
+    tracking.log_client_models(algorithm.ctx.specs, algorithm.personalized_state, algorithm.shared_backbone())
     tracking.log_file(checkpointer.path, "checkpoint")
     if checkpointer.sizes:
         tracking.log_metrics({"checkpoint/mb": checkpointer.sizes[-1] / 2**20,
@@ -326,7 +379,7 @@ def evaluate_client_model(run_id: str, client_id: int, data_dir: str | Path | No
     prepared = prepare(RunConfig(**algorithm_fields({**config, "device": "cpu"})))
     model = tracking.load_client_model(run_id, client_id)
     spec = prepared.model_specs[int(client_id)]
-    runner = ModelRunner({spec: model}, DeviceImages(prepared.dataset, prepared.device), prepared.cfg.eval_batch_size)
+    runner = ModelRunner({spec: model}, prepared.device_images(), prepared.cfg.eval_batch_size)
     test = prepared.partition.clients[int(client_id)].test.to(prepared.device)
     probs = torch.softmax(runner.logits(spec, model_state(model), test).float(), dim=1).cpu()
     metrics = classification_metrics(probs, runner.data.labels[test].cpu(), prepared.cfg.ece_bins)
@@ -357,6 +410,19 @@ def run_training(cfg: RunConfig, extra_callbacks: list[Callback] | None = None, 
         fl_ids = train_repeats(prepared, first, extra_callbacks, progress, stop)
         log_launch_summary(cfg, launch_id, fl_ids)
     return {"launch_run_id": launch_id, "fl_run_ids": fl_ids}
+
+
+PRETRAIN_FIELDS = {"algo": "fedavg", "partition": "iid", "num_clients": 1, "join_ratio": 1.0, "local_epochs": 1}
+
+
+def pretrain_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` as centralized training (``pfl pretrain``): FedAvg with one client holding the whole dataset, every
+    round taking part, one local epoch per round, so ``global_rounds`` counts epochs over that client's train split
+    (75% of the pool, the rest its test split). With one client FedAvg's average is that client's model exactly, so
+    this is plain training, checkpointed, resumable and tracked like any run; its client 0 is the pretrained model
+    (``init_from=runs:/<FL run id>``). Differences from a usual centralized loop: the optimizer (and AdamW's moments)
+    is created afresh every epoch, and evaluation uses the held-out 25%."""
+    return RunConfig(**{**cfg.model_dump(exclude={"hparams"}), **PRETRAIN_FIELDS})
 
 
 def log_launch_summary(cfg: RunConfig, launch_id: str, fl_ids: list[str]) -> None:

@@ -25,7 +25,9 @@ column then ranks FL runs and head runs together (``test/f_ece``).
   ``time/checkpoint``, ``time/heads``, ``time/total``).
 * ``best/<split>_<metric>``: the evaluation at the round of best accuracy (``best/test_acc``,
   ``best/round``), :func:`best_name`.
-* ``eval/reused``, ``checkpoint/mb``, ``model/<count>``, ``comm/<bytes>``: bookkeeping.
+* ``comm/bytes_down``, ``comm/bytes_up``: bytes of the model states in the round's payloads, summed over its clients.
+* ``memory/peak_mb``: the round's peak memory (CUDA: allocated by torch; CPU: the process's peak RSS so far).
+* ``eval/reused``, ``checkpoint/mb``, ``model/<count>``: bookkeeping.
 * Launch runs: the mean over seeds of every final and best metric under its own name, ``<name>_seed_std`` and
   ``seeds``; a sweep's per cell, ``<cell>/<flat name>`` (``dir0.1-jr0.2/test_f_ece``). Study runs: the best value
   under its ``val/<metric>`` name, ``study/best_trial``, ``study/n_complete`` ...; their final repeats

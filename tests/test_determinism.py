@@ -24,7 +24,7 @@ from pfl.train import run_training
 
 # wall-clock measurements, the only metrics allowed to differ between two identical runs
 # wall-clock seconds, and the checkpoint's size, whose JSON holds the latest evaluation's time/eval as text
-_TIMING_PREFIX = ("time/", "checkpoint/mb")
+_TIMING_PREFIX = ("time/", "checkpoint/mb", "memory/")
 
 
 def _overrides(cifar10_dir: Path, folder: Path, algo: str, parallelism: str) -> list[str]:

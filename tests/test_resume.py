@@ -23,11 +23,12 @@ from pfl.config import load_config
 from pfl.train import build_algorithm, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("time/", "checkpoint/mb")  # wall-clock figures differ from run to run
+TIMING = ("time/", "checkpoint/mb", "memory/")  # wall-clock figures differ from run to run
 
 ALGOS = {"fedavg": [], "fedfomo": ["M=2"], "fedala": [],
          "flexifed": ["model=vgg11,vgg13", "model_width=0.125", "partition=iid", "sample_fraction=0.3"],
-         "fedgen": ["server_epochs=3", "gen_hidden=[32]"]}
+         "fedgen": ["server_epochs=3", "gen_hidden=[32]"],
+         "fedlora": ["model=vit_cifar", "image_size=16", "batch_size=32", "personal_head=true"]}
 
 
 def _overrides(data_dir, tmp_path, algo="fedfomo", rounds=6):

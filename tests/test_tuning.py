@@ -72,7 +72,8 @@ def test_yaml_space_overrides_and_errors(tmp_path):
 def test_objective_reads_validation_splits_never_test(cifar10_dir, tmp_path, monkeypatch):
     touched: list = []
     real_batch = DeviceImages.batch  # every image read (training, scoring, evaluation) goes through it
-    monkeypatch.setattr(DeviceImages, "batch", lambda self, idx: touched.append(idx.clone()) or real_batch(self, idx))
+    monkeypatch.setattr(DeviceImages, "batch",
+                        lambda self, idx, *rest: touched.append(idx.clone()) or real_batch(self, idx, *rest))
     for algo in ("fedfomo", "fedavg"):
         cfg = _cfg(cifar10_dir, tmp_path, algo=algo)
         score = validation_score(cfg, "val/acc", [])

@@ -5,10 +5,11 @@ from pfl.algorithms.fedala import FedALA
 from pfl.algorithms.fedavg import FedAvg
 from pfl.algorithms.fedfomo import FedFomo
 from pfl.algorithms.fedgen import FedGen
+from pfl.algorithms.fedlora import FedLoRA
 from pfl.algorithms.flexifed import FlexiFed
 from pfl.algorithms.local import FitIns, FitRes
 
-REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedFomo, FedALA, FlexiFed, FedGen)}
+REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedFomo, FedALA, FlexiFed, FedGen, FedLoRA)}
 
 __all__ = ["REGISTRY", "Algorithm", "FederatedContext", "FitIns", "FitRes", "HyperParams", "FedALA", "FedAvg",
-           "FedFomo", "FedGen", "FlexiFed"]
+           "FedFomo", "FedGen", "FedLoRA", "FlexiFed"]

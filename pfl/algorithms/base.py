@@ -192,6 +192,12 @@ class Algorithm:
         return cls.name
 
     @classmethod
+    def model_spec(cls, spec: ModelSpec, hp: HyperParams) -> ModelSpec:
+        """The architecture the algorithm trains for a client configured with ``spec`` (default: ``spec``; FedLoRA
+        adds its adapters), so a saved client's spec rebuilds exactly its model."""
+        return spec
+
+    @classmethod
     def validation_ratio(cls, hp: HyperParams) -> float | None:
         """Fraction of each client's train split held out as the algorithm's own validation split (``None``: none)."""
         return None
@@ -231,6 +237,11 @@ class Algorithm:
 
     def server_models(self) -> dict[str, State]:
         """Server-side models saved with the run as ``server/<name>.safetensors`` (e.g. FedGen's generator)."""
+        return {}
+
+    def shared_backbone(self) -> State:
+        """Entries of every client's model that all clients share and never train (FedLoRA's frozen backbone):
+        saved once with the run, while each client's artifact holds the rest; default none."""
         return {}
 
     def extra_models(self) -> dict[str, Callable[[int], State]]:

@@ -11,6 +11,7 @@ nor optuna.
 from __future__ import annotations
 
 import math
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from pfl.algorithms.base import Algorithm
 from pfl.algorithms.evaluation import client_metrics
 from pfl.algorithms.checkpoint import Checkpointer
 from pfl.algorithms.local import FitRes
-from pfl.algorithms.state import State, state_digest
+from pfl.algorithms.state import State, state_bytes, state_digest
 from pfl.algorithms.vectorized import train_vectorized, vectorizable
 from pfl.models.split import ModelSpec
 from pfl.seed import derive_seed, rng_state, set_rng_state
@@ -102,6 +103,22 @@ class Schedule:
     eval_split: str = "test"  # "holdout" scores the clients' tuning splits (hyperparameter search)
 
 
+class PeakMemory:
+    """The peak memory of a stretch of work on ``device``, in MiB: on CUDA the most memory torch allocated
+    since construction (``torch.cuda.max_memory_allocated``, reset at construction); elsewhere the process's
+    peak resident set so far (``ru_maxrss``, which never decreases)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 class Engine:
     """Runs an :class:`Algorithm` for ``schedule.global_rounds`` rounds.
 
@@ -125,6 +142,7 @@ class Engine:
         self.last: Evaluation | None = None  # the latest evaluation
         # model set ("": the personalized models, else an extra_models() name) -> client -> (model digest, metrics)
         self._scores: dict[str, dict[int, tuple[bytes, dict[str, float]]]] = {"": {}}
+        self._comm = [0, 0]  # bytes of model state sent down / up in the current round
 
     def sample_clients(self, rnd: int) -> list[int]:
         """Sorted ids of the clients taking part in round ``rnd`` (uniform, without replacement)."""
@@ -148,7 +166,8 @@ class Engine:
             for spec in dict.fromkeys(self.ctx.specs[cid] for cid in selected):
                 group = [cid for cid in selected if self.ctx.specs[cid] == spec]
                 model = self.ctx.runner.models[spec]
-                if vectorizable(model, update, [indices[c] for c in group]):
+                if vectorizable(model, update, [indices[c] for c in group]) and \
+                        not self.ctx.runner.data.transform.augments:  # vectorized batches are not augmented
                     out = train_vectorized(model, self.ctx.runner.data, update, [ins[c].state for c in group],
                                            [indices[c] for c in group], [seeds[c] for c in group])
                     trained.update(zip(group, out))
@@ -156,15 +175,21 @@ class Engine:
             if cid not in trained:
                 model = self.ctx.runner.load(self.ctx.specs[cid], ins[cid].state)
                 trained[cid] = update.fit(model, self.ctx.runner.data, ins[cid], indices[cid], seeds[cid])
+        self._comm[0] += sum(state_bytes(ins[cid].state) for cid in selected)
+        self._comm[1] += sum(state_bytes(trained[cid][0]) for cid in selected)
         return [FitRes(cid, trained[cid][0], len(indices[cid]), trained[cid][1]) for cid in selected]
 
     def run_round(self, rnd: int) -> dict[str, float]:
         """One round; returns ``train/loss`` (sample-weighted mean over the round's clients), ``train/samples``
         (the round's clients' training samples), seconds: ``time/round`` = ``time/local`` (round
-        starting points and local training) + ``time/aggregate`` (server update, FedALA's ALA), and the
-        algorithm's :meth:`~pfl.algorithms.base.Algorithm.round_metrics`."""
+        starting points and local training) + ``time/aggregate`` (server update, FedALA's ALA), the bytes of
+        model state that travelled, summed over the round's clients (``comm/bytes_down``: the states of their
+        :class:`FitIns`; ``comm/bytes_up``: of their :class:`FitRes`), the peak memory (``memory/peak_mb``,
+        :class:`PeakMemory`), and the algorithm's :meth:`~pfl.algorithms.base.Algorithm.round_metrics`."""
         start = time.perf_counter()
         local = 0.0
+        self._comm = [0, 0]
+        memory = PeakMemory(self.ctx.runner.data.device)
 
         def fit(selected: list[int], r: int) -> list[FitRes]:
             nonlocal local
@@ -179,7 +204,8 @@ class Engine:
         end = time.perf_counter()
         return {"train/loss": float((losses * samples).sum() / samples.sum()), "train/samples": float(samples.sum()),
                 "time/round": end - start, "time/local": local, "time/aggregate": end - start - local,
-                **self.algorithm.round_metrics()}
+                "comm/bytes_down": float(self._comm[0]), "comm/bytes_up": float(self._comm[1]),
+                "memory/peak_mb": memory.peak_mb(), **self.algorithm.round_metrics()}
 
     def evaluate(self, rnd: int) -> Evaluation:
         """Every client's personalized model on its own ``eval_split``; aggregates weighted by its sample counts.

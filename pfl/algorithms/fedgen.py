@@ -248,7 +248,7 @@ class FedGenUpdate(SGDUpdate):
     """
 
     def __init__(self, base: SGDUpdate, generator: Generator):
-        super().__init__(base.batch_size, base.lr, base.local_epochs)
+        super().__init__(**base.settings())
         self.generator = generator.requires_grad_(False)
 
     def fit(self, model: nn.Module, data: DeviceImages, ins: FitIns, indices: torch.Tensor,

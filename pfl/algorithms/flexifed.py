@@ -125,7 +125,7 @@ class MomentumSGD(SGDUpdate):
     """SGD with momentum and weight decay, a fresh ``torch.optim.SGD`` per client and round (FlexiFed-IMP)."""
 
     def __init__(self, base: SGDUpdate, momentum: float, weight_decay: float):
-        super().__init__(base.batch_size, base.lr, base.local_epochs)
+        super().__init__(**base.settings())
         self.momentum, self.weight_decay = momentum, weight_decay
 
     def optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:

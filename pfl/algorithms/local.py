@@ -70,10 +70,12 @@ class ModelRunner:
         eval_batch_size: batch size of inference.
     """
 
-    def __init__(self, models: Mapping[ModelSpec, nn.Module], data: DeviceImages, eval_batch_size: int = 2000):
+    def __init__(self, models: Mapping[ModelSpec, nn.Module], data: DeviceImages, eval_batch_size: int = 2000,
+                 autocast: torch.dtype | None = None):
         self.models = {spec: m.to(memory_format=torch.channels_last) for spec, m in models.items()}  # as batches
         self.data = data
         self.eval_batch_size = eval_batch_size
+        self.autocast = autocast
 
     def load(self, spec: ModelSpec, state: State) -> nn.Module:
         """The device instance of ``spec`` holding ``state``."""
@@ -83,8 +85,9 @@ class ModelRunner:
     def logits(self, spec: ModelSpec, state: State, indices: torch.Tensor) -> torch.Tensor:
         """Logits (n, K) on the training device of the model ``state`` (architecture ``spec``) on ``indices`` (n,)."""
         model = self.load(spec, state).eval()
-        chunks = [model(self.data.batch(indices[i:i + self.eval_batch_size])[0])
-                  for i in range(0, len(indices), self.eval_batch_size)]
+        with autocast(self.data.device, self.autocast):
+            chunks = [model(self.data.batch(indices[i:i + self.eval_batch_size])[0]).float()
+                      for i in range(0, len(indices), self.eval_batch_size)]
         return torch.cat(chunks)
 
 
@@ -101,26 +104,55 @@ class LocalUpdate:
         raise NotImplementedError
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """``torch.autocast`` on ``device`` in ``dtype`` (``None``: a disabled one, so fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 class SGDUpdate(LocalUpdate):
     """Local SGD (PFLlib's client update: plain SGD, cross-entropy, ``local_epochs`` epochs).
+
+    Only parameters that require gradients train (a LoRA model's adapters and head). Training batches
+    are augmented when the run's image transform says so (:mod:`pfl.data.transforms`), drawn from
+    the same seeded generator as the batch order.
 
     Args:
         batch_size: minibatch size; the last incomplete batch of an epoch is dropped
             (PFLlib's ``drop_last=True``) unless the client has fewer samples than one batch.
-        lr: SGD learning rate.
+        lr: learning rate.
         local_epochs: passes over the client's training indices per round.
+        optimizer: ``"sgd"`` (plain SGD) or ``"adamw"`` (``torch.optim.AdamW`` with torch's defaults: betas
+            (0.9, 0.999), weight decay 0.01); a fresh one per client and round, so no moments carry over rounds.
+        autocast: autocast dtype of the forward pass and loss (``torch.bfloat16``), or ``None`` (fp32).
     """
 
-    def __init__(self, batch_size: int, lr: float, local_epochs: int):
+    def __init__(self, batch_size: int, lr: float, local_epochs: int, optimizer: str = "sgd",
+                 autocast: torch.dtype | None = None):
         self.batch_size = batch_size
         self.lr = lr
         self.local_epochs = local_epochs
+        self.optimizer_name = optimizer
+        self.autocast = autocast
         self.loss_fn = nn.CrossEntropyLoss()
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments, for a subclass built on the run's update (``Sub(**update.settings())``)."""
+        return {"batch_size": self.batch_size, "lr": self.lr, "local_epochs": self.local_epochs,
+                "optimizer": self.optimizer_name, "autocast": self.autocast}
+
+    @property
+    def plain(self) -> bool:
+        """Plain fp32 SGD (what vectorized training computes)."""
+        return self.optimizer_name == "sgd" and self.autocast is None
 
     def optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer | None:
         """The optimizer of one client's round, created afresh each round (``None``: plain SGD as one fused
         step, :meth:`_sgd_step`). Subclasses return e.g. ``torch.optim.SGD`` with momentum."""
-        return None
+        return torch.optim.AdamW(params, lr=self.lr) if self.optimizer_name == "adamw" else None
+
+    def result_state(self, model: nn.Module) -> State:
+        """What the client uploads after training: its full state (subclasses send less, e.g. FedLoRA's adapters)."""
+        return model_state(model)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ins: FitIns) -> torch.Tensor:
         """The minibatch objective: cross-entropy of ``model(x)`` (B, K) against labels ``y`` (B,).
@@ -132,7 +164,7 @@ class SGDUpdate(LocalUpdate):
         """``local_epochs`` epochs of SGD on ``indices`` (n,), batch order from a generator seeded with ``seed``
         (so results do not depend on which clients trained before); no host sync inside the loop."""
         model.train()
-        params = list(model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]
         opt = self.optimizer(params)
         gen = torch.Generator().manual_seed(seed)
         n = len(indices)
@@ -142,14 +174,15 @@ class SGDUpdate(LocalUpdate):
         for _ in range(self.local_epochs):
             order = indices[torch.randperm(n, generator=gen).to(indices.device)]
             for b in range(steps):
-                x, y = data.batch(order[b * bs:(b + 1) * bs])
-                loss = self.loss(model, x, y, ins)
+                x, y = data.batch(order[b * bs:(b + 1) * bs], gen)
+                with autocast(data.device, self.autocast):
+                    loss = self.loss(model, x, y, ins)
                 for p in params:
                     p.grad = None
                 loss.backward()
                 opt.step() if opt is not None else self._sgd_step(params)
                 loss_sum += loss.detach()
-        return model_state(model), loss_sum / (steps * self.local_epochs)
+        return self.result_state(model), loss_sum / (steps * self.local_epochs)
 
     @torch.no_grad()
     def _sgd_step(self, params: list[torch.Tensor]) -> None:

@@ -30,10 +30,11 @@ def can_vectorize(model: nn.Module) -> bool:
 
 
 def vectorizable(model: nn.Module, update: object, indices: list[torch.Tensor]) -> bool:
-    """Whether :func:`train_vectorized` accepts these clients: the default local update (plain
-    :class:`SGDUpdate`, not a subclass with its own loss), a buffer-free model and every client
-    holding at least one full batch (so all clients share the batch size)."""
-    return type(update) is SGDUpdate and can_vectorize(model) and min(len(i) for i in indices) >= update.batch_size
+    """Whether :func:`train_vectorized` accepts these clients: the default local update (plain fp32
+    :class:`SGDUpdate`, not a subclass with its own loss), a buffer-free model whose parameters all train
+    and every client holding at least one full batch (so all clients share the batch size)."""
+    return (type(update) is SGDUpdate and update.plain and can_vectorize(model)
+            and all(p.requires_grad for p in model.parameters()) and min(len(i) for i in indices) >= update.batch_size)
 
 
 def _orders(indices: list[torch.Tensor], seeds: list[int], epochs: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

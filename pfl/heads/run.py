@@ -25,7 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 from pfl.config import ConfigError, HeadConfig, RunConfig, algorithm_fields
-from pfl.data.loader import DeviceImages
 from pfl.heads import METHOD_LABELS
 from pfl.heads.ood import OODPool, load_ood_pool, resolve_ood_dataset
 from pfl.heads.rearrange import ClientHeads, rearrange_client
@@ -61,7 +60,8 @@ def ood_pool(hc: HeadConfig, cfg: RunConfig, cells: list[Prepared]) -> OODPool |
         return None
     largest = max(len(c.test) for p in cells for c in p.partition.clients)
     first = cells[0]
-    return load_ood_pool(name, cfg.data_dir, first.device, tuple(first.dataset.images.shape[-2:]), largest)
+    size = first.transform.output_shape(tuple(first.dataset.images.shape[1:]))[1:]  # the models' input size
+    return load_ood_pool(name, cfg.data_dir, first.device, size, largest)
 
 
 def _ood_columns(result: ClientHeads) -> dict[str, float]:
@@ -119,7 +119,7 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
                           f"the FL run's ({inputs.params.get('dataset_fingerprint')}); set data_dir= to the "
                           "folder the run was trained on")
     ood = pools[hc.ood_dataset] if pools and hc.ood_dataset in pools else ood_pool(hc, cfg, [prepared])
-    data = DeviceImages(prepared.dataset, prepared.device)
+    data = prepared.device_images()
     hc = hc.model_copy(update={"eval_batch_size": data.inference_batch_size(hc.eval_batch_size)})
     setting = {k: v for k, v in cfg.flat_params().items() if k in FL_SETTING}
     params = {**hc.flat_params(), **setting, "fl_run_id": fl_run_id, "fl_seed": inputs.params.get("seed"),

@@ -1,13 +1,19 @@
 """Models split into ``base`` (feature extractor) + ``head`` (projection head); one file per family,
 and the factory :func:`build_model` that rebuilds any client's architecture from its :class:`ModelSpec`."""
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 
+import torch
+
+from pfl.models.adapters import LoraSpec, add_lora
 from pfl.models.cnn import CNN
 from pfl.models.resnet import ResNet18
 from pfl.models.resnet_cifar import RESNET_CIFAR_DEPTHS, CifarResNet
 from pfl.models.split import ModelSpec, SplitModel
 from pfl.models.vgg import VGG, VGG_CONFIGS
+from pfl.models.vit import VITS, build_vit, vit_normalization
 
 _BUILDERS: dict[str, Callable[[ModelSpec], SplitModel]] = {
     "cnn": lambda s: CNN(s.num_classes, s.in_channels, s.image_size),
@@ -15,19 +21,45 @@ _BUILDERS: dict[str, Callable[[ModelSpec], SplitModel]] = {
     **{f"vgg{d}": (lambda s, d=d: VGG(s.num_classes, s.in_channels, s.image_size, d, s.width)) for d in VGG_CONFIGS},
     **{f"resnet{d}": (lambda s, d=d: CifarResNet(s.num_classes, s.in_channels, s.image_size, d, s.width))
        for d in RESNET_CIFAR_DEPTHS},
+    **{name: build_vit for name in VITS},
 }
 ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)  # every architecture name build_model takes
+log = logging.getLogger(__name__)
 
 
-def build_model(spec: ModelSpec) -> SplitModel:
-    """Instantiate the architecture named by ``spec`` (randomly initialized from torch's global RNG).
+def build_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor] | None = None, source: str = "") -> SplitModel:
+    """Instantiate the architecture named by ``spec``: randomly initialized from torch's global RNG, then
+    ``weights`` loaded (pretrained weights in any layout :func:`pfl.models.pretrained.adapt_weights` maps; what
+    it changed is logged), then ``spec.lora``'s adapters injected (:func:`pfl.models.adapters.add_lora`).
+
+    Args:
+        spec: the architecture.
+        weights: initial weights, or ``None``.
+        source: where ``weights`` came from, for messages (``pretrained=vit.safetensors``).
 
     Raises:
-        ValueError: unknown architecture name, or a size the architecture does not take.
+        ValueError: unknown architecture name, a size the architecture does not take, or weights of
+            another architecture.
     """
+    from pfl.algorithms.state import load_state
+    from pfl.models.pretrained import adapt_weights
+
     if spec.name not in _BUILDERS:
         raise ValueError(f"unknown model {spec.name!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return _BUILDERS[spec.name](spec)
+    model = _BUILDERS[spec.name](replace(spec, lora=None))
+    if weights is not None:
+        adapted, notes = adapt_weights(model, dict(weights), source or "the weights")
+        load_state(model, adapted)
+        for note in notes:
+            log.info("%s: %s", source, note)
+    return add_lora(model, spec.lora) if spec.lora is not None else model
 
 
-__all__ = ["ARCHITECTURES", "CNN", "CifarResNet", "ResNet18", "VGG", "ModelSpec", "SplitModel", "build_model"]
+def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(mean, std)`` (in [0, 1] units) the architecture's inputs are normalized with: timm's
+    for its ViTs (:func:`pfl.models.vit.vit_normalization`), PFLlib's 0.5 / 0.5 for the others."""
+    return vit_normalization(name) if name in VITS else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+__all__ = ["ARCHITECTURES", "CNN", "VITS", "CifarResNet", "LoraSpec", "ResNet18", "VGG", "ModelSpec", "SplitModel",
+           "build_model", "input_normalization"]

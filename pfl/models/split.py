@@ -8,9 +8,12 @@ surgery on the network.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from pfl.models.adapters import LoraSpec
 
 
 class SplitModel(nn.Module):
@@ -37,11 +40,12 @@ class ModelSpec:
 
     Attributes:
         name: architecture: family and depth (``"cnn"``, ``"resnet18"``, ``"vgg11"`` .. ``"vgg19"``,
-            ``"resnet20"`` .. ``"resnet56"``; :data:`pfl.models.ARCHITECTURES`).
+            ``"resnet20"`` .. ``"resnet56"``, the ViTs; :data:`pfl.models.ARCHITECTURES`).
         num_classes: output classes.
         in_channels: image channels.
-        image_size: square image side in pixels.
+        image_size: square side in pixels of the model's input (the images after on-device resizing).
         width: channel multiplier of the VGG and CIFAR-ResNet families (1.0: the paper's widths).
+        lora: LoRA adapters injected into the base (FedLoRA), or ``None``.
     """
 
     name: str
@@ -49,6 +53,19 @@ class ModelSpec:
     in_channels: int = 3
     image_size: int = 32
     width: float = 1.0
+    lora: LoraSpec | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec as JSON-ready values (``lora`` as a mapping, or absent when there is none)."""
+        values = asdict(self)
+        if self.lora is None:
+            del values["lora"]  # as specs saved before adapters existed
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
+        """The spec :meth:`to_dict` wrote (also those saved before ``lora`` existed)."""
+        lora = values.get("lora")
+        if lora is not None:
+            lora = LoraSpec(**{**lora, "target_modules": tuple(lora["target_modules"])})
+        return cls(**{**values, "lora": lora})

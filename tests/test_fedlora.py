@@ -1,0 +1,170 @@
+"""FedLoRA: what travels and changes on the server, FedIT / FFA aggregation against hand-computed averages, personal
+heads, artifacts (backbone once, adapters per client), pretrained starts (a file, a `pfl pretrain` run), resumption."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import check_exact_resumption
+from pfl import tracking
+from pfl.algorithms.engine import Engine, Schedule
+from pfl.algorithms.local import FitRes
+from pfl.algorithms.state import state_bytes
+from pfl.cli import main
+from pfl.config import load_config
+from pfl.models import ModelSpec, build_model
+from pfl.models.adapters import is_adapter_entry
+from pfl.models.pretrained import read_weights
+from pfl.train import build_algorithm, prepare
+
+SMALL = ("model=vit_cifar", "image_size=16", "batch_size=32")  # 16 tokens of 4x4 patches: fast on a CPU
+
+
+def _build(cifar10_dir, tmp_path, algo: str = "fedlora", *overrides: str):
+    cfg = load_config(None, [f"data_dir={cifar10_dir}", f"cache_dir={tmp_path}", f"algo={algo}", "num_clients=5",
+                             "join_ratio=0.4", "global_rounds=2", "device=cpu", "num_threads=1", *SMALL, *overrides])
+    return build_algorithm(prepare(cfg), seed=0), Schedule(2, cfg.num_join_clients)
+
+
+def _travels(name: str) -> bool:
+    return is_adapter_entry(name) or name.startswith("head.")
+
+
+def test_only_adapter_and_head_entries_travel_and_change_on_the_server(cifar10_dir, tmp_path):
+    algo, schedule = _build(cifar10_dir, tmp_path)
+    init = {k: v.clone() for k, v in algo.ctx.init_state(0).items()}
+    assert set(algo.global_state) == {k for k in init if _travels(k)}
+    engine = Engine(algo, schedule)
+    metrics = engine.run_round(1)
+    changed = {k for k, v in algo.global_state.items() if not torch.equal(v, init[k])}
+    assert changed and all(_travels(k) for k in changed)
+    assert any(".lora_B." in k for k in changed) and any(".lora_A." in k for k in changed)  # FedIT trains both
+    device_model = algo.ctx.model(0).state_dict()  # the frozen backbone is untouched by training
+    assert all(torch.equal(device_model[k].cpu(), init[k]) for k in init if not _travels(k))
+    per_client = state_bytes(algo.global_state)
+    assert metrics["comm/bytes_up"] == metrics["comm/bytes_down"] == 2 * per_client
+    num_params = sum(v.numel() for v in init.values())
+    assert sum(v.numel() for v in algo.global_state.values()) / num_params < 0.1
+
+
+def _results(algo, values: tuple[float, float], samples: tuple[int, int]) -> list[FitRes]:
+    """Two clients' uploads: every uploaded entry filled with one constant per client."""
+    keys = algo.shared_keys
+    return [FitRes(cid, {k: torch.full_like(algo.global_state[k], v) for k in keys}, n, torch.zeros(()))
+            for cid, v, n in zip((0, 1), values, samples)]
+
+
+@pytest.mark.parametrize("aggregation", ["fedit", "ffa"])
+def test_aggregation_is_the_sample_weighted_mean_of_what_travels(aggregation, cifar10_dir, tmp_path):
+    """Clients holding 1 and 3 samples upload all-1 and all-4 entries: every averaged entry is (1 + 3*4) / 4 = 3.25.
+    FedIT averages A and B; FFA-LoRA uploads B only and A stays the shared initialization."""
+    algo, _ = _build(cifar10_dir, tmp_path, "fedlora", f"lora_aggregation={aggregation}")
+    init = algo.ctx.init_state(0)
+    a_keys = [k for k in init if ".lora_A." in k]
+    assert all((k in algo.shared_keys) == (aggregation == "fedit") for k in a_keys)
+    algo.aggregate_fit(1, _results(algo, (1.0, 4.0), (1, 3)))
+    assert all(torch.all(v == 3.25) for v in algo.global_state.values())
+    assert {k for k in algo.global_state if ".lora_B." in k} == {k for k in init if ".lora_B." in k}
+    model = algo.ctx.runner.load(algo.ctx.specs[0], algo.personalized_state(0))
+    assert all(torch.equal(model.state_dict()[k], init[k]) for k in a_keys) == (aggregation == "ffa")
+
+
+def test_personal_heads_stay_with_their_clients(cifar10_dir, tmp_path):
+    algo, _ = _build(cifar10_dir, tmp_path, "fedlora", "personal_head=true")
+    assert not any(k.startswith("head.") for k in algo.shared_keys)
+    head = [k for k in algo.ctx.init_state(0) if k.startswith("head.")]
+    results = [FitRes(cid, {k: torch.full_like(algo.ctx.init_state(0)[k], v) for k in [*algo.shared_keys, *head]},
+                      1, torch.zeros(())) for cid, v in ((0, 1.0), (1, 3.0))]
+    algo.aggregate_fit(1, results)
+    assert all(torch.all(v == 2.0) for v in algo.global_state.values())
+    for cid, v in ((0, 1.0), (1, 3.0)):
+        assert all(torch.all(algo.personalized_state(cid)[k] == v) for k in head)
+    assert all(torch.equal(algo.personalized_state(4)[k], algo.ctx.init_state(0)[k]) for k in head)
+
+
+def test_fedlora_resumes_exactly(cifar10_dir, tmp_path):
+    check_exact_resumption(cifar10_dir, tmp_path, "fedlora", *SMALL, "personal_head=true")
+
+
+def test_run_logs_the_backbone_once_and_only_adapters_and_head_per_client(cifar10_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["train", "--no-progress", "--tracking-uri", uri, f"data_dir={cifar10_dir}",
+                 f"cache_dir={tmp_path / 'cache'}", "algo=fedlora", "num_clients=5", "join_ratio=0.4",
+                 "global_rounds=1", "device=cpu", "experiment=lora", *SMALL]) == 0
+    tracking.configure_tracking(uri)
+    run = mlflow.search_runs(experiment_names=["lora"], filter_string="tags.`pfl.kind` = 'fl'",
+                             output_format="list")[0]
+    assert int(run.data.params["trainable_params"]) / int(run.data.params["num_params"]) < 0.1
+    assert {"comm/bytes_up", "comm/bytes_down", "memory/peak_mb", "time/round"} <= set(run.data.metrics)
+    spec, state = tracking.load_client_state(run.info.run_id, 2)
+    assert spec.lora is not None and spec.lora.rank == 8
+    client_file = tracking.mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                               artifact_path="clients/client_002.safetensors",
+                                                               dst_path=str(tmp_path / "dl"))
+    assert all(_travels(k) for k in load_file(client_file))
+    model = tracking.load_client_model(run.info.run_id, 2)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_local_safetensors_file_loads_with_the_head_resized(tmp_path):
+    """A ViT saved in timm's layout (no base. prefix) for 100 classes at 32x32 starts a 10-class model at 16x16:
+    the base is copied, the position embeddings resampled to the 4x4 grid, the head re-initialized."""
+    torch.manual_seed(0)
+    source = build_model(ModelSpec("vit_cifar", 100, image_size=32))
+    timm_layout = {k.removeprefix("base."): v for k, v in source.state_dict().items()}
+    save_file(timm_layout, tmp_path / "vit.safetensors")
+    torch.save(timm_layout, tmp_path / "vit.pth")
+    for name in ("vit.safetensors", "vit.pth"):
+        model = build_model(ModelSpec("vit_cifar", 10, image_size=16), read_weights(tmp_path / name), name)
+        own = model.state_dict()
+        assert own["head.weight"].shape == (10, 128)
+        assert own["base.pos_embed"].shape == (1, 1 + 16, 128)
+        assert torch.equal(own["base.pos_embed"][:, :1], source.state_dict()["base.pos_embed"][:, :1])  # class token
+        same = [k for k in own if k.startswith("base.") and k != "base.pos_embed"]
+        assert all(torch.equal(own[k], source.state_dict()[k]) for k in same)
+
+
+def test_pretrain_run_then_init_from_starts_from_exactly_its_weights(cifar100_dir, cifar10_dir, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["pretrain", "--no-progress", "--tracking-uri", uri, f"data_dir={cifar100_dir}", "dataset=cifar100",
+                 f"cache_dir={tmp_path / 'cache'}", "global_rounds=1", "device=cpu", "experiment=pre",
+                 "optimizer=adamw", "lr=0.001", *SMALL]) == 0
+    run_id = capsys.readouterr().out.split("init_from=runs:/")[1].split()[0]
+    _, pretrained = tracking.load_client_state(run_id, 0)
+    algo, _ = _build(cifar10_dir, tmp_path, "fedlora", f"init_from=runs:/{run_id}")
+    init = algo.ctx.init_state(0)
+    base = {k.replace(".base_layer.", "."): v for k, v in init.items() if k.startswith("base.") and "lora_" not in k}
+    assert base.keys() == {k for k in pretrained if k.startswith("base.")}
+    assert all(torch.equal(v, pretrained[k]) for k, v in base.items())
+    assert pretrained["head.weight"].shape[0] == 100 and init["head.weight"].shape[0] == 10
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["pretrained=/no/such/vit.safetensors"], "does not exist"),
+    (["init_from=runs:/abc"], "not a pfl model URI"),
+    (["pretrained=timm", "init_from=runs:/" + "0" * 32], "keep one of them"),
+    (["model=cnn", "pretrained=timm"], "publishes no weights"),
+    (["algo=fedlora", "model=cnn"], "name no linear layer"),
+])
+def test_bad_initial_weights_are_one_line_errors(bad, message, cifar10_dir, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        _build(cifar10_dir, tmp_path, "fedavg", *bad)
+
+
+def test_templates_hold_the_researchers_setup_and_fedavg_twins_differ_only_in_the_algorithm():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    lora = load_config(configs / "fedlora_vit_cifar10.yaml")
+    assert (lora.model, lora.image_size, lora.pretrained, lora.num_clients, lora.join_ratio, lora.local_epochs,
+            lora.batch_size, lora.lr, lora.global_rounds, lora.partition, lora.precision) == \
+        ("vit_base_patch16_224", 224, "timm", 100, 0.1, 5, 32, 3e-4, 150, "dirichlet", "bf16")
+    for suffix in ("", "_cpu"):
+        lora = load_config(configs / f"fedlora_vit_cifar10{suffix}.yaml")
+        full = load_config(configs / f"fedavg_vit_cifar10{suffix}.yaml")
+        assert lora.algo == "fedlora" and full.algo == "fedavg"
+        assert lora.model_dump(exclude={"algo", "hparams"}) == full.model_dump(exclude={"algo", "hparams"})
+    assert load_config(configs / "fedlora_vit_cifar10_cpu.yaml").model == "vit_cifar"
