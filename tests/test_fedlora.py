@@ -168,3 +168,20 @@ def test_templates_hold_the_researchers_setup_and_fedavg_twins_differ_only_in_th
         assert lora.algo == "fedlora" and full.algo == "fedavg"
         assert lora.model_dump(exclude={"algo", "hparams"}) == full.model_dump(exclude={"algo", "hparams"})
     assert load_config(configs / "fedlora_vit_cifar10_cpu.yaml").model == "vit_cifar"
+
+
+def test_pretrained_timm_offline_fails_before_any_run_naming_the_alternatives(cifar10_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # as a machine without the model hub, without its retries
+    db = tmp_path / "mlflow.db"
+    out = subprocess.run([sys.executable, "-m", "pfl.cli", "train", "--no-progress", "--tracking-uri", f"sqlite:///{db}",
+                          f"data_dir={cifar10_dir}", f"cache_dir={tmp_path}", "algo=fedlora",
+                          "model=vit_tiny_patch16_224", "pretrained=timm", "num_clients=5", "device=cpu"],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("pfl: error:") and "pretrained=<path" in last and "init_from=runs:/" in last
+    assert not db.exists() or not mlflow.MlflowClient(f"sqlite:///{db}").search_experiments(filter_string="name='pfl'")

@@ -14,6 +14,7 @@ what the server sent from the :class:`FitIns`), or by writing a :class:`LocalUpd
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,9 +105,9 @@ class LocalUpdate:
         raise NotImplementedError
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """``torch.autocast`` on ``device`` in ``dtype`` (``None``: a disabled one, so fp32)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """``torch.autocast`` on ``device`` in ``dtype``; ``None``: no context at all (fp32, and no per-step cost)."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 class SGDUpdate(LocalUpdate):

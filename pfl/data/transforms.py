@@ -19,7 +19,7 @@ gives the same result as after (bilinear weights sum to one), on 49x fewer pixel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ class ImageTransform:
     std: tuple[float, ...] = PFLLIB_STD
     random_crop: int = 0
     hflip: bool = False
+    _constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False)  # per device, made once
 
     @property
     def augments(self) -> bool:
@@ -74,9 +76,12 @@ class ImageTransform:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(x / 255 - mean) / std`` as float32 (B, C, H, W), computed as ``x / (255 std) - mean / std``
         (for PFLlib's 0.5 / 0.5, the ``x / 127.5 - 1`` of earlier pfl versions, bit for bit)."""
-        shape = (1, -1, 1, 1)
-        scale = torch.tensor([255.0 * s for s in self.std], device=images.device).view(shape)
-        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=images.device).view(shape)
+        if images.device not in self._constants:
+            shape = (1, -1, 1, 1)
+            scale = torch.tensor([255.0 * s for s in self.std], device=images.device).view(shape)
+            shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=images.device).view(shape)
+            self._constants[images.device] = scale, shift
+        scale, shift = self._constants[images.device]
         return images.float().div_(scale).sub_(shift)
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
