@@ -185,3 +185,16 @@ def test_pretrained_timm_offline_fails_before_any_run_naming_the_alternatives(ci
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("pfl: error:") and "pretrained=<path" in last and "init_from=runs:/" in last
     assert not db.exists() or not mlflow.MlflowClient(f"sqlite:///{db}").search_experiments(filter_string="name='pfl'")
+
+
+def test_a_torchvision_resnet_checkpoint_loads_into_pfls_resnet18_with_the_head_resized(tmp_path):
+    from pfl._torchvision import import_torchvision
+
+    torch.manual_seed(0)
+    source = import_torchvision().models.resnet18(num_classes=1000).state_dict()
+    torch.save(source, tmp_path / "resnet18.pth")
+    model = build_model(ModelSpec("resnet18", 10), read_weights(tmp_path / "resnet18.pth"), "resnet18.pth")
+    own = model.state_dict()
+    assert torch.equal(own["base.0.weight"], source["conv1.weight"])
+    assert torch.equal(own["base.7.1.bn2.running_var"], source["layer4.1.bn2.running_var"])
+    assert own["head.weight"].shape == (10, 512)

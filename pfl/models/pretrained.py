@@ -4,7 +4,9 @@ Whatever the source, the weights become a :data:`~pfl.algorithms.state.State` in
 (``base.*`` + ``head.*``), adapted to the model by :func:`adapt_weights`:
 
 * a checkpoint in timm's or torchvision's own layout is mapped by a prefix: its classifier
-  (``head.*``, ``fc.*``, ``classifier.*``) becomes ``head.*`` and everything else ``base.*``;
+  (``head.*``, ``fc.*``, ``classifier.*``) becomes ``head.*`` and everything else ``base.*``, with
+  torchvision ResNet's named stages renamed to their positions in pfl's ``nn.Sequential`` base
+  (``conv1`` -> ``base.0``, ``bn1`` -> ``base.1``, ``layer1`` .. ``layer4`` -> ``base.4`` .. ``base.7``);
 * a ViT's position embeddings are resampled to the model's grid when the image size differs
   (timm's ``resample_abs_pos_embed``: bicubic, the class token kept);
 * a head whose shape differs (another number of classes) is dropped, so the model keeps its own
@@ -24,6 +26,8 @@ from torch import nn
 State = dict[str, torch.Tensor]
 CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.")  # timm ViTs, torchvision ResNets, VGG-style classifiers
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# torchvision ResNet's modules -> their index in pfl's ResNet-18 base (pfl/models/resnet.py)
+TORCHVISION_RESNET = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
 
 
 def read_weights(path: str | Path) -> State:
@@ -61,8 +65,14 @@ def split_layout(weights: State) -> State:
     """``weights`` in pfl's ``base.*`` / ``head.*`` layout (already so: unchanged; see the module docstring)."""
     if all(k.startswith(("base.", "head.")) for k in weights):
         return dict(weights)
-    return {(f"head.{k.split('.', 1)[1]}" if k.startswith(CLASSIFIER_PREFIXES) else f"base.{k}"): v
-            for k, v in weights.items()}
+
+    def name(key: str) -> str:
+        first, rest = key.split(".", 1) if "." in key else (key, "")
+        if key.startswith(CLASSIFIER_PREFIXES):
+            return f"head.{rest}"
+        return f"base.{TORCHVISION_RESNET.get(first, first)}{'.' + rest if rest else ''}"
+
+    return {name(k): v for k, v in weights.items()}
 
 
 def adapt_weights(model: nn.Module, weights: State, source: str) -> tuple[State, list[str]]:
