@@ -18,8 +18,6 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 
-import pandas as pd
-
 from pfl.vocabulary import QUALITY, flat
 
 FINAL_QUALITY = tuple(f"test/{m}" for m in QUALITY)
@@ -140,4 +138,6 @@ def summary_table(rows: Sequence[Mapping]) -> str:
                       "NLL": "—" if "test/nll" not in m else f"{m['test/nll']:.3f}",
                       "F-ECE (%)": _pct(m.get("test/f_ece"), m.get("test/f_ece_std")),
                       "global ECE (%)": _pct(m.get("test/global_ece")), "time": _duration(row.get("seconds"))})
+    import pandas as pd  # here, not at import: pandas (and pyarrow) add 65 MB to every training process's RSS
+
     return pd.DataFrame(table).to_string(index=False)
