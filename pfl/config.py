@@ -417,7 +417,10 @@ class RunConfig(_Checked):
 
     def setting_name(self) -> str:
         """``<algo>-<dataset>-<partition><alpha or classes>-jr<ratio>``, e.g. ``fedfomo-cifar10-dir0.1-jr0.2`` (the
-        algorithm's label may add its variant: ``flexifed-max_common``)."""
+        algorithm's label may add its variant: ``flexifed-max_common``); ``central-<dataset>`` for one client
+        holding the whole dataset (centralized training, ``pfl pretrain``)."""
+        if self.num_clients == 1:
+            return f"central-{self.dataset}"
         return f"{self.algo_label}-{self.dataset}-{self.partition_label}-jr{self.join_ratio:g}"
 
     def run_name(self, seed: int) -> str:

@@ -133,6 +133,7 @@ def test_pretrain_run_then_init_from_starts_from_exactly_its_weights(cifar100_di
                  f"cache_dir={tmp_path / 'cache'}", "global_rounds=1", "device=cpu", "experiment=pre",
                  "optimizer=adamw", "lr=0.001", *SMALL]) == 0
     run_id = capsys.readouterr().out.split("init_from=runs:/")[1].split()[0]
+    assert mlflow.get_run(run_id).info.run_name == "central-cifar100-s0"
     _, pretrained = tracking.load_client_state(run_id, 0)
     algo, _ = _build(cifar10_dir, tmp_path, "fedlora", f"init_from=runs:/{run_id}")
     init = algo.ctx.init_state(0)
