@@ -1,5 +1,6 @@
 """FedLoRA: what travels and changes on the server, FedIT / FFA aggregation against hand-computed averages, personal
-heads, artifacts (backbone once, adapters per client), pretrained starts (a file, a `pfl pretrain` run), resumption."""
+heads, artifacts (backbone once, adapters per client), pretrained starts (a file, a `pfl pretrain` run). Exact
+resumption (with personal heads): tests/test_resume.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import check_exact_resumption
 from pfl import tracking
 from pfl.algorithms.engine import Engine, Schedule
 from pfl.algorithms.local import FitRes
@@ -83,10 +83,6 @@ def test_personal_heads_stay_with_their_clients(cifar10_dir, tmp_path):
     for cid, v in ((0, 1.0), (1, 3.0)):
         assert all(torch.all(algo.personalized_state(cid)[k] == v) for k in head)
     assert all(torch.equal(algo.personalized_state(4)[k], algo.ctx.init_state(0)[k]) for k in head)
-
-
-def test_fedlora_resumes_exactly(cifar10_dir, tmp_path):
-    check_exact_resumption(cifar10_dir, tmp_path, "fedlora", *SMALL, "personal_head=true")
 
 
 def test_run_logs_the_backbone_once_and_only_adapters_and_head_per_client(cifar10_dir, tmp_path):
