@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import signal
-import textwrap
 import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -236,7 +236,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _print_summary(uri: str, launch_id: str | None, fl_ids: list[str], head_ids: tuple[str, ...] = ()) -> None:
     """The end-of-command summary: a table of the runs, where they are, and the next commands."""
     from pfl import tracking
-    from pfl.summary import summary_table
+    from pfl.summary import summary_table, ui_hint
 
     rows = [tracking.run_summary(i) for i in [*fl_ids, *head_ids]]
     print("\n" + summary_table(rows) + "\n")
@@ -252,10 +252,9 @@ def _print_summary(uri: str, launch_id: str | None, fl_ids: list[str], head_ids:
     if not head_ids:
         where = f" --tracking-uri {uri}" if uri != tracking.DEFAULT_TRACKING_URI else ""
         print(f"  pfl heads --run-id {first} --method aph{where}")
-    print(f"  mlflow ui --backend-store-uri {uri}")
+    print(f"  {ui_hint(uri)}")
     print(f'  python -c "from pfl.tracking import configure_tracking, load_client_model; '
           f"configure_tracking('{uri}'); print(load_client_model('{first}', client_id=0))\"")
-
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -285,8 +284,7 @@ def _heads(args: argparse.Namespace) -> int:
     from pfl import tracking
     from pfl.heads import METHOD_LABELS
     from pfl.heads.run import run_heads
-
-    from pfl.summary import summary_table
+    from pfl.summary import summary_table, ui_hint
 
     hc = load_head_config(args.overrides, method=args.method)
     uri = tracking.configure_tracking(args.tracking_uri, must_exist=True)
@@ -296,7 +294,7 @@ def _heads(args: argparse.Namespace) -> int:
     print("\n" + summary_table([{"name": "w/o", "metrics": wo}, {**run, "name": METHOD_LABELS[hc.method]}]) + "\n")
     print(f"tracking store: {uri}")
     print(f"head run: {run_id} ({run['name']}, nested under FL run {args.run_id})")
-    print(f"next: mlflow ui --backend-store-uri {uri}")
+    print(f"next: {ui_hint(uri)}")
     return 0
 
 

@@ -66,6 +66,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def num_join_clients(num_clients: int, join_ratio: float) -> int:
+    """Clients sampled per round: ``round(join_ratio * num_clients)``, at least 1 (PFLlib: ``int(...)``)."""
+    return max(1, round(join_ratio * num_clients))
+
+
 class ConfigError(ValueError):
     """Invalid run configuration; the message names the field and how to fix it."""
 
@@ -430,8 +435,12 @@ class RunConfig(_Checked):
     def launch_name(self) -> str:
         """A launch run's name: the FL runs' setting plus model, global rounds and seeds, e.g.
         ``fedfomo-cifar10-pat2-jr0.2-cnn-r100-s0-2`` for seeds 0, 1, 2."""
-        seeds = f"s{self.seed}" + (f"-{self.seed + self.repeats - 1}" if self.repeats > 1 else "")
-        return f"{self.setting_name()}-{self.model}-r{self.global_rounds}-{seeds}"
+        return f"{self.setting_name()}-{self.model}-r{self.global_rounds}-{self.seeds_label}"
+
+    @property
+    def seeds_label(self) -> str:
+        """The repeats' seeds in run names: ``s0``, or ``s0-2`` for seeds 0, 1, 2."""
+        return f"s{self.seed}" + (f"-{self.seed + self.repeats - 1}" if self.repeats > 1 else "")
 
     @property
     def models(self) -> list[str]:
@@ -440,8 +449,8 @@ class RunConfig(_Checked):
 
     @property
     def num_join_clients(self) -> int:
-        """Clients sampled per round: ``round(join_ratio * num_clients)``, at least 1."""
-        return max(1, round(self.join_ratio * self.num_clients))
+        """Clients sampled per round: :func:`num_join_clients` of this config."""
+        return num_join_clients(self.num_clients, self.join_ratio)
 
 
 METHOD_FIELDS = {"rank": ("loraph",), "lora_init": ("loraph",)}  # head-method fields of one method only

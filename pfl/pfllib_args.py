@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from pfl.config import NUM_CLASSES, ConfigError
+from pfl.config import NUM_CLASSES, ConfigError, num_join_clients
 
 ALGORITHMS = {"FedAvg": "fedavg", "FedFomo": "fedfomo", "FedALA": "fedala"}
 DATASETS = {"Cifar10": "cifar10", "Cifar100": "cifar100", "TinyImagenet": "tinyimagenet"}  # PFLlib folder names
@@ -202,7 +202,7 @@ def _check_join_ratio(num_clients: int, join_ratio: float) -> None:
     Raises:
         ConfigError: the two counts differ.
     """
-    pfllib, pfl = int(num_clients * join_ratio), max(1, round(join_ratio * num_clients))
+    pfllib, pfl = int(num_clients * join_ratio), num_join_clients(num_clients, join_ratio)
     if pfllib != pfl:
         raise ConfigError(f"--pfllib-args: -nc {num_clients} -jr {join_ratio}: PFLlib samples int({num_clients} * "
                           f"{join_ratio}) = {pfllib} clients per round, pfl would sample {pfl}; choose -jr so "

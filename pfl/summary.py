@@ -15,12 +15,12 @@ here talks to MLflow.
 
 from __future__ import annotations
 
+import shlex
 import statistics
 from collections.abc import Mapping, Sequence
 
 from pfl.vocabulary import QUALITY, flat
 
-FINAL_QUALITY = tuple(f"test/{m}" for m in QUALITY)
 _SHOWN = (("test/acc", "acc (%)", 100), ("test/nll", "NLL (nats)", 1), ("test/f_ece", "F-ECE (%)", 100),
           ("test/ece_mean", "ECE mean (%)", 100), ("test/global_ece", "global ECE (%)", 100))
 
@@ -141,3 +141,11 @@ def summary_table(rows: Sequence[Mapping]) -> str:
     import pandas as pd  # here, not at import: pandas (and pyarrow) add 65 MB to every training process's RSS
 
     return pd.DataFrame(table).to_string(index=False)
+
+
+def ui_hint(uri: str) -> str:
+    """The command that shows a tracking store's runs: ``open <url>`` for a tracking server, else
+    ``mlflow ui --backend-store-uri <uri>`` (shell-quoted)."""
+    if uri.startswith(("http:", "https:")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"

@@ -67,7 +67,8 @@ def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], hea
     params = {**shared, "join_ratio": str(join_ratios), "head_methods": ",".join(h.method for h in heads),
               **({"alpha": str(alphas)} if "alpha" in shared else {})}
     fl_ids, head_ids = [], []
-    with tracking.launch_run(cfg.experiment, sweep_name(cfg, alphas, join_ratios), params) as launch_id:
+    name = sweep_name(cells[0], alphas, join_ratios)
+    with tracking.launch_run(cfg.experiment, name, params) as launch_id:
         for cell, first in zip(prepared, firsts):
             ids = train_repeats(cell, first, progress=progress)
             fl_ids += ids
@@ -76,7 +77,7 @@ def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], hea
             head_ids += [i for ids_ in by_method.values() for i in ids_]
             _log_cell_summary(cell_name(cell.cfg), ids, by_method)
         swept = cfg.describe(", ".join(f"{a:g}" for a in alphas), ", ".join(f"{j:g}" for j in join_ratios))
-        tracking.set_description(launch_id, f"**{sweep_name(cfg, alphas, join_ratios)}**: {swept}; head methods "
+        tracking.set_description(launch_id, f"**{name}**: {swept}; head methods "
                                  f"{', '.join(h.method for h in heads) or 'none'}.\n\nMetrics per cell "
                                  f"({', '.join(cell_name(p.cfg) for p in prepared)}): `<cell>/<metric>` (mean over "
                                  "seeds) and `<cell>/<metric>_seed_std`; head methods under `<cell>/<method>/`.")
@@ -89,11 +90,11 @@ def cell_name(cfg: RunConfig) -> str:
 
 
 def sweep_name(cfg: RunConfig, alphas: list[float], join_ratios: list[float]) -> str:
-    """The sweep's launch run name, e.g. ``sweep-fedfomo-cifar10-dir0.1,0.5-jr0.1,0.2-cnn-r3-s0``."""
-    seeds = f"s{cfg.seed}" + (f"-{cfg.seed + cfg.repeats - 1}" if cfg.repeats > 1 else "")
+    """The sweep's launch run name, e.g. ``sweep-fedfomo-cifar10-dir0.1,0.5-jr0.1,0.2-cnn-r3-s0``; ``cfg``: a grid
+    cell's config (so a partition that does not sweep alpha shows the alpha its cells run at)."""
     part = "dir" + ",".join(f"{a:g}" for a in alphas) if cfg.partition == "dirichlet" else cfg.partition_label
     return (f"sweep-{cfg.algo_label}-{cfg.dataset}-{part}-jr{','.join(f'{j:g}' for j in join_ratios)}-{cfg.model}"
-            f"-r{cfg.global_rounds}-{seeds}")
+            f"-r{cfg.global_rounds}-{cfg.seeds_label}")
 
 
 def _log_cell_summary(cell: str, fl_ids: list[str], head_ids: dict[str, list[str]]) -> None:

@@ -159,8 +159,7 @@ def prepare(cfg: RunConfig, like: Prepared | None = None) -> Prepared:
 def _prepared(cfg: RunConfig, dataset: ImageDataset, fingerprint: str, partition: Partition,
               device: torch.device) -> Prepared:
     """A :class:`Prepared` whose config has ``eval_batch_size`` set (the device's default when unset)."""
-    c, h, w = dataset.images.shape[1:]
-    size = (c, cfg.image_size, cfg.image_size) if cfg.image_size else (c, h, w)
+    size = ImageTransform(cfg.image_size).output_shape(tuple(dataset.images.shape[1:]))
     batch = inference_batch_size(cfg.eval_batch_size, device, size)
     return Prepared(cfg.model_copy(update={"eval_batch_size": batch}), dataset, fingerprint, partition, device)
 

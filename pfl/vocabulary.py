@@ -52,7 +52,7 @@ def metric(group: str, name: str) -> str:
 
 def best_name(name: str) -> str:
     """The best-round counterpart of an evaluation metric: ``test/acc`` -> ``best/test_acc``."""
-    return metric("best", name.replace(SEP, "_"))
+    return metric("best", flat(name))
 
 
 def flat(name: str) -> str:

@@ -94,7 +94,7 @@ class Report:
 
 # Swept figures: (aggregated metric, file stem prefix, y label); values in percent.
 SWEEP_METRICS = (("ece", "ece", "F-ECE (%)"), ("ood_auroc", "ood", "OOD AUROC (MSP, %)"))
-X_LABELS = {"alpha": "Dirichlet $\\alpha$", "join_ratio": "Join ratio"}
+X_LABELS = {"alpha": "Dirichlet $\\alpha$"}  # mathtext alpha; other axes: plots.DEFAULT_X_LABELS
 
 
 def _bar_lines(rows: pd.DataFrame, x: str, stem: str, title: str) -> dict[str, Figure]:
@@ -106,7 +106,7 @@ def _bar_lines(rows: pd.DataFrame, x: str, stem: str, title: str) -> dict[str, F
             continue
         data = pd.DataFrame({x: rows[x], "method": rows["method"], metric: 100 * rows[f"{metric}_mean"],
                              f"{metric}_std": (100 * rows[f"{metric}_std"]).where(rows[f"{metric}_n"] > 1)})
-        figures[f"{prefix}_vs_{x}_{stem}"] = bar_line_figure(data, x=x, y=metric, x_label=X_LABELS[x],
+        figures[f"{prefix}_vs_{x}_{stem}"] = bar_line_figure(data, x=x, y=metric, x_label=X_LABELS.get(x),
                                                              y_label=y_label, title=title)
     return figures
 

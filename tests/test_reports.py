@@ -16,7 +16,6 @@ from pfl.heads.run import run_heads
 from pfl.metrics import reliability_bins
 from pfl.sweep import run_sweep
 from pfl.train import run_training
-from pfl.vocabulary import LEGACY_HEADS, legacy_fl
 from reports.query import aggregate, results
 from reports.report import Selection, build_report, sweep_figures
 from reports.table import MISSING, build_table
@@ -45,9 +44,8 @@ def table_store(data_dir, tmp_path_factory):
 
 
 def _metric(run_id: str, name: str) -> float:
-    """Metric ``name`` (pfl.vocabulary) of a run, or its legacy name where the run logged that."""
-    metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
-    return metrics[name] if name in metrics else metrics[LEGACY_HEADS.get(name) or legacy_fl(name)]
+    """Metric ``name`` (pfl.vocabulary) as the run logged it (the runs here are new: no fallback to old names)."""
+    return mlflow.MlflowClient().get_run(run_id).data.metrics[name]
 
 
 def test_table_cells_equal_the_logged_metrics(table_store):

@@ -41,6 +41,7 @@ def test_alpha_only_for_dirichlet_and_classes_only_for_pathological():
 def test_head_params_hold_only_the_methods_fields(method):
     params = load_head_config(method=method).flat_params()
     assert {f for f in METHOD_FIELDS if method in METHOD_FIELDS[f]} == set(METHOD_FIELDS) & set(params)
+    assert ({"rank", "lora_init"} & set(params)) == ({"rank", "lora_init"} if method == "loraph" else set())
 
 
 def test_pfllib_partition_names_are_aliases():

@@ -77,7 +77,7 @@ def test_vectorized_training_equals_sequential(cifar10):
     starts = [start, _shifted(start, lambda v: v + 0.01), _shifted(start, lambda v: v - 0.01)]
     indices = [torch.arange(0, 37), torch.arange(500, 555), torch.arange(1000, 1080)]  # 3, 5, 8 steps/epoch
     seeds = [1, 2, 3]
-    assert vectorizable(runner.models[SPEC], update, indices)
+    assert vectorizable(runner.models[SPEC], update, runner.data, indices)
     together = train_vectorized(runner.models[SPEC], runner.data, update, starts, indices, seeds)
     for (params, loss), s, i, seed in zip(together, starts, indices, seeds):
         ref_params, ref_loss = _fit(runner, update, s, i, seed)
@@ -96,7 +96,7 @@ def test_models_with_buffers_or_tiny_clients_are_refused(cifar10):
     runner, update = _runner(cifar10, local_epochs=1)
     start = model_state(runner.models[SPEC])
     model = runner.models[SPEC]
-    assert not vectorizable(model, update, [torch.arange(5), torch.arange(50)])
+    assert not vectorizable(model, update, runner.data, [torch.arange(5), torch.arange(50)])
     with pytest.raises(ValueError, match="fewer samples than one batch"):
         train_vectorized(model, runner.data, update, [start, start], [torch.arange(5), torch.arange(50)], [0, 1])
     # a local update with its own loss (a subclass) is not vectorized either
@@ -105,7 +105,7 @@ def test_models_with_buffers_or_tiny_clients_are_refused(cifar10):
         def loss(self, model, x, y, ins):
             return super().loss(model, x, y, ins)
 
-    assert not vectorizable(model, Proximal(10, 0.05, 1), [torch.arange(50), torch.arange(50)])
+    assert not vectorizable(model, Proximal(10, 0.05, 1), runner.data, [torch.arange(50), torch.arange(50)])
 
 
 @pytest.mark.parametrize("algo", ["fedavg", "fedfomo"])

@@ -37,7 +37,7 @@ import yaml
 
 from pfl.config import ConfigError, RunConfig
 from pfl.locking import store_lock
-from pfl.summary import seed_summary, summary_table
+from pfl.summary import seed_summary, summary_table, ui_hint
 from pfl.train import build_algorithm, prepare, train_repeats
 from tuning.objective import DIRECTIONS, Objective, trial_config, validation_metric
 from tuning.spaces import SearchParam
@@ -244,7 +244,6 @@ def summary_lines(result: StudyResult) -> list[str]:
     if result.final_run_ids:
         lines += [f"final repeats of the best config ({len(result.final_run_ids)} seeds, test split):",
                   *summary_table([tracking.run_summary(i) for i in result.final_run_ids]).splitlines()]
-    ui = (f"open {result.tracking_uri}" if result.tracking_uri.startswith(("http:", "https:"))
-          else f"mlflow ui --backend-store-uri {shlex.quote(result.tracking_uri)}")
+    ui = ui_hint(result.tracking_uri)
     return [*lines, "next:", f"  pfl train --config {shlex.quote(str(result.best_config))}",
             f"  optuna-dashboard {shlex.quote(result.storage)}", f"  {ui}"]

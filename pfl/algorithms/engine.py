@@ -142,7 +142,7 @@ class Engine:
         self.last: Evaluation | None = None  # the latest evaluation
         # model set ("": the personalized models, else an extra_models() name) -> client -> (model digest, metrics)
         self._scores: dict[str, dict[int, tuple[bytes, dict[str, float]]]] = {"": {}}
-        self._comm = [0, 0]  # bytes of model state sent down / up in the current round
+        self._bytes_down = 0  # bytes of the model states sent to the current round's clients
 
     def sample_clients(self, rnd: int) -> list[int]:
         """Sorted ids of the clients taking part in round ``rnd`` (uniform, without replacement)."""
@@ -166,8 +166,7 @@ class Engine:
             for spec in dict.fromkeys(self.ctx.specs[cid] for cid in selected):
                 group = [cid for cid in selected if self.ctx.specs[cid] == spec]
                 model = self.ctx.runner.models[spec]
-                if vectorizable(model, update, [indices[c] for c in group]) and \
-                        not self.ctx.runner.data.transform.augments:  # vectorized batches are not augmented
+                if vectorizable(model, update, self.ctx.runner.data, [indices[c] for c in group]):
                     out = train_vectorized(model, self.ctx.runner.data, update, [ins[c].state for c in group],
                                            [indices[c] for c in group], [seeds[c] for c in group])
                     trained.update(zip(group, out))
@@ -175,8 +174,7 @@ class Engine:
             if cid not in trained:
                 model = self.ctx.runner.load(self.ctx.specs[cid], ins[cid].state)
                 trained[cid] = update.fit(model, self.ctx.runner.data, ins[cid], indices[cid], seeds[cid])
-        self._comm[0] += sum(state_bytes(ins[cid].state) for cid in selected)
-        self._comm[1] += sum(state_bytes(trained[cid][0]) for cid in selected)
+        self._bytes_down += sum(state_bytes(ins[cid].state) for cid in selected)
         return [FitRes(cid, trained[cid][0], len(indices[cid]), trained[cid][1]) for cid in selected]
 
     def run_round(self, rnd: int) -> dict[str, float]:
@@ -188,7 +186,7 @@ class Engine:
         :class:`PeakMemory`), and the algorithm's :meth:`~pfl.algorithms.base.Algorithm.round_metrics`."""
         start = time.perf_counter()
         local = 0.0
-        self._comm = [0, 0]
+        self._bytes_down = 0
         memory = PeakMemory(self.ctx.runner.data.device)
 
         def fit(selected: list[int], r: int) -> list[FitRes]:
@@ -201,10 +199,11 @@ class Engine:
         results = self.algorithm.run_round(rnd, self.sample_clients(rnd), fit)
         losses = torch.stack([r.loss for r in results]).double().cpu()  # one host sync per round
         samples = torch.tensor([r.num_samples for r in results], dtype=torch.float64)
+        bytes_up = sum(state_bytes(r.state) for r in results)
         end = time.perf_counter()
         return {"train/loss": float((losses * samples).sum() / samples.sum()), "train/samples": float(samples.sum()),
                 "time/round": end - start, "time/local": local, "time/aggregate": end - start - local,
-                "comm/bytes_down": float(self._comm[0]), "comm/bytes_up": float(self._comm[1]),
+                "comm/bytes_down": float(self._bytes_down), "comm/bytes_up": float(bytes_up),
                 "memory/peak_mb": memory.peak_mb(), **self.algorithm.round_metrics()}
 
     def evaluate(self, rnd: int) -> Evaluation:

@@ -41,7 +41,12 @@ a client drew in the round, starting from 1 per label); the student (adversarial
 the official code has no CIFAR-10 run config, so the coefficients and the generator's optimizer follow its
 MNIST config. Both references draw the noise ``eps ~ U[0, 1)`` (their comments say Gaussian): so does pfl.
 In the PFLlib variant the clients' generator copy runs in train mode (PFLlib shares the server's generator
-object, so its batch-norm statistics also move during client training; here they do not).
+object, so its batch-norm statistics also move during client training; here they do not). Also different
+from the official code: the clients' learning rate is constant (it decays by 0.99 per round, ``userbase.py``
+``lr_scheduler``); a round is ``local_epochs`` passes over the client's split (it is 20 steps on a batch
+iterator carried across rounds, ``local_epochs=20, K=1``), so the regularizers' total weight grows with a
+client's size; a coefficient set to 0 stays 0 (its ``exp_lr_scheduler`` floors even 0 at 1e-4). The
+generator sent to every client is not counted in ``comm/bytes_down`` (only model states are).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ from torch.func import functional_call
 
 from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
 from pfl.algorithms.local import FitIns, FitRes, SGDUpdate
-from pfl.algorithms.state import State, load_state, model_state, weighted_average
+from pfl.algorithms.state import State, float_keys, load_state, model_state, weighted_average
 from pfl.data.loader import DeviceImages
 from pfl.seed import derive_seed
 
@@ -192,14 +197,15 @@ def diversity_loss(eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def label_weights(counts: torch.Tensor) -> torch.Tensor:
-    """Each client's share of each label among the round's clients: (K, U) from counts (U, K)
-    (``serverpFedGen.get_label_weights``); a label no client holds gets weight 0."""
+    """Each client's share of each label among the round's clients: float64 (K, U) from int counts (U, K)
+    (official ``serverpFedGen.get_label_weights``); a label no client holds gets weight 0."""
     counts = counts.double().T
     return counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 def teacher_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_u mean_i W[y_i, u] * CE(logits_u[i], y_i)`` (nats), the official teacher loss.
+    """``sum_u mean_i W[y_i, u] * CE(logits_u[i], y_i)`` (nats), the official teacher loss (``serverpFedGen.py``
+    ``train_generator``; the paper's Eq. 4 with the label-share weights of its code).
 
     Args:
         logits: each client u's head on the generated features, (B, K) each.
@@ -212,8 +218,8 @@ def teacher_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: torc
 
 
 def ensemble_teacher_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """``CE(sum_u w_u logits_u, y)`` (nats), PFLlib's teacher loss; ``weights``: each client's training-sample
-    share, (B, K) logits each, labels (B,)."""
+    """``CE(sum_u w_u logits_u, y)`` (nats), PFLlib's teacher loss (``servergen.py`` ``train_generator``);
+    ``weights``: each client's training-sample share, (B, K) logits each, labels (B,)."""
     return F.cross_entropy(sum(w * z for w, z in zip(weights, logits)), labels)
 
 
@@ -307,7 +313,7 @@ class FedGen(Algorithm):
         spec = ctx.single_spec(self.name)
         self.global_state = ctx.init_states[spec]
         self.bases = ctx.new_store()  # localize_feature_extractor: each client's own model (its base is kept)
-        self.finetuned = ctx.new_store(lambda _cid: self.personalized_state(_cid))  # eval_personalized: uploads
+        self.finetuned = ctx.new_store(self.personalized_state)  # eval_personalized: uploads
         self.head = ctx.runner.models[spec].head
         self.device = ctx.runner.data.device
         self.generator = self._new_generator(spec.num_classes)
@@ -343,7 +349,7 @@ class FedGen(Algorithm):
 
     def _shared_keys(self) -> list[str]:
         """The entries the server averages: the float entries, or the head's with a localized base."""
-        keys = [k for k, v in self.global_state.items() if v.is_floating_point()]
+        keys = float_keys(self.global_state)
         return [k for k in keys if k.startswith("head.")] if self.hp.localize_feature_extractor else keys
 
     def personalized_state(self, client_id: int) -> State:
@@ -435,7 +441,8 @@ class FedGen(Algorithm):
     @torch.no_grad()
     def generated_accuracy(self, rng: torch.Generator) -> dict[str, float]:
         """The global head's accuracy (fraction) on :data:`EVAL_PER_CLASS` generated features per class (generator
-        in eval mode): ``server/generated_acc_c<k>`` per class and their mean ``server/generated_acc``."""
+        in eval mode): ``server/generated_acc_c<k>`` per class and their mean ``server/generated_acc``. pfl's own
+        sanity signal (issue 16); neither reference computes it."""
         gen = self.generator.eval()
         k = gen.num_classes
         labels = torch.arange(k).repeat_interleave(EVAL_PER_CLASS).to(self.device)

@@ -40,7 +40,7 @@ from torch import nn
 
 from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
 from pfl.algorithms.local import FitIns, FitRes, SGDUpdate
-from pfl.algorithms.state import State, model_state, weighted_average
+from pfl.algorithms.state import State, weighted_average
 from pfl.models.adapters import TIMM_VIT_LORA_TARGETS, LoraSpec
 from pfl.models.split import ModelSpec
 
@@ -75,8 +75,9 @@ class LoraUpdate(SGDUpdate):
     """The run's local update, uploading only the trained entries (adapters and head) instead of the full state."""
 
     def result_state(self, model: nn.Module) -> State:
+        """Host copies of the trained entries only (the frozen backbone, 99% of a ViT-B, is never copied)."""
         train = set(trainable_entries(model))
-        return {k: v for k, v in model_state(model).items() if k in train}
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in train}
 
 
 class FedLoRA(Algorithm):

@@ -29,11 +29,11 @@ def can_vectorize(model: nn.Module) -> bool:
     return len(list(model.buffers())) == 0
 
 
-def vectorizable(model: nn.Module, update: object, indices: list[torch.Tensor]) -> bool:
+def vectorizable(model: nn.Module, update: object, data: DeviceImages, indices: list[torch.Tensor]) -> bool:
     """Whether :func:`train_vectorized` accepts these clients: the default local update (plain fp32
-    :class:`SGDUpdate`, not a subclass with its own loss), a buffer-free model whose parameters all train
-    and every client holding at least one full batch (so all clients share the batch size)."""
-    return (type(update) is SGDUpdate and update.plain and can_vectorize(model)
+    :class:`SGDUpdate`, not a subclass with its own loss), un-augmented batches, a buffer-free model whose
+    parameters all train, and every client holding at least one full batch (so all clients share the batch size)."""
+    return (type(update) is SGDUpdate and update.plain and not data.transform.augments and can_vectorize(model)
             and all(p.requires_grad for p in model.parameters()) and min(len(i) for i in indices) >= update.batch_size)
 
 
@@ -80,9 +80,10 @@ def train_vectorized(model: nn.Module, data: DeviceImages, update: SGDUpdate, st
     Raises:
         ValueError: not :func:`vectorizable` (the engine trains such rounds sequentially instead).
     """
-    if not vectorizable(model, update, indices):
-        raise ValueError("vectorized training needs plain SGD, a model without buffers (e.g. no BatchNorm) and "
-                         "clients with at least one full batch (fewer samples than one batch: train sequentially)")
+    if not vectorizable(model, update, data, indices):
+        raise ValueError("vectorized training needs plain SGD without augmentation, a model without buffers (e.g. no "
+                         "BatchNorm) and clients with at least one full batch (fewer samples than one batch: train "
+                         "sequentially)")
     device = data.device
     params = stack_states(starts, starts[0], device)  # fresh (C, ...) tensors, updated in place below
     batches, active = _orders(indices, seeds, update.local_epochs, update.batch_size)

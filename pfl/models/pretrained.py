@@ -19,11 +19,13 @@ through ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-State = dict[str, torch.Tensor]
+if TYPE_CHECKING:  # at run time pfl.algorithms imports pfl.models
+    from pfl.algorithms.state import State
 CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.")  # timm ViTs, torchvision ResNets, VGG-style classifiers
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # torchvision ResNet's modules -> their index in pfl's ResNet-18 base (pfl/models/resnet.py)
@@ -116,13 +118,13 @@ def timm_weights(name: str) -> State:
     Raises:
         ValueError: no weights for ``name``, or the download failed (offline); the message names the alternatives.
     """
-    from pfl.models.vit import TIMM_VITS, _timm
+    from pfl.models.vit import TIMM_VITS, timm_module
 
     if name not in TIMM_VITS:
         raise ValueError(f"pretrained=timm: timm publishes no weights for model {name!r}; use one of "
                          f"{', '.join(TIMM_VITS)}, a weights file (pretrained=<path>), or init_from=runs:/<run id>")
     try:
-        return _timm().create_model(name, pretrained=True, num_classes=0).state_dict()
+        return timm_module().create_model(name, pretrained=True, num_classes=0).state_dict()
     except Exception as err:  # noqa: BLE001 - offline machines fail in many ways (DNS, proxy, hub errors)
         raise ValueError(f"pretrained=timm: could not fetch timm's weights of {name} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:120] if str(err) else 'no message'}); on a machine without "

@@ -16,6 +16,8 @@ timm is imported when a ViT is built (it takes seconds), through :mod:`pfl._torc
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from torch import nn
 
 from pfl.models.split import ModelSpec, SplitModel
@@ -25,7 +27,8 @@ CIFAR_VIT = {"patch_size": 4, "embed_dim": 128, "depth": 4, "num_heads": 4}  # `
 VITS = (*TIMM_VITS, "vit_cifar")
 
 
-def _timm():
+def timm_module() -> ModuleType:
+    """The ``timm`` module, imported on first use (it takes seconds) after pfl's torchvision shim."""
     from pfl._torchvision import import_torchvision
 
     import_torchvision()  # timm imports torchvision, which needs pfl's shim on CPU-only torch
@@ -41,7 +44,7 @@ def build_vit(spec: ModelSpec) -> SplitModel:
     Raises:
         ValueError: ``image_size`` is not a multiple of the patch size.
     """
-    timm = _timm()
+    timm = timm_module()
     patch = CIFAR_VIT["patch_size"] if spec.name == "vit_cifar" else 16
     if spec.image_size % patch:
         fit = max(patch, spec.image_size // patch * patch)
@@ -62,5 +65,5 @@ def vit_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     0.5 / 0.5 for the three ViTs here); ``vit_cifar``: PFLlib's 0.5 / 0.5."""
     if name == "vit_cifar":
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    cfg = _timm().models.get_pretrained_cfg(name)
+    cfg = timm_module().models.get_pretrained_cfg(name)
     return tuple(cfg.mean), tuple(cfg.std)
