@@ -249,7 +249,7 @@ def _print_summary(uri: str, launch_id: str | None, fl_ids: list[str], head_ids:
         print(f"head run: {run_id}  ({row['name']})")
     first = fl_ids[0]
     print("next:")
-    if not head_ids:
+    if not head_ids and "test/acc" in rows[0]["metrics"]:  # head methods need a classifier
         where = f" --tracking-uri {uri}" if uri != tracking.DEFAULT_TRACKING_URI else ""
         print(f"  pfl heads --run-id {first} --method aph{where}")
     print(f"  {ui_hint(uri)}")

@@ -236,3 +236,31 @@ def ood_detection(id_probs: torch.Tensor, ood_probs: torch.Tensor) -> dict[str, 
     for name, score in OOD_SCORES.items():
         out[f"auroc_{name}"], out[f"aupr_{name}"] = detection_auroc_aupr(score(id_probs), score(ood_probs))
     return out
+
+
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor,
+                 num_classes: int, k: int = 200, temperature: float = 0.1) -> float:
+    """Weighted kNN accuracy (fraction), the standard monitor of self-supervised training (Wu et al., CVPR 2018;
+    MocoSFL's ``knn_monitor``): features are L2-normalized, each query's ``k`` most cosine-similar bank samples
+    vote for their labels with weight ``exp(similarity / temperature)``, the top class is the prediction.
+    Computed by lightly's ``knn_predict``.
+
+    Args:
+        bank: features (N, D) of the labeled bank (e.g. the un-augmented train split).
+        bank_labels: int64 labels (N,).
+        queries: features (B, D) to classify.
+        labels: their int64 labels (B,).
+        num_classes: C.
+        k: neighbours (at most N are used).
+        temperature: vote temperature.
+    """
+    from pfl._torchvision import import_torchvision
+
+    import_torchvision()  # lightly imports torchvision (pfl's shim on CPU-only torch)
+    from lightly.utils.benchmarking import knn_predict
+
+    bank = torch.nn.functional.normalize(bank.float(), dim=1)
+    queries = torch.nn.functional.normalize(queries.float(), dim=1)
+    pred = knn_predict(queries, bank.T.contiguous(), bank_labels, num_classes, knn_k=min(k, len(bank)),
+                       knn_t=temperature)
+    return (pred[:, 0] == labels).float().mean().item()

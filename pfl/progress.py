@@ -5,6 +5,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from pfl.algorithms.engine import Callback, Evaluation
+from pfl.vocabulary import headline
 
 
 class ProgressBar(Callback):
@@ -28,7 +29,7 @@ class ProgressBar(Callback):
         self.bar.update(1)
 
     def on_evaluate(self, evaluation: Evaluation) -> None:
-        acc = next(v for k, v in evaluation.metrics.items() if k in ("test/acc", "val/acc"))
+        acc = headline(evaluation.metrics)
         self.best = max(self.best, acc)
         self.postfix["acc"] = f"{acc:.4f}"
         self.postfix["best"] = f"{self.best:.4f}"

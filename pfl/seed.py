@@ -21,6 +21,12 @@ STREAMS: dict[str, int] = {
     "local_subsample": 9,    # FlexiFed: the sample_fraction of a client's shard trained on in a round
     "fedgen_client": 10,     # FedGen: a client's generated labels and noise in a round
     "fedgen_server": 11,     # FedGen: the server's generator training and evaluation draws in a round
+    "queue": 12,             # MocoSFL: the key queue's initial keys
+    "ssl_batches": 13,       # MocoSFL: a client's batch order in a round
+    "views": 14,             # MocoSFL: one view of a step's images
+    "cohort": 15,            # MocoSFL: a step's clients when clients_per_step is set
+    "prototypes": 16,        # MocoSFL, SwAV: the prototypes' initialization
+    "linear_probe": 17,      # MocoSFL: the linear probe's initialization and batch order
 }
 
 

@@ -22,7 +22,9 @@ from collections.abc import Mapping, Sequence
 from pfl.vocabulary import QUALITY, flat
 
 _SHOWN = (("test/acc", "acc (%)", 100), ("test/nll", "NLL (nats)", 1), ("test/f_ece", "F-ECE (%)", 100),
-          ("test/ece_mean", "ECE mean (%)", 100), ("test/global_ece", "global ECE (%)", 100))
+          ("test/ece_mean", "ECE mean (%)", 100), ("test/global_ece", "global ECE (%)", 100),
+          ("test/knn_acc", "kNN acc (%)", 100), ("test/linear_acc", "linear acc (%)", 100))
+_SELF_SUPERVISED = (("test/knn_acc", "kNN acc (%)"), ("test/linear_acc", "linear acc (%)"))
 
 
 def _summarized(name: str) -> bool:
@@ -79,8 +81,9 @@ def fl_description(name: str, setting: str, metrics: Mapping[str, float], run_id
         lines.append(f"- best acc (%): {_pct(metrics['best/test_acc'])} at round {int(metrics.get('best/round', 0))}")
     lines += ["", "Load a client's personalized model (`model.base`, `model.head`):", "", "```python",
               "from pfl.tracking import configure_tracking, load_client_model",
-              f'configure_tracking("{tracking_uri}")', f'model = load_client_model("{run_id}", client_id=0)',
-              "```", "", f"Head ensembles on it: `pfl heads --run-id {run_id} --method aph` (or `loraph`)."]
+              f'configure_tracking("{tracking_uri}")', f'model = load_client_model("{run_id}", client_id=0)', "```"]
+    if "test/acc" in metrics:
+        lines += ["", f"Head ensembles on it: `pfl heads --run-id {run_id} --method aph` (or `loraph`)."]
     return "\n".join(lines)
 
 
@@ -127,17 +130,21 @@ def summary_table(rows: Sequence[Mapping]) -> str:
 
     Returns:
         a fixed-width text table (pandas): run, acc (%), best acc (%) at its round, NLL, F-ECE (%) ± std
-        across clients, global ECE (%), wall time.
+        across clients, global ECE (%), and, where any run has them, self-supervised runs' kNN and linear-probe
+        accuracies (%) ± std across clients (best acc: their kNN accuracy's), wall time.
     """
     table = []
+    extra = [(k, label) for k, label in _SELF_SUPERVISED if any(k in row["metrics"] for row in rows)]
     for row in rows:
         m = row["metrics"]
-        best = m.get("best/test_acc")
+        best = m.get("best/test_acc", m.get("best/test_knn_acc"))
         table.append({"run": row["name"], "acc (%)": _pct(m.get("test/acc")),
                       "best acc (%)": "—" if best is None else f"{_pct(best)} (r{int(m.get('best/round', 0))})",
                       "NLL": "—" if "test/nll" not in m else f"{m['test/nll']:.3f}",
                       "F-ECE (%)": _pct(m.get("test/f_ece"), m.get("test/f_ece_std")),
-                      "global ECE (%)": _pct(m.get("test/global_ece")), "time": _duration(row.get("seconds"))})
+                      "global ECE (%)": _pct(m.get("test/global_ece")),
+                      **{label: _pct(m.get(k), m.get(k + "_std")) for k, label in extra},
+                      "time": _duration(row.get("seconds"))})
     import pandas as pd  # here, not at import: pandas (and pyarrow) add 65 MB to every training process's RSS
 
     return pd.DataFrame(table).to_string(index=False)

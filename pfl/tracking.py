@@ -37,7 +37,7 @@ from pfl.algorithms.engine import Callback, Evaluation, RunInterrupted
 from pfl.algorithms.state import State
 from pfl.config import ConfigError
 from pfl.models import ModelSpec, SplitModel, build_model
-from pfl.vocabulary import QUALITY, best_name
+from pfl.vocabulary import QUALITY, best_name, headline
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CLIENT_DIR = "clients"
@@ -209,7 +209,7 @@ def best_metrics(best: Evaluation) -> dict[str, float]:
 
 
 def _accuracy(evaluation: Evaluation) -> float:
-    return next(v for k, v in evaluation.metrics.items() if k in ("test/acc", "val/acc"))
+    return headline(evaluation.metrics)
 
 
 class MLflowCallback(Callback):

@@ -217,7 +217,8 @@ def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Alg
         budget = cfg.client_state_budget_mb * 2**20 or None
         update = SGDUpdate(cfg.batch_size, cfg.lr, cfg.local_epochs, cfg.optimizer, prepared.autocast)
         ctx = FederatedContext(clients, specs, runner, update, {spec: model_state(m) for spec, m in models.items()},
-                               cfg.num_join_clients, seed, budget, cfg.client_parallelism)
+                               cfg.num_join_clients, seed, budget, cfg.client_parallelism,
+                               cfg.global_rounds)
         return cls(ctx, **cfg.hparams)
     except ValueError as err:  # PartitionError, model sizes and the algorithms' hyperparameter checks
         raise ConfigError(f"{cfg.algo} with model={cfg.model}: {err}") from None

@@ -11,7 +11,8 @@ column then ranks FL runs and head runs together (``test/f_ece``).
   - ``f_ece``: F-ECE, the test-sample-weighted mean of per-client ECE (equal-mass bins);
   - ``ece_mean``: the unweighted mean of per-client ECE;
   - ``global_ece``: ECE of all clients' predictions pooled (uniform bins);
-  - ``brier``: test-sample-weighted mean Brier score.
+  - ``brier``: test-sample-weighted mean Brier score;
+  - ``knn_acc``, ``linear_acc``: self-supervised runs' weighted kNN accuracy and linear-probe accuracy (fraction).
 
   ``test/<metric>_std`` is the unweighted std across clients; ``test/<metric>_<arch>`` the
   weighted mean over one architecture's clients (runs that mix architectures).
@@ -26,7 +27,8 @@ column then ranks FL runs and head runs together (``test/f_ece``).
 * ``best/<split>_<metric>``: the evaluation at the round of best accuracy (``best/test_acc``,
   ``best/round``), :func:`best_name`.
 * ``comm/bytes_down``, ``comm/bytes_up``: bytes of the model states in the round's payloads, summed over its clients.
-* ``memory/peak_mb``: the round's peak memory (CUDA: allocated by torch; CPU: the process's peak RSS so far).
+* ``memory/peak_mb``: the round's peak memory (CUDA: allocated by torch; CPU: the process's peak RSS so far);
+  split learning's ``memory/client_param_bytes`` and ``memory/client_activation_bytes``: one client's per step.
 * ``eval/reused``, ``checkpoint/mb``, ``model/<count>``: bookkeeping.
 * Launch runs: the mean over seeds of every final and best metric under its own name, ``<name>_seed_std`` and
   ``seeds``; a sweep's per cell, ``<cell>/<flat name>`` (``dir0.1-jr0.2/test_f_ece``). Study runs: the best value
@@ -40,7 +42,8 @@ before this vocabulary, so reports read old runs too.
 
 from __future__ import annotations
 
-QUALITY = ("acc", "nll", "f_ece", "ece_mean", "global_ece", "brier")
+QUALITY = ("acc", "nll", "f_ece", "ece_mean", "global_ece", "brier", "knn_acc", "linear_acc")
+HEADLINE = ("test/acc", "val/acc", "test/knn_acc", "val/knn_acc")  # an evaluation's accuracy, by preference
 OOD_SCORES = ("auroc_msp", "aupr_msp", "auroc_entropy", "aupr_entropy")
 SEP = "/"
 
@@ -48,6 +51,19 @@ SEP = "/"
 def metric(group: str, name: str) -> str:
     """``<group>/<name>``, e.g. ``metric("test", "acc") == "test/acc"``."""
     return f"{group}{SEP}{name}"
+
+
+def headline(metrics: dict[str, float]) -> float:
+    """An evaluation's accuracy: classification's ``test/acc`` (``val/acc`` in tuning), else a self-supervised
+    run's kNN accuracy (``test/knn_acc``).
+
+    Raises:
+        KeyError: the metrics hold none of :data:`HEADLINE`.
+    """
+    for name in HEADLINE:
+        if name in metrics:
+            return metrics[name]
+    raise KeyError(f"no accuracy among the metrics ({', '.join(sorted(metrics))}); expected one of {HEADLINE}")
 
 
 def best_name(name: str) -> str:

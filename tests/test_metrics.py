@@ -208,3 +208,20 @@ def test_classification_evaluator_summary_names_each_ece():
     assert out["acc"] == pytest.approx(0.75) and "ece" not in out and POOLED not in out
     weighted = ClassificationEvaluator().summarize(scores, [3, 1])
     assert weighted["f_ece"] == pytest.approx(0.175) and weighted["ece_mean"] == pytest.approx(0.25)
+
+
+def test_knn_accuracy_on_a_toy_embedding_with_known_neighbours():
+    from pfl.metrics import knn_accuracy
+
+    # class 0 along +x, class 1 along +y (cosine similarity: lengths do not matter)
+    bank = torch.tensor([[1.0, 0.0], [2.0, 0.1], [0.0, 1.0], [0.1, 3.0]])
+    bank_labels = torch.tensor([0, 0, 1, 1])
+    near = torch.tensor([[0.87, 0.5], [0.2, 1.0]])  # their 2 nearest neighbours are of their own class
+    assert knn_accuracy(bank, bank_labels, near, torch.tensor([0, 1]), 2, k=2) == 1.0
+    # pointing at -x, the nearest in cosine are the class-1 points (similarity 0.05 and 0.02 against -1 and -0.995)
+    away = torch.tensor([[-1.0, 0.05]])
+    assert knn_accuracy(bank, bank_labels, torch.cat([near, away]), torch.tensor([0, 1, 0]), 2, k=2) == \
+        pytest.approx(2 / 3)
+    # at 45 degrees all 4 vote, 2 per class: the similarity weights exp(s / 0.1) break the tie for class 0, whose
+    # second point (0.741) is closer than class 1's (0.730)
+    assert knn_accuracy(bank, bank_labels, torch.tensor([[1.0, 1.0]]), torch.tensor([0]), 2, k=4) == 1.0

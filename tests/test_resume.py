@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("time/", "checkpoint/mb", "memory/")  # wall-clock figures differ from run to run
 
 ALGOS = {"fedavg": [], "fedfomo": ["M=2"], "fedala": [],
+         "mocosfl": ["model=resnet18_sfl", "model_width=0.0625", "batch_size=4", "steps_per_round=2", "queue_size=16",
+                     "linear_epochs=1"],
          "flexifed": ["model=vgg11,vgg13", "model_width=0.125", "partition=iid", "sample_fraction=0.3"],
          "fedgen": ["server_epochs=3", "gen_hidden=[32]"],
          "fedlora": ["model=vit_cifar", "image_size=8", "batch_size=32", "personal_head=true"]}

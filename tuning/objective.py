@@ -21,8 +21,9 @@ from pfl.config import ConfigError, RunConfig
 from pfl.train import build_algorithm, prepare, run_rounds
 from tuning.spaces import SearchParam, suggest
 
-# validation metric -> Optuna direction: accuracy is maximized, NLL, the ECEs and the Brier score minimized
-DIRECTIONS = {vocabulary.metric("val", q): "maximize" if q == "acc" else "minimize" for q in vocabulary.QUALITY}
+# validation metric -> Optuna direction: accuracies (also kNN and linear-probe) are maximized, NLL, the ECEs and the Brier score minimized
+DIRECTIONS = {vocabulary.metric("val", q): "maximize" if q.endswith("acc") else "minimize"
+              for q in vocabulary.QUALITY}
 # names of the metrics before the vocabulary (``val_ece`` was F-ECE) -> their names now
 OLD_NAMES = {"val_acc": "val/acc", "val_nll": "val/nll", "val_ece": "val/f_ece", "val_brier": "val/brier"}
 

@@ -8,8 +8,10 @@ from pfl.algorithms.fedgen import FedGen
 from pfl.algorithms.fedlora import FedLoRA
 from pfl.algorithms.flexifed import FlexiFed
 from pfl.algorithms.local import FitIns, FitRes
+from pfl.algorithms.mocosfl import MocoSFL
 
-REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedFomo, FedALA, FlexiFed, FedGen, FedLoRA)}
+REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedFomo, FedALA, FlexiFed, FedGen, FedLoRA,
+                                                                   MocoSFL)}
 
 __all__ = ["REGISTRY", "Algorithm", "FederatedContext", "FitIns", "FitRes", "HyperParams", "FedALA", "FedAvg",
-           "FedFomo", "FedGen", "FedLoRA", "FlexiFed"]
+           "FedFomo", "FedGen", "FedLoRA", "FlexiFed", "MocoSFL"]

@@ -55,6 +55,7 @@ class FederatedContext:
         store_budget_bytes: memory budget of each per-client store (``None``: unlimited).
         client_parallelism: ``"sequential"``, or ``"vectorized"``: the round's clients train, and
             several models are scored or evaluated, as one batched computation.
+        global_rounds: the run's rounds (learning-rate schedules, MocoSFL's final linear probe).
     """
 
     clients: list[ClientData]
@@ -66,6 +67,7 @@ class FederatedContext:
     seed: int
     store_budget_bytes: int | None = None
     client_parallelism: str = "sequential"
+    global_rounds: int = 1
 
     def init_state(self, client_id: int) -> State:
         """The initial state of the client's architecture (shared, never to be modified in place)."""

@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from pfl.algorithms.state import State
-from pfl.metrics import aggregate_clients, calibration_gaps, classification_metrics, ece_from_gaps
+from pfl.algorithms.state import State, state_digest
+from pfl.metrics import aggregate_clients, calibration_gaps, classification_metrics, ece_from_gaps, knn_accuracy
 from pfl.models.split import ModelSpec
 
 if TYPE_CHECKING:
@@ -76,3 +77,100 @@ class ClassificationEvaluator(Evaluator):
         gaps = [sum(g) for g in zip(*(s[POOLED]["gaps"] for s in scores))]
         out["global_ece"] = ece_from_gaps(gaps, sum(weights))
         return out
+
+
+class KNNEvaluator(Evaluator):
+    """Self-supervised models' weighted kNN accuracy (``knn_acc``; :func:`pfl.metrics.knn_accuracy`, the standard
+    protocol: k=200, cosine, votes weighted by ``exp(similarity / 0.1)``) and, when :attr:`final`, a linear
+    probe's accuracy (``linear_acc``, :func:`linear_probe`).
+
+    Each model's features are its base's output (B, D) (for MocoSFL: the client's stem composed with the
+    server's trunk, before the projection MLP; the official monitor reads the MLP's output). The bank is
+    every client's un-augmented training split, featurized by the same model; each model classifies its
+    own indices. The bank (and the probe) of the latest distinct model are kept, so clients synchronized by
+    FedAvg share one.
+
+    Args:
+        k: neighbours.
+        temperature: vote temperature.
+        linear_epochs: the probe's epochs over the bank (0: no probe).
+        linear_lr: the probe's Adam learning rate.
+        seed: the probe's initialization and batch order.
+    """
+
+    def __init__(self, k: int = 200, temperature: float = 0.1, linear_epochs: int = 0, linear_lr: float = 1e-3,
+                 seed: int = 0):
+        self.k, self.temperature = k, temperature
+        self.linear_epochs, self.linear_lr, self.seed = linear_epochs, linear_lr, seed
+        self.final = False  # set by the algorithm: the last round's evaluation also trains the linear probe
+        self._bank: tuple[bytes, torch.Tensor, nn.Linear | None] | None = None
+
+    def score(self, ctx: FederatedContext, spec: ModelSpec, states: list[State], indices: list[torch.Tensor],
+              ece_bins: int) -> list[dict[str, float]]:
+        data = ctx.runner.data
+        bank_idx = torch.cat([c.fit for c in ctx.clients])
+        probe = self.final and self.linear_epochs > 0
+        out = []
+        for state, idx in zip(states, indices):
+            digest = state_digest(state)
+            if self._bank is None or self._bank[0] != digest or (probe and self._bank[2] is None):
+                bank = base_features(ctx, spec, state, bank_idx)
+                classifier = linear_probe(bank, data.labels[bank_idx], data.num_classes, self.linear_epochs,
+                                          self.linear_lr, self.seed) if probe else None
+                self._bank = (digest, bank, classifier)
+            _, bank, classifier = self._bank
+            queries = base_features(ctx, spec, state, idx)
+            labels = data.labels[idx]
+            score = {"knn_acc": knn_accuracy(bank, data.labels[bank_idx], queries, labels, data.num_classes,
+                                             self.k, self.temperature)}
+            if probe:
+                with torch.no_grad():
+                    score["linear_acc"] = (classifier(queries).argmax(1) == labels).float().mean().item()
+            out.append(score)
+        return out
+
+
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int, lr: float = 1e-3,
+                 seed: int = 0, batch_size: int = 128) -> nn.Linear:
+    """A linear classifier trained on frozen features (the linear evaluation protocol; MocoSFL's ``linear_eval``):
+    ``Linear(D, K)`` with Xavier-uniform weights and zero bias, Adam at ``lr``, cross-entropy, ``epochs`` passes
+    over shuffled batches of ``batch_size``.
+
+    Args:
+        features: (N, D) float features on any device.
+        labels: (N,) int64 labels in [0, K).
+        num_classes: K.
+        epochs: passes over the features.
+        seed: initialization and batch order.
+
+    Returns:
+        the classifier, on the features' device.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    classifier = nn.Linear(features.shape[1], num_classes).to(features.device)
+    with torch.no_grad():
+        classifier.weight.copy_(nn.init.xavier_uniform_(torch.empty_like(classifier.weight, device="cpu"),
+                                                        generator=gen))
+        classifier.bias.zero_()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(len(features), generator=gen).to(features.device)
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                loss = nn.functional.cross_entropy(classifier(features[batch]), labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return classifier
+
+
+@torch.inference_mode()
+def base_features(ctx: FederatedContext, spec: ModelSpec, state: State, indices: torch.Tensor) -> torch.Tensor:
+    """The base's output (n, D) of the model ``state`` (architecture ``spec``) on pool ``indices`` (n,), un-augmented,
+    in eval mode, in inference batches."""
+    runner = ctx.runner
+    model = runner.load(spec, state).eval()
+    step = runner.eval_batch_size
+    return torch.cat([model.base(runner.data.batch(indices[i:i + step])[0]).float()
+                      for i in range(0, len(indices), step)])

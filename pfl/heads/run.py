@@ -33,6 +33,7 @@ from pfl.summary import head_description
 from pfl.train import Prepared, prepare
 
 # FL-run params a head run repeats, so reports select head runs by setting (only those the FL run's partition has)
+SELF_SUPERVISED = ("mocosfl",)  # algorithms whose models end in a projection, not a classifier
 FL_SETTING = ("algo", "dataset", "partition", "alpha", "classes_per_client", "partition_name", "join_ratio")
 
 
@@ -102,8 +103,8 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
     ``pools``: OOD pools already loaded for it (:func:`ood_pool`), by ``ood_dataset`` setting.
 
     Raises:
-        FLRunError: the run id is unknown, not an FL run, or lacks client models (before any
-            head run is created).
+        FLRunError: the run id is unknown, not an FL run, lacks client models, or is self-supervised (its head
+            is a projection, not a classifier) (before any head run is created).
         ConfigError: the data found differ from the FL run's (fingerprint mismatch), or the OOD
             set is missing or unusable (:func:`pfl.heads.ood.load_ood_pool`), also before any
             head run exists.
@@ -112,6 +113,9 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
     from pfl import tracking
 
     inputs = tracking.fl_run_inputs(fl_run_id)
+    if inputs.config.get("algo") in SELF_SUPERVISED:
+        raise tracking.FLRunError(f"run {fl_run_id} is self-supervised (algo={inputs.config['algo']}): its head is "
+                                  "a projection, not a classifier; head methods need a classification FL run")
     cfg = fl_config(inputs.config, hc)
     prepared = prepare(cfg, like)
     if prepared.fingerprint != inputs.params.get("dataset_fingerprint"):

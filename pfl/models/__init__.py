@@ -11,6 +11,7 @@ from pfl.models.adapters import LoraSpec, add_lora
 from pfl.models.cnn import CNN
 from pfl.models.resnet import ResNet18
 from pfl.models.resnet_cifar import RESNET_CIFAR_DEPTHS, CifarResNet
+from pfl.models.resnet_sfl import CIFAR10_MEAN, CIFAR10_STD, MocoSFLResNet18
 from pfl.models.split import ModelSpec, SplitModel
 from pfl.models.vgg import VGG, VGG_CONFIGS
 from pfl.models.vit import VITS, build_vit, vit_normalization
@@ -18,6 +19,8 @@ from pfl.models.vit import VITS, build_vit, vit_normalization
 _BUILDERS: dict[str, Callable[[ModelSpec], SplitModel]] = {
     "cnn": lambda s: CNN(s.num_classes, s.in_channels, s.image_size),
     "resnet18": lambda s: ResNet18(s.num_classes, s.in_channels, s.image_size),
+    "resnet18_sfl": lambda s: MocoSFLResNet18(s.in_channels, s.width),  # self-supervised: 1024-d projections, not logits
+    "resnet18_sfl_swav": lambda s: MocoSFLResNet18(s.in_channels, s.width, "swav"),  # 128-d SwAV projections
     **{f"vgg{d}": (lambda s, d=d: VGG(s.num_classes, s.in_channels, s.image_size, d, s.width)) for d in VGG_CONFIGS},
     **{f"resnet{d}": (lambda s, d=d: CifarResNet(s.num_classes, s.in_channels, s.image_size, d, s.width))
        for d in RESNET_CIFAR_DEPTHS},
@@ -57,7 +60,10 @@ def build_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor] | None = No
 
 def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel ``(mean, std)`` (in [0, 1] units) the architecture's inputs are normalized with: timm's
-    for its ViTs (:func:`pfl.models.vit.vit_normalization`), PFLlib's 0.5 / 0.5 for the others."""
+    for its ViTs (:func:`pfl.models.vit.vit_normalization`), CIFAR-10's for MocoSFL's ResNet-18 (its official
+    code's, on every dataset), PFLlib's 0.5 / 0.5 for the others."""
+    if name.startswith("resnet18_sfl"):
+        return CIFAR10_MEAN, CIFAR10_STD
     return vit_normalization(name) if name in VITS else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
