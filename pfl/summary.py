@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 
 from pfl.vocabulary import QUALITY, flat
 
-_SHOWN = (("test/acc", "acc (%)", 100), ("test/nll", "NLL (nats)", 1), ("test/f_ece", "F-ECE (%)", 100),
-          ("test/ece_mean", "ECE mean (%)", 100), ("test/global_ece", "global ECE (%)", 100),
-          ("test/knn_acc", "kNN acc (%)", 100), ("test/linear_acc", "linear acc (%)", 100))
-_SELF_SUPERVISED = (("test/knn_acc", "kNN acc (%)"), ("test/linear_acc", "linear acc (%)"))
+_CLASSIFICATION = (("test/acc", "acc (%)", 100), ("test/nll", "NLL (nats)", 1), ("test/f_ece", "F-ECE (%)", 100),
+                   ("test/ece_mean", "ECE mean (%)", 100), ("test/global_ece", "global ECE (%)", 100))
+_SELF_SUPERVISED = (("test/knn_acc", "kNN acc (%)", 100), ("test/linear_acc", "linear acc (%)", 100))
+_SHOWN = _CLASSIFICATION + _SELF_SUPERVISED
 
 
 def _summarized(name: str) -> bool:
@@ -92,7 +92,7 @@ def head_description(name: str, setting: str, metrics: Mapping[str, float], run_
     """Markdown description of a head run: setting, the unmodified models (w/o) against the ``method`` ensemble,
     how to load a client's members."""
     items = [f"- {label}: w/o {_pct(metrics.get('wo/' + key[5:]), None, scale)} → {method} "
-             f"{_pct(metrics.get(key), None, scale)}" for key, label, scale in _SHOWN]
+             f"{_pct(metrics.get(key), None, scale)}" for key, label, scale in _CLASSIFICATION]
     lines = [f"**{name}**: {setting}", "", "Test-sample-weighted means over clients:", "", *items, "",
              "The members of client 0's head (stacked tensors and learning rates):", "", "```python",
              "from mlflow.artifacts import download_artifacts", "from safetensors.torch import load_file",
@@ -134,7 +134,7 @@ def summary_table(rows: Sequence[Mapping]) -> str:
         accuracies (%) ± std across clients (best acc: their kNN accuracy's), wall time.
     """
     table = []
-    extra = [(k, label) for k, label in _SELF_SUPERVISED if any(k in row["metrics"] for row in rows)]
+    extra = [(k, label) for k, label, _ in _SELF_SUPERVISED if any(k in row["metrics"] for row in rows)]
     for row in rows:
         m = row["metrics"]
         best = m.get("best/test_acc", m.get("best/test_knn_acc"))

@@ -172,6 +172,8 @@ class Algorithm:
         search_space: default search ranges of tunable hyperparameters or run fields (``lr``).
         state_attributes: attributes holding its full server and client state (client stores,
             named states, tensors and JSON values), saved by :meth:`state_dict`.
+        classifier: whether the models end in a classifier (False: a self-supervised projection, which head
+            methods cannot rearrange).
 
     Args:
         ctx: the federated context.
@@ -182,6 +184,7 @@ class Algorithm:
     Params: ClassVar[type[HyperParams]] = HyperParams
     search_space: ClassVar[dict[str, SearchParam]] = {}
     state_attributes: ClassVar[tuple[str, ...]] = ()
+    classifier: ClassVar[bool] = True
 
     def __init__(self, ctx: FederatedContext, **hparams: Any):
         self.ctx = ctx

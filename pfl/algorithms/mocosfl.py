@@ -83,7 +83,7 @@ from torch.func import functional_call, vmap
 from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
 from pfl.algorithms.evaluation import KNNEvaluator
 from pfl.algorithms.local import FitRes, autocast
-from pfl.algorithms.state import State, model_state, load_state
+from pfl.algorithms.state import State, load_state, model_state, state_bytes
 from pfl.data.views import ViewAugmentation, parse_crops
 from pfl.models.resnet_sfl import MocoSFLResNet18, client_entries, split
 from pfl.models.split import ModelSpec
@@ -110,6 +110,7 @@ class KeyQueue:
 
     @property
     def full(self) -> bool:
+        """Whether every initial random key has been overwritten (``size`` keys enqueued)."""
         return self.count >= len(self.keys)
 
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -229,6 +230,7 @@ class MocoSFL(Algorithm):
     """
 
     name = "mocosfl"
+    classifier = False  # the head is a projection
     Params = MocoSFLParams
     search_space = {"lr": SearchParam("float", 0.01, 0.3, log=True),
                     "temperature": SearchParam("float", 0.05, 0.5, log=True),
@@ -249,15 +251,16 @@ class MocoSFL(Algorithm):
         device = ctx.runner.data.device
         self.online = copy.deepcopy(model).float().to(device)  # stem: the synchronized stem; the rest: the server's
         self.online.train()  # the SwAV head's BatchNorm normalizes with the step's batch
-        self.target = copy.deepcopy(self.online)  # the server's momentum trunk (its stem is unused)
         self.stem_module, self.trunk = split(self.online, self.hp.cut_layer)
-        self.target_trunk = split(self.target, self.hp.cut_layer)[1]
-        names = list(model_state(self.online))
-        self.stem_names = client_entries(names, self.hp.cut_layer)
+        # MoCo's momentum trunk on the server (a whole model whose stem is unused); SwAV has none
+        self.target = copy.deepcopy(self.online) if self.hp.loss == "moco" else None
+        self.target_trunk = split(self.target, self.hp.cut_layer)[1] if self.target is not None else None
+        self.stem_names = client_entries(list(self.online.state_dict()), self.hp.cut_layer)
         self.prototypes = self._prototypes(device)
         self.server_params = [*self.trunk.parameters(), *self.prototypes.parameters()]
         self.server_buffers = [torch.zeros_like(p) for p in self.server_params]
         stem0 = self.stem
+        self.stem_bytes = state_bytes(stem0)
         zeros = {k: torch.zeros_like(v) for k, v in stem0.items()}
         self.momentum_stems = ctx.new_store(lambda cid: stem0)
         self.client_buffers = ctx.new_store(lambda cid: zeros)
@@ -272,6 +275,8 @@ class MocoSFL(Algorithm):
         self._evaluator = KNNEvaluator(self.hp.knn_k, self.hp.knn_temperature, self.hp.linear_epochs,
                                        self.hp.linear_lr, derive_seed(ctx.seed, "linear_probe"))
         self._metrics: dict[str, float] = {}
+        self._memory: dict[str, float] = {}  # one client's memory per step: the same every round, measured once
+        self._composed: State | None = None  # personalized_state's model, until the model changes
         self._spreads: list[torch.Tensor] = []  # the round's embedding_spread per step
 
     # -- construction checks and pieces -------------------------------------------------------------------------
@@ -325,21 +330,27 @@ class MocoSFL(Algorithm):
 
     # -- the state --------------------------------------------------------------------------------------------
 
+    def _entries(self, module: nn.Module, stem: bool) -> State:
+        """Host copies of ``module``'s stem entries (``stem``) or of the others (the server's)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()
+                if (k in self.stem_names) == stem}
+
     @property
     def stem(self) -> State:
         """The synchronized client stem (full-model entry names), host copies."""
-        state = model_state(self.online)
-        return {k: state[k] for k in self.stem_names}
+        return self._entries(self.online, stem=True)
 
     @stem.setter
     def stem(self, state: State) -> None:
         load_state(self.online, state)
+        self._composed = None
 
     @property
     def server_state(self) -> State:
-        """The server's trunk, momentum trunk, prototypes and SGD buffers."""
-        online = {k: v for k, v in model_state(self.online).items() if k not in self.stem_names}
-        target = {f"target/{k}": v for k, v in model_state(self.target).items() if k not in self.stem_names}
+        """The server's trunk, momentum trunk (MoCo), prototypes (SwAV) and SGD buffers."""
+        online = self._entries(self.online, stem=False)
+        target = {} if self.target is None else \
+            {f"target/{k}": v for k, v in self._entries(self.target, stem=False).items()}
         protos = {f"prototypes/{k}": v.detach().cpu().clone() for k, v in self.prototypes.state_dict().items()}
         buffers = {f"buffer/{i}": b.cpu().clone() for i, b in enumerate(self.server_buffers)}
         return {**online, **target, **protos, **buffers}
@@ -347,7 +358,9 @@ class MocoSFL(Algorithm):
     @server_state.setter
     def server_state(self, state: State) -> None:
         load_state(self.online, {k: v for k, v in state.items() if "/" not in k})
-        load_state(self.target, {k[7:]: v for k, v in state.items() if k.startswith("target/")})
+        self._composed = None
+        if self.target is not None:
+            load_state(self.target, {k[7:]: v for k, v in state.items() if k.startswith("target/")})
         load_state(self.prototypes, {k[11:]: v for k, v in state.items() if k.startswith("prototypes/")})
         for i, b in enumerate(self.server_buffers):
             b.copy_(state[f"buffer/{i}"])
@@ -389,13 +402,16 @@ class MocoSFL(Algorithm):
         return self._evaluator
 
     def personalized_state(self, client_id: int) -> State:
-        """The synchronized stem composed with the server's trunk and projection (the same for every client)."""
-        return model_state(self.online)
+        """The synchronized stem composed with the server's trunk and projection: the same state for every client,
+        copied to the host once per model change (read-only)."""
+        if self._composed is None:
+            self._composed = model_state(self.online)
+        return self._composed
 
     def shared_backbone(self) -> State:
         """The server's trunk and projection, logged once (``server/backbone.safetensors``); client files hold
         the stem."""
-        return {k: v for k, v in model_state(self.online).items() if k not in self.stem_names}
+        return self._entries(self.online, stem=False)
 
     def server_models(self) -> dict[str, State]:
         return {"prototypes": dict(self.prototypes.state_dict())} if self.hp.loss == "swav" else {}
@@ -423,10 +439,12 @@ class MocoSFL(Algorithm):
             losses.append(loss)
             if (step + 1) % self.hp.sync_every == 0 or step == steps - 1:
                 clients.fedavg()
-                traffic.sync(len(selected), self.ctx.num_clients, self._stem_bytes())
+                traffic.sync(len(selected), self.ctx.num_clients, self.stem_bytes)
         clients.write_back()
+        self._composed = None
         self.rounds_done = rnd
-        self._metrics = {**traffic.metrics(), **self._client_memory(views),
+        self._memory = self._memory or self._client_memory(views)
+        self._metrics = {**traffic.metrics(), **self._memory,
                          "server/embedding_spread": torch.stack(self._spreads).mean().item()}
         mean_loss = torch.stack(losses).mean()
         return [FitRes(cid, {}, steps * self.batch_size, mean_loss) for cid in selected]
@@ -481,13 +499,12 @@ class MocoSFL(Algorithm):
                 keys = self._stems(clients.momentum_of(cohort), per_client[1])
             loss, grads = server_backward([sent[0].flatten(0, 1)],
                                           lambda xs: self._moco_loss(xs[0], keys.flatten(0, 1)))
-            traffic.step(up=sent[0].numel() + keys.numel(), down=sent[0].numel())
+            traffic.step(up=_nbytes(sent[0], keys), down=_nbytes(sent[0]))
         else:
             sent = self._swav_client_forward(online, per_client)
             loss, grads = server_backward([s.flatten(0, 1) for s in sent],
                                           lambda xs: self._swav_server_loss(xs, c, rnd))
-            n = sum(s.numel() for s in sent)
-            traffic.step(up=n, down=n)
+            traffic.step(up=_nbytes(*sent), down=_nbytes(*sent))
         sgd_step(self.server_params, [p.grad for p in self.server_params], self.server_buffers, lr,
                  self.hp.sgd_momentum, self.hp.weight_decay)
         for p in self.server_params:
@@ -545,9 +562,6 @@ class MocoSFL(Algorithm):
             self.queue.enqueue(high.flatten(0, 1))
         return self.swav_loss(scores[:n_high], scores[n_high:], queue).squeeze(0)
 
-    def _stem_bytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.stem.values())
-
     def _client_memory(self, views: list[torch.Tensor]) -> dict[str, float]:
         """One client's memory per step: its stem's parameters (with its momentum stem and SGD buffer), and the
         activations of one batch: those its online stem keeps for the backward pass (measured with saved-tensor
@@ -563,9 +577,13 @@ class MocoSFL(Algorithm):
         moco = self.hp.loss == "moco"
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             outs = [self._stem_fn(params, v[:self.batch_size]) for v in (views[:1] if moco else views)]
-        sent = sum(o.numel() * o.element_size() for o in outs) * (2 if moco else 1)  # MoCo: the keys, as large
-        return {"memory/client_param_bytes": float((3 if moco else 2) * self._stem_bytes()),
+        sent = _nbytes(*outs) * (2 if moco else 1)  # MoCo: the keys, as large
+        return {"memory/client_param_bytes": float((3 if moco else 2) * self.stem_bytes),
                 "memory/client_activation_bytes": float(saved + sent)}
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class _Traffic:
@@ -575,8 +593,8 @@ class _Traffic:
         self.up = self.down = 0
 
     def step(self, up: int, down: int) -> None:
-        self.up += 4 * up
-        self.down += 4 * down
+        self.up += up
+        self.down += down
 
     def sync(self, pooled: int, clients: int, stem_bytes: int) -> None:
         self.up += pooled * stem_bytes

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from pfl.algorithms import REGISTRY
 from pfl.config import ConfigError, HeadConfig, RunConfig, algorithm_fields
 from pfl.heads import METHOD_LABELS
 from pfl.heads.ood import OODPool, load_ood_pool, resolve_ood_dataset
@@ -33,7 +34,6 @@ from pfl.summary import head_description
 from pfl.train import Prepared, prepare
 
 # FL-run params a head run repeats, so reports select head runs by setting (only those the FL run's partition has)
-SELF_SUPERVISED = ("mocosfl",)  # algorithms whose models end in a projection, not a classifier
 FL_SETTING = ("algo", "dataset", "partition", "alpha", "classes_per_client", "partition_name", "join_ratio")
 
 
@@ -113,7 +113,8 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
     from pfl import tracking
 
     inputs = tracking.fl_run_inputs(fl_run_id)
-    if inputs.config.get("algo") in SELF_SUPERVISED:
+    algo = REGISTRY.get(inputs.config.get("algo", ""))
+    if algo is not None and not algo.classifier:
         raise tracking.FLRunError(f"run {fl_run_id} is self-supervised (algo={inputs.config['algo']}): its head is "
                                   "a projection, not a classifier; head methods need a classification FL run")
     cfg = fl_config(inputs.config, hc)
