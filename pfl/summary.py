@@ -81,7 +81,9 @@ def fl_description(name: str, setting: str, metrics: Mapping[str, float], run_id
         lines.append(f"- best acc (%): {_pct(metrics['best/test_acc'])} at round {int(metrics.get('best/round', 0))}")
     lines += ["", "Load a client's personalized model (`model.base`, `model.head`):", "", "```python",
               "from pfl.tracking import configure_tracking, load_client_model",
-              f'configure_tracking("{tracking_uri}")', f'model = load_client_model("{run_id}", client_id=0)', "```"]
+              f'configure_tracking("{tracking_uri}")', f'model = load_client_model("{run_id}", client_id=0)', "",
+              "import mlflow  # or as an MLflow model: uint8 images (N, C, H, W) -> (N, K) probabilities",
+              f'probs = mlflow.pyfunc.load_model("runs:/{run_id}/clients/client_000").predict(images)', "```"]
     if "test/acc" in metrics:
         lines += ["", f"Head ensembles on it: `pfl heads --run-id {run_id} --method aph` (or `loraph`)."]
     return "\n".join(lines)
@@ -94,11 +96,11 @@ def head_description(name: str, setting: str, metrics: Mapping[str, float], run_
     items = [f"- {label}: w/o {_pct(metrics.get('wo/' + key[5:]), None, scale)} → {method} "
              f"{_pct(metrics.get(key), None, scale)}" for key, label, scale in _CLASSIFICATION]
     lines = [f"**{name}**: {setting}", "", "Test-sample-weighted means over clients:", "", *items, "",
-             "The members of client 0's head (stacked tensors and learning rates):", "", "```python",
-             "from mlflow.artifacts import download_artifacts", "from safetensors.torch import load_file",
-             "members = load_file(download_artifacts(", f'    run_id="{run_id}",',
-             '    artifact_path="heads/client_000.safetensors"))', "```", "",
-             f"The base is client 0's model of FL run `{fl_run_id}` (`load_client_model`)."]
+             "Client 0's ensemble as an MLflow model (uint8 images (N, C, H, W) -> probabilities (N, K)):", "",
+             "```python", "import mlflow",
+             f'probs = mlflow.pyfunc.load_model("runs:/{run_id}/heads/client_000").predict(images)', "```", "",
+             f"Its base is client 0's model of FL run `{fl_run_id}`; the members (stacked tensors and learning "
+             "rates) are `heads/client_000/artifacts/members.safetensors`."]
     return "\n".join(lines)
 
 

@@ -4,10 +4,13 @@ Run hierarchy: a *launch* run (one per command) holds one nested *FL run* per se
 (repeats); head runs (APH, LoRAPH) nest under the FL run whose client models they
 read. An FL run carries flat searchable params, per-round metrics with
 ``step=round``, the partition's label counts, per-client test metrics, and every
-client's personalized model as ``clients/client_XXX.safetensors`` carrying its own
-architecture (the :class:`~pfl.models.ModelSpec`, as JSON in the file's metadata; a run may
-mix architectures), so :func:`load_client_model` rebuilds a client's model from the run id
-and client id alone.
+client's personalized model as an MLflow Model directory ``clients/client_XXX/`` (a ``pyfunc`` flavor logged
+from code, :mod:`pfl.pyfunc`; its weights ``artifacts/model.safetensors`` carry the client's own architecture,
+the :class:`~pfl.models.ModelSpec`, as JSON in the file's metadata; a run may mix architectures), so
+:func:`load_client_model` and ``mlflow.pyfunc.load_model("runs:/<run id>/clients/client_003")`` rebuild a
+client's model from the run id and client id alone. Runs logged before MLflow models hold
+``clients/client_XXX.safetensors``, which :func:`load_client_model` still reads. Head runs log their ensembles
+the same way (``heads/client_XXX/``). :func:`register_client_models` puts client models in the Model Registry.
 
 The tracking store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///mlflow.db``
 in the working directory.
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -47,6 +51,9 @@ MODEL_SPEC_FILE = "model.json"  # runs before per-client specs: one architecture
 # safetensors metadata key of a client file: JSON {"client_id": ..., "model_spec": {...}}. One key, because
 # safetensors writes metadata in hash-map order, which differs between processes: one key keeps files byte-identical
 CLIENT_METADATA = "pfl_client"
+MODEL_WEIGHTS = "model.safetensors"  # a client's weights in its MLflow model directory (artifacts/model.safetensors)
+MEMBERS_FILE = "members.safetensors"  # a head ensemble's members in its MLflow model directory
+PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")  # the models-from-code file of every client model
 
 
 def _open_sqlite_store(uri: str) -> None:
@@ -91,7 +98,8 @@ def configure_tracking(uri: str | None = None, must_exist: bool = False) -> str:
     mlflow.set_tracking_uri(uri)
     # one download bar per client model would bury pfl's own progress bar
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow.store.db.utils", "mlflow.tracking.fluent"):  # schema creation chatter on stderr
+    # schema creation chatter on stderr; "Validating input example" and registration lines per client model
+    for name in ("mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.pyfunc", "mlflow.models.model"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         _open_sqlite_store(uri)
@@ -156,10 +164,17 @@ def launch_run(experiment: str, name: str, params: dict[str, Any], kind: str = "
 
 
 @contextmanager
-def fl_run(name: str, params: dict[str, Any]) -> Iterator[str]:
+def fl_run(name: str, params: dict[str, Any], parent_run_id: str | None = None) -> Iterator[str]:
     """Start an FL run nested under the active launch run; yields its run id (FAILED on exception, KILLED on a
-    stop signal). Tagged with this process's host and pid (:func:`process_tags`)."""
-    run = mlflow.start_run(run_name=name, nested=True, tags={"pfl.kind": "fl", **process_tags()})
+    stop signal). Tagged with this process's host and pid (:func:`process_tags`).
+
+    Args:
+        parent_run_id: the launch run to nest under, in that run's experiment, for a process where it is not the
+            active run (a sweep cell's Ray task, :mod:`pfl.distributed`); ``None``: the active run.
+    """
+    experiment = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id if parent_run_id else None
+    run = mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_run_id, experiment_id=experiment,
+                           tags={"pfl.kind": "fl", **process_tags()})
     with _ended(run) as run_id:
         mlflow.log_params(params)
         yield run_id
@@ -262,32 +277,106 @@ def logged_steps(run_id: str) -> dict[str, int]:
     return {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in client.get_run(run_id).data.metrics}
 
 
-def _client_file(client_id: int) -> str:
-    return f"client_{client_id:03d}.safetensors"
+def _client_name(client_id: int) -> str:
+    return f"client_{client_id:03d}"
 
 
-def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], backbone: State | None = None) -> None:
-    """Save every client's personalized model as ``clients/client_XXX.safetensors`` artifacts.
+def _requirements() -> list[str]:
+    """The pip requirements written beside every client model: pfl and what its model code imports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for package in ("pfl", "torch", "mlflow", "safetensors", "numpy", "timm", "peft"):
+        try:
+            reqs.append(f"{package}=={version(package).split('+')[0]}")  # torch's local tag (+cpu) is this build's
+        except PackageNotFoundError:
+            pass
+    return reqs
+
+
+def _signature(spec: ModelSpec, example: np.ndarray, output: str) -> mlflow.models.ModelSignature:
+    """Input: uint8 images (-1, C, H, W) at ``example``'s stored size; output: float32 (-1, K) probabilities, or
+    (-1, D) embeddings for a self-supervised model."""
+    from mlflow.types.schema import Schema, TensorSpec
+
+    width = spec.num_classes if output == "probabilities" else -1
+    return mlflow.models.ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))]),
+                                        Schema([TensorSpec(np.dtype(np.float32), (-1, width))]))
+
+
+def save_mlflow_model(folder: Path, spec: ModelSpec, example: np.ndarray, artifacts: dict[str, str],
+                      config: dict[str, Any]) -> None:
+    """Write an MLflow Model directory ``folder`` of a client model (:class:`pfl.pyfunc.ClientModel`), from code.
+
+    Args:
+        spec: the client's architecture (the signature's class count).
+        example: uint8 images (n, C, H, W) as stored: the input example and the signature's input shape.
+        artifacts: files copied into the directory's ``artifacts/`` (``weights``, ``members``).
+        config: the model config (``output``, ``backbone``, ``base``: :mod:`pfl.pyfunc`).
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # MLflow warns about the example's integer columns and missing types
+        warnings.simplefilter("ignore")
+        mlflow.pyfunc.save_model(str(folder), python_model=str(PYFUNC_CODE), artifacts=artifacts,
+                                 model_config=config, signature=_signature(spec, example, config["output"]),
+                                 input_example=example, pip_requirements=_requirements())
+
+
+def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], backbone: State | None = None,
+                      example_of: Callable[[int], torch.Tensor] | None = None, classifier: bool = True) -> None:
+    """Save every client's personalized model as an MLflow Model directory ``clients/client_XXX/``.
+
+    Each holds the ``pyfunc`` flavor from code (:mod:`pfl.pyfunc`), the signature (uint8 images (-1, C, H, W) ->
+    float32 probabilities (-1, K)), an input example, and ``artifacts/model.safetensors``: the client's named
+    state with its architecture in the file's metadata. Nothing is pickled.
 
     Args:
         specs: each client's architecture, stored in its file's metadata.
-        state_of: client id -> its named state (fetched one client at a time); nothing is pickled.
+        state_of: client id -> its named state (fetched one client at a time).
         backbone: entries every client shares (FedLoRA's frozen backbone), logged once as
             ``server/backbone.safetensors``; each client file then holds only its other entries and names the
-            backbone file in its metadata (:func:`load_client_state` joins them).
+            backbone file in its metadata (:func:`load_client_state` joins them), the model config its URI.
+        example_of: client id -> uint8 images (n, C, H, W) as the dataset stores them (the input example: a
+            test image of the client); ``None``: one black image at the model's input size.
+        classifier: the models end in a classifier (``False``: self-supervised, the model outputs embeddings).
     """
     shared = {}
+    config: dict[str, Any] = {"output": "probabilities" if classifier else "embeddings"}
     if backbone:
         log_state(backbone, BACKBONE_FILE)
         shared = {"backbone": BACKBONE_FILE}
+        config["backbone"] = f"runs:/{mlflow.active_run().info.run_id}/{BACKBONE_FILE}"
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / CLIENT_DIR
-        folder.mkdir()
         for cid, spec in enumerate(specs):
             state = {k: v.detach().cpu().contiguous() for k, v in state_of(cid).items() if k not in (backbone or {})}
             meta = {"client_id": cid, "model_spec": spec.to_dict(), **shared}
-            save_file(state, folder / _client_file(cid), metadata={CLIENT_METADATA: json.dumps(meta)})
+            weights = Path(tmp) / "weights" / _client_name(cid) / MODEL_WEIGHTS
+            weights.parent.mkdir(parents=True)
+            save_file(state, weights, metadata={CLIENT_METADATA: json.dumps(meta)})
+            example = example_of(cid) if example_of else torch.zeros(1, spec.in_channels, spec.image_size,
+                                                                       spec.image_size, dtype=torch.uint8)
+            save_mlflow_model(folder / _client_name(cid), spec, example.cpu().numpy(), {"weights": str(weights)},
+                              config)
         mlflow.log_artifacts(str(folder), CLIENT_DIR)
+
+
+def client_weights_path(run_id: str, client_id: int) -> str:
+    """Where client ``client_id``'s weights are among run ``run_id``'s artifacts: ``clients/client_XXX/artifacts/
+    model.safetensors`` (an MLflow model), or ``clients/client_XXX.safetensors`` (runs logged before).
+
+    Raises:
+        FileNotFoundError: the run has no saved model for that client (the message lists the clients it has).
+    """
+    names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, CLIENT_DIR)}
+    name = _client_name(client_id)
+    if name in names:
+        return f"{CLIENT_DIR}/{name}/artifacts/{MODEL_WEIGHTS}"
+    if f"{name}.safetensors" in names:
+        return f"{CLIENT_DIR}/{name}.safetensors"
+    have = sorted(int(n[7:10]) for n in names if n.startswith("client_"))
+    raise FileNotFoundError(f"run {run_id} has no model for client {client_id}; saved clients: {have}")
 
 
 def _client_number(client_id: int | str) -> int:
@@ -316,25 +405,30 @@ def load_client_state(run_id: str, client_id: int) -> tuple[ModelSpec, State]:
     """
     client_id = _client_number(client_id)
     _fl_run(run_id, check_kind=False)  # an unknown id is a one-line error; any run holding client files loads
-    client = mlflow.MlflowClient()
-    names = {Path(a.path).name for a in client.list_artifacts(run_id, CLIENT_DIR)}
-    wanted = _client_file(client_id)
-    if wanted not in names:
-        have = sorted(int(n[7:10]) for n in names if n.startswith("client_"))
-        raise FileNotFoundError(f"run {run_id} has no model for client {client_id}; saved clients: {have}")
+    wanted = client_weights_path(run_id, client_id)
     with tempfile.TemporaryDirectory() as tmp:
         def download(path: str) -> str:
             return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
 
-        weights = download(f"{CLIENT_DIR}/{wanted}")
-        with safe_open(weights, framework="pt") as f:
-            entry = (f.metadata() or {}).get(CLIENT_METADATA)
-        meta = json.loads(entry) if entry is not None else {}
+        weights = download(wanted)
+        meta = client_file_metadata(weights)
         # runs saved before per-client architectures: one model.json for the run
         spec = meta["model_spec"] if meta else json.loads(Path(download(MODEL_SPEC_FILE)).read_text())
         state = load_file(download(meta["backbone"])) if "backbone" in meta else {}
         state.update(load_file(weights))
     return ModelSpec.from_dict(spec), state
+
+
+def client_file_metadata(path: str) -> dict[str, Any]:
+    """A client file's metadata: ``client_id``, ``model_spec``, ``backbone`` (``{}`` for the oldest runs' files)."""
+    with safe_open(path, framework="pt") as f:
+        entry = (f.metadata() or {}).get(CLIENT_METADATA)
+    return json.loads(entry) if entry is not None else {}
+
+
+def read_client_file(path: str) -> tuple[ModelSpec, State]:
+    """The architecture and tensors of a client file (its own entries: without a shared backbone)."""
+    return ModelSpec.from_dict(client_file_metadata(path)["model_spec"]), load_file(path)
 
 
 def load_client_model(run_id: str, client_id: int, map_location: str = "cpu") -> SplitModel:
@@ -508,14 +602,29 @@ def log_state(state: State, artifact_file: str) -> None:
         mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
 
-def log_member_heads(client_id: int, members: nn.Module, lrs: torch.Tensor) -> None:
-    """Save one client's trained head members (stacked tensors) as ``heads/client_XXX.safetensors``."""
+def log_member_heads(client_id: int, members: nn.Module, lrs: torch.Tensor, fl_run_id: str, spec: ModelSpec,
+                     example: torch.Tensor) -> None:
+    """Save one client's head ensemble as an MLflow Model directory ``heads/client_XXX/`` of the active head run.
+
+    Its ``artifacts/members.safetensors`` holds the trained members (stacked tensors) and their
+    ``learning_rates``; its model config names the FL run's client file, whose base computes the features
+    (:mod:`pfl.pyfunc`), so ``mlflow.pyfunc.load_model("runs:/<head run id>/heads/client_003")`` predicts the
+    ensemble's mean probabilities (N, K).
+
+    Args:
+        spec: the client's architecture; example: uint8 images (n, C, H, W) as stored (the input example).
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in members.state_dict().items()}
     state["learning_rates"] = lrs.detach().cpu().contiguous()
+    config = {"output": "probabilities", "base": f"runs:/{fl_run_id}/{client_weights_path(fl_run_id, client_id)}"}
+    if any(a.path == BACKBONE_FILE for a in mlflow.MlflowClient().list_artifacts(fl_run_id, "server")):
+        config["backbone"] = f"runs:/{fl_run_id}/{BACKBONE_FILE}"
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / _client_file(client_id)
+        path = Path(tmp) / MEMBERS_FILE
         save_file(state, path, metadata={"client_id": str(client_id)})
-        mlflow.log_artifact(str(path), HEADS_DIR)
+        folder = Path(tmp) / _client_name(client_id)
+        save_mlflow_model(folder, spec, example.cpu().numpy(), {"members": str(path)}, config)
+        mlflow.log_artifacts(str(folder), f"{HEADS_DIR}/{folder.name}")
 
 
 def log_folder(folder: Path) -> None:
@@ -583,3 +692,59 @@ def run_summary(run_id: str) -> dict[str, Any]:
     end = run.info.end_time
     return {"name": run.info.run_name, "metrics": dict(run.data.metrics), "artifact_uri": run.info.artifact_uri,
             "seconds": None if end is None else (end - run.info.start_time) / 1000}
+
+
+REGISTRY_TAGS = ("algo", "dataset", "model", "partition", "alpha", "classes_per_client", "join_ratio", "seed")
+
+
+def registered_name(fl_run_name: str, client_id: int) -> str:
+    """The default registered model name of a client: ``<FL run name>-client_XXX``."""
+    return f"{fl_run_name}-{_client_name(client_id)}"
+
+
+def register_client_models(run_id: str, clients: list[int] | None, name: str | None = None,
+                           alias: str | None = None) -> list[tuple[str, str]]:
+    """Register FL run ``run_id``'s client models (MLflow models ``clients/client_XXX/``) in the Model Registry.
+
+    Each client becomes a new version of the registered model ``name`` (one client), or of ``<name>-client_XXX``
+    (several; ``name`` defaults to the FL run's name), tagged with the run's :data:`REGISTRY_TAGS` params
+    (``algo``, ``dataset``, ``partition``, ``alpha``, ...), ``fl_run_id``, ``client`` and the client's final
+    metrics (``acc``, ``nll``, ``ece``, ... from ``client_metrics.json``); ``alias`` (e.g. ``champion``) then
+    points at that version, so ``models:/<name>@champion`` loads it wherever MLflow does.
+
+    Args:
+        clients: client ids; ``None``: every client of the run.
+
+    Returns:
+        ``(registered name, version)`` per client.
+
+    Raises:
+        FLRunError: unknown run id, not an FL run, or a client id that is not a number.
+        FileNotFoundError: a client without an MLflow model (the message lists the clients it has; runs logged
+            before MLflow models hold only safetensors files and cannot be registered).
+    """
+    run = _fl_run(run_id)
+    params = run.data.params
+    ids = list(range(int(params["num_clients"]))) if clients is None else [_client_number(c) for c in clients]
+    metrics = {row["client"]: row for row in _client_rows(run_id)}
+    base_tags = {k: params[k] for k in REGISTRY_TAGS if k in params} | {"fl_run_id": run_id}
+    registered, client = [], mlflow.MlflowClient()
+    for cid in ids:
+        if not client_weights_path(run_id, cid).endswith(f"/artifacts/{MODEL_WEIGHTS}"):
+            raise FileNotFoundError(f"run {run_id} logged client {cid} before MLflow models (a bare safetensors "
+                                    "file): load it with load_client_model; retrain to register it")
+        target = name if name and len(ids) == 1 else registered_name(name or run.info.run_name, cid)
+        row = {k: v for k, v in metrics.get(cid, {}).items() if isinstance(v, (int, float)) and k != "client"}
+        tags = {**base_tags, "client": str(cid), **{k: f"{v:.6g}" for k, v in row.items()}}
+        version = mlflow.register_model(f"runs:/{run_id}/{CLIENT_DIR}/{_client_name(cid)}", target, tags=tags)
+        if alias:
+            client.set_registered_model_alias(target, alias, version.version)
+        registered.append((target, version.version))
+    return registered
+
+
+def _client_rows(run_id: str) -> list[dict[str, Any]]:
+    """The rows of an FL run's ``client_metrics.json`` (final per-client metrics); ``[]`` when it has none."""
+    if not any(a.path == "client_metrics.json" for a in mlflow.MlflowClient().list_artifacts(run_id)):
+        return []
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/client_metrics.json")["clients"]

@@ -60,6 +60,12 @@ class Prepared:
         mean, std = input_normalization(self.cfg.models[0])
         return ImageTransform(self.cfg.image_size, mean, std, self.cfg.random_crop, self.cfg.hflip)
 
+    def input_example(self, client_id: int) -> torch.Tensor:
+        """uint8 (1, C, H, W): the first image of the client's test split (else its train split), as stored: the
+        input example of its MLflow model."""
+        split = self.partition.clients[client_id]
+        return self.dataset.images[(split.test if len(split.test) else split.train)[:1]]
+
     def device_images(self) -> DeviceImages:
         """The pool on the run's device, batched through :attr:`transform`."""
         return DeviceImages(self.dataset, self.device, self.transform)
@@ -287,7 +293,8 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
         tracking.log_json(tensor.tolist(), f"server/{key}.json")
     for name, state in algorithm.server_models().items():
         tracking.log_state(state, f"server/{name}.safetensors")
-    tracking.log_client_models(algorithm.ctx.specs, algorithm.personalized_state, algorithm.shared_backbone())
+    tracking.log_client_models(algorithm.ctx.specs, algorithm.personalized_state, algorithm.shared_backbone(),
+                               prepared.input_example, algorithm.classifier)
     tracking.log_file(checkpointer.path, "checkpoint")
     if checkpointer.sizes:
         tracking.log_metrics({"checkpoint/mb": checkpointer.sizes[-1] / 2**20,
@@ -298,7 +305,8 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
 
 
 def train_repeats(prepared: Prepared, first: Algorithm, extra_callbacks: list[Callback] | None = None,
-                  progress: bool = True, stop: Callable[[], int | None] | None = None) -> list[str]:
+                  progress: bool = True, stop: Callable[[], int | None] | None = None,
+                  parent_run_id: str | None = None) -> list[str]:
     """One FL run per repeat (seeds ``seed + k``), nested under the active launch run; returns their ids.
 
     Each FL run logs params, its config, the partition's label counts and what :func:`execute_fl_run` logs.
@@ -306,6 +314,8 @@ def train_repeats(prepared: Prepared, first: Algorithm, extra_callbacks: list[Ca
     Args:
         first: the algorithm built for the first seed (built early so its errors come before any run).
         stop: returns a stop signal's number once one arrived (the run then checkpoints and ends KILLED).
+        parent_run_id: the launch run, when it is not active in this process (a sweep cell's Ray task;
+            :func:`pfl.tracking.fl_run`).
     """
     from pfl import tracking
 
@@ -315,7 +325,7 @@ def train_repeats(prepared: Prepared, first: Algorithm, extra_callbacks: list[Ca
     for k in range(cfg.repeats):
         seed = cfg.seed + k
         algorithm = first if k == 0 else build_algorithm(prepared, seed)
-        with tracking.fl_run(cfg.run_name(seed), run_params(prepared, algorithm)) as run_id:
+        with tracking.fl_run(cfg.run_name(seed), run_params(prepared, algorithm), parent_run_id) as run_id:
             fl_ids.append(run_id)
             tracking.log_json(cfg.flat_params(), "config.json")  # what head runs and resumes rebuild the run from
             tracking.log_json(counts, "partition/label_counts.json")

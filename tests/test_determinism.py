@@ -89,17 +89,18 @@ def test_same_config_and_seed_give_identical_metrics_and_client_models(cifar10_d
     assert all(len(history_a[k]) == 2 for k in ("test/acc", "train/loss"))  # one value per round
     assert history_a == history_b  # exact floats, step by step
 
-    clients = sorted(k for k in files_a if k.startswith(f"{tracking.CLIENT_DIR}/"))
-    assert clients == [f"{tracking.CLIENT_DIR}/client_{c:03d}.safetensors" for c in range(4)]
+    clients = sorted(k for k in files_a if k.startswith(f"{tracking.CLIENT_DIR}/") and k.endswith(".safetensors"))
+    assert clients == [f"{tracking.CLIENT_DIR}/client_{c:03d}/artifacts/{tracking.MODEL_WEIGHTS}" for c in range(4)]
     assert sorted(files_b) == sorted(files_a)
     for name in clients:
         assert files_a[name] == files_b[name], f"{name} differs between two identical runs"
-    # every other artifact is byte-identical too, except config.json (it records each run's own cache_dir)
-    # and the checkpoint, whose metadata holds the last evaluation's wall-clock eval_time: its tensors must agree
+    # every other artifact is byte-identical too, except config.json (it records each run's own cache_dir), the
+    # client models' MLmodel files (their uuid and creation time) and the checkpoint, whose metadata holds the last
+    # evaluation's wall-clock eval_time: its tensors must agree
     for name in files_a:
         if name.startswith("checkpoint/") and name.endswith(".safetensors"):
             tensors_a, tensors_b = load(files_a[name]), load(files_b[name])
             assert tensors_a.keys() == tensors_b.keys(), name
             assert all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a), name
-        elif name != "config.json" and not name.startswith("checkpoint/"):
+        elif name != "config.json" and not name.startswith("checkpoint/") and not name.endswith("/MLmodel"):
             assert files_a[name] == files_b[name], f"{name} differs between two identical runs"

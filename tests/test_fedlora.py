@@ -98,7 +98,7 @@ def test_run_logs_the_backbone_once_and_only_adapters_and_head_per_client(cifar1
     spec, state = tracking.load_client_state(run.info.run_id, 2)
     assert spec.lora is not None and spec.lora.rank == 8
     client_file = tracking.mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                               artifact_path="clients/client_002.safetensors",
+                                                               artifact_path=tracking.client_weights_path(run.info.run_id, 2),
                                                                dst_path=str(tmp_path / "dl"))
     assert all(_travels(k) for k in load_file(client_file))
     model = tracking.load_client_model(run.info.run_id, 2)

@@ -63,8 +63,9 @@ def test_head_run_is_nested_and_logs_heads_table_and_metrics(fl_run, method):
     assert params["algo"] == "fedfomo" and params["perturb_scope"] == "head"
 
     heads = sorted(a.path for a in client.list_artifacts(run_id, "heads"))
-    assert heads == [f"heads/client_{c:03d}.safetensors" for c in range(NUM_CLIENTS)]
-    state = load_file(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=heads[0]))
+    assert heads == [f"heads/client_{c:03d}" for c in range(NUM_CLIENTS)]  # MLflow models (tests/test_mlflow_models.py)
+    state = load_file(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                          artifact_path=f"{heads[0]}/artifacts/members.safetensors"))
     assert state["learning_rates"].shape == (3,)
     assert all(t.shape[0] == 3 for k, t in state.items() if k.endswith((".bias", ".a_t", ".b_t", ".weight_t")))
 

@@ -69,7 +69,7 @@ def test_fedfomo_run_tree_metrics_and_client_models(cifar10_dir, tmp_path, store
     assert fl.data.metrics["best/test_nll"] == nll[best.step] and "best/test_f_ece" in fl.data.metrics
 
     artifacts = {Path(a.path).name for a in client.list_artifacts(fl_id, "clients")}
-    assert artifacts == {f"client_{c:03d}.safetensors" for c in range(NUM_CLIENTS)}
+    assert artifacts == {f"client_{c:03d}" for c in range(NUM_CLIENTS)}  # MLflow models (tests/test_mlflow_models.py)
     counts = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=fl_id, artifact_path="partition/label_counts.json")).read_text())
     assert len(counts["clients"]) == NUM_CLIENTS
@@ -137,7 +137,7 @@ def test_same_config_and_seed_give_same_metrics(cifar10_dir, tmp_path):
 def test_client_model_file_is_plain_safetensors(cifar10_dir, tmp_path, store):
     ids = run_training(_cfg(cifar10_dir, tmp_path, algo="fedavg", global_rounds=1), progress=False)
     path = mlflow.artifacts.download_artifacts(run_id=ids["fl_run_ids"][0],
-                                               artifact_path="clients/client_000.safetensors")
+                                               artifact_path="clients/client_000/artifacts/model.safetensors")
     state = load_file(path)
     assert state["head.2.weight"].shape == (10, 512)
     assert state["base.0.weight"].shape == (32, 3, 5, 5)

@@ -145,7 +145,7 @@ def test_cpu_template_logs_knn_and_linear_accuracy_stems_and_the_trunk(template,
     assert run.info.run_name.startswith(template)
     files = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "art"))
     trunk = load_file(f"{files}/server/backbone.safetensors")
-    stem = load_file(f"{files}/clients/client_003.safetensors")
+    stem = load_file(f"{files}/clients/client_003/artifacts/model.safetensors")
     assert list(stem) == client_entries(list(stem) + list(trunk), 1) and stem and trunk
     assert not set(stem) & set(trunk)
     model = tracking.load_client_model(run.info.run_id, 3)

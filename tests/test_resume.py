@@ -99,7 +99,7 @@ def _history(run_id):
 
 def _client_files(run_id, dst):
     folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="clients", dst_path=str(dst)))
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
 
 
 def _train(args, env):

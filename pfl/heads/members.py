@@ -227,3 +227,23 @@ def ensemble_probs(heads: MemberHeads, features: torch.Tensor) -> torch.Tensor:
     if features.dim() == 2:
         features = features.unsqueeze(0).expand(heads.num_members, -1, -1)
     return torch.softmax(heads(features).float(), dim=2).mean(dim=0)
+
+
+def members_from_state(state: dict[str, torch.Tensor]) -> MemberHeads:
+    """The members a saved ``state_dict`` (``heads/client_XXX.safetensors``, :func:`pfl.tracking.log_member_heads`)
+    holds: layer i is low-rank when it has ``layers.i.b_t``, dense otherwise; extra entries (``learning_rates``)
+    are ignored.
+
+    Raises:
+        KeyError: a layer's tensors are missing.
+    """
+    layers, i = [], 0
+    while f"layers.{i}.bias" in state:
+        p = f"layers.{i}."
+        if p + "b_t" in state:
+            layers.append(LowRankLayer(state[p + "base_weight_t"].T, state[p + "a_t"].transpose(1, 2),
+                                       state[p + "b_t"].transpose(1, 2), state[p + "bias"]))
+        else:
+            layers.append(DenseLayer(state[p + "weight_t"].transpose(1, 2), state[p + "bias"]))
+        i += 1
+    return MemberHeads(layers)

@@ -133,13 +133,15 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
     rows: list[dict] = []
     pooled: dict[str, list[torch.Tensor]] = {"wo_": [], "": []}
     labels: list[torch.Tensor] = []
+    specs = prepared.model_specs
     with tracking.head_run(fl_run_id, inputs.experiment_id, name, params) as run_id:
         for cid in tqdm(range(inputs.num_clients), desc=f"{hc.method} clients", disable=not progress):
             split = prepared.partition.clients[cid]
             model = tracking.load_client_model(fl_run_id, cid)
             result = rearrange_client(model, data, split.train.to(data.device), split.test.to(data.device), hc, cid,
                                       ood)
-            tracking.log_member_heads(cid, result.members, result.lrs)
+            tracking.log_member_heads(cid, result.members, result.lrs, fl_run_id, specs[cid],
+                                      prepared.input_example(cid))
             y = prepared.dataset.labels[split.test]
             wo = classification_metrics(result.probs_wo, y, hc.ece_bins)
             ours = classification_metrics(result.probs, y, hc.ece_bins)
