@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -132,6 +133,8 @@ def test_cpu_template_logs_knn_and_linear_accuracy_stems_and_the_trunk(template,
 
     from pfl import tracking
     from pfl.cli import main
+    from pfl.data.transforms import ImageTransform
+    from pfl.models import input_normalization
     from pfl.models.resnet_sfl import client_entries
 
     assert main(_template(template, cifar10_dir, tmp_path)) == 0
@@ -151,6 +154,14 @@ def test_cpu_template_logs_knn_and_linear_accuracy_stems_and_the_trunk(template,
     model = tracking.load_client_model(run.info.run_id, 3)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in {**trunk, **stem}.items()) and len(state) == len(stem) + len(trunk)
+    # its MLflow model joins stem and the run's trunk too, and returns the projection's embeddings
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    embeddings = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/clients/client_003").predict(images.numpy())
+    with torch.no_grad():
+        spec, _ = tracking.load_client_state(run.info.run_id, 3)
+        expected = model(ImageTransform(32, *input_normalization(spec.name))(images)).numpy()
+    assert embeddings.shape == expected.shape and embeddings.shape[0] == 3
+    assert np.allclose(embeddings, expected, atol=1e-6)
     capsys.readouterr()
     heads = ["heads", "--run-id", run.info.run_id, "--method", "aph",
              "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
