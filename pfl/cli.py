@@ -1,5 +1,6 @@
 """Command line: ``pfl train [--config FILE] [key=value ...]`` (or ``--resume FL_RUN_ID``), ``pfl runs --stale``,
-``pfl heads --run-id ID --method aph|loraph`` and ``pfl data import-pfllib DIR``.
+``pfl heads --run-id ID --method aph|loraph``, ``pfl register --run-id ID (--client N | --all)``, ``pfl sweep``,
+``pfl tune``, ``pfl report`` and ``pfl data import-pfllib DIR``.
 
 SIGINT and SIGTERM stop a training run after its current round: it writes its checkpoint, ends
 KILLED and the command exits with 130 / 143, printing how to resume.
@@ -21,6 +22,7 @@ from pfl.algorithms.engine import DivergenceError
 from pfl.config import DATASETS, ConfigError, RunConfig, load_config, load_head_config
 from pfl.data.datasets import DatasetFormatError, DatasetNotFoundError
 from pfl.data.pfllib import PfllibImportError
+from pfl.distributed import RayOptions, TaskError, require_ray, sqlite_warning, tune_workers
 from pfl.pfllib_args import parse_pfllib_args
 
 
@@ -100,6 +102,17 @@ def _parser() -> argparse.ArgumentParser:
     heads.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     heads.add_argument("overrides", nargs="*", help="key=value, e.g. global_epoch=10 sampling_num=10 rank=8")
     heads.set_defaults(handler=_heads)
+    register = sub.add_parser("register", help="register an FL run's client models in the MLflow Model Registry")
+    register.add_argument("--run-id", required=True, help="the FL run id (printed by `pfl train` as 'FL run: ...')")
+    which = register.add_mutually_exclusive_group(required=True)
+    which.add_argument("--client", type=int, help="one client's model")
+    which.add_argument("--all", action="store_true", help="every client's model")
+    register.add_argument("--name", default=None, help="registered model name (one client: this name; --all: "
+                          "NAME-client_XXX; default <FL run name>-client_XXX)")
+    register.add_argument("--alias", default=None, help="alias set on the new versions, e.g. champion "
+                          "(load with models:/NAME@champion)")
+    register.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the FL run")
+    register.set_defaults(handler=_register)
     sweep = sub.add_parser("sweep", help="FL runs over Dirichlet alpha x join ratio, head runs on each, one launch run")
     sweep.add_argument("--config", default="", help="YAML run config of every cell (alpha and join_ratio replaced)")
     sweep.add_argument("--alphas", type=float, nargs="+", required=True, help="Dirichlet alphas, e.g. 0.1 0.5")
@@ -110,13 +123,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="head setting for every head run, e.g. --head global_epoch=2 (repeatable)")
     sweep.add_argument("--tracking-uri", default=None)
     sweep.add_argument("--no-progress", action="store_true")
+    _add_backend_options(sweep, "each grid cell (its FL runs and head runs)")
     sweep.add_argument("overrides", nargs="*", help="key=value run config overrides, e.g. global_rounds=3")
     sweep.set_defaults(handler=_sweep)
     tune = sub.add_parser("tune", help="Optuna search of an algorithm's hyperparameters (study run + trial runs)")
     tune.add_argument("--config", default="", help="YAML run config the trials start from")
     tune.add_argument("--algo", default=None, help="algorithm (overrides the config)")
     tune.add_argument("--dataset", default=None, help="dataset (overrides the config)")
-    tune.add_argument("--n-trials", type=_count, default=20, help="trials this process runs (default 20)")
+    tune.add_argument("--n-trials", type=_count, default=20, help="trials this command runs (default 20; with "
+                      "--workers, split over the workers)")
     tune.add_argument("--metric", default="val/acc", help="validation metric: val/acc (maximized); val/nll, "
                       "val/f_ece, val/ece_mean, val/global_ece, val/brier (minimized); val_acc, val_nll, val_ece "
                       "accepted")
@@ -127,9 +142,15 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--tune-lr", action="store_true", help="also search lr (log scale, 1e-3..1e-1)")
     tune.add_argument("--pruner", choices=("median", "none"), default="median")
     tune.add_argument("--final-repeats", type=_count, default=0, help="retrain the best config with N seeds")
+    tune.add_argument("--register", action="store_true", help="register the final repeats' client models in the "
+                      "MLflow Model Registry as <study>-client_XXX, alias champion on the first seed's (needs "
+                      "--final-repeats)")
     tune.add_argument("--out", default=".", help="folder of the best config YAML (default .)")
     tune.add_argument("--tracking-uri", default=None)
     tune.add_argument("--no-progress", action="store_true", help="hide the progress bar over trials")
+    _add_backend_options(tune, "each Optuna worker")
+    tune.add_argument("--workers", type=int, default=None, help="Optuna workers run as Ray tasks on the study "
+                      "(with --backend ray; default 1)")
     tune.add_argument("overrides", nargs="*", help="key=value run config overrides, e.g. global_rounds=5")
     tune.set_defaults(handler=_tune)
     report = sub.add_parser("report", help="results table and ECE plots from the tracking store")
@@ -169,6 +190,45 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true", help="replace an existing import of the same name")
     imp.set_defaults(handler=_import_pfllib)
     return parser
+
+
+def _add_backend_options(parser: argparse.ArgumentParser, task: str) -> None:
+    """``--backend``, ``--address`` and ``--cpus-per-task`` of ``pfl sweep`` and ``pfl tune`` (:mod:`pfl.distributed`)."""
+    parser.add_argument("--backend", choices=("local", "ray"), default="local", help=f"local: in this process "
+                        f"(default); ray: {task} as a Ray task, on one GPU when the Ray cluster has GPUs")
+    parser.add_argument("--address", default=None, help="Ray cluster to use (with --backend ray), e.g. auto, "
+                        "HOST:6379 or ray://HOST:10001 (default: a local Ray instance)")
+    parser.add_argument("--cpus-per-task", type=int, default=None, help="CPUs a Ray task reserves on a cluster "
+                        "without GPUs (with --backend ray; default 1)")
+
+
+def _ray_options(args: argparse.Namespace, counts: dict[str, int | None]) -> RayOptions | None:
+    """The Ray options of ``pfl sweep`` / ``pfl tune``, ``None`` with ``--backend local``.
+
+    Args:
+        counts: the command's Ray-only counts by option name (``--cpus-per-task``, ``--workers``), ``None`` when
+            not given.
+
+    Raises:
+        ConfigError: a Ray-only option with ``--backend local``, a count below 1, or ray not installed.
+    """
+    given = [opt for opt, value in {"--address": args.address, **counts}.items() if value is not None]
+    if args.backend == "local":
+        if given:
+            raise ConfigError(f"{given[0]}: only with --backend ray; add --backend ray or drop {given[0]}")
+        return None
+    low = [(opt, value) for opt, value in counts.items() if value is not None and value < 1]
+    if low:
+        raise ConfigError(f"{low[0][0]}: {low[0][1]} is below 1; pass {low[0][0]} 1 or more")
+    require_ray()
+    return RayOptions(args.address, args.cpus_per_task or 1)
+
+
+def _warn_sqlite(ray: RayOptions | None, tracking_uri: str, storage: str | None = None) -> None:
+    """Print :func:`pfl.distributed.sqlite_warning` when it applies (``--address`` with SQLite stores)."""
+    warning = sqlite_warning(ray, tracking_uri, storage) if ray else None
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 @contextmanager
@@ -298,26 +358,52 @@ def _heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register(args: argparse.Namespace) -> int:
+    from pfl import tracking
+
+    tracking.configure_tracking(args.tracking_uri, must_exist=True)
+    try:
+        versions = tracking.register_client_models(args.run_id, None if args.all else [args.client], args.name,
+                                                   args.alias)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    print_registered(versions, args.alias)
+    return 0
+
+
+def print_registered(versions: list[tuple[str, str]], alias: str | None) -> None:
+    """The registered versions, one line each, with the URI that loads them."""
+    for name, version in versions:
+        uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+        print(f"registered {name} version {version}: mlflow.pyfunc.load_model({uri!r})")
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from pfl import tracking
     from pfl.sweep import run_sweep
 
+    ray = _ray_options(args, {"--cpus-per-task": args.cpus_per_task})
     cfg = load_config(args.config or None, args.overrides)
     heads = [load_head_config(args.head, method=m) for m in args.methods]
     uri = tracking.configure_tracking(args.tracking_uri)
-    result = run_sweep(cfg, args.alphas, args.join_ratios, heads, progress=not args.no_progress)
+    _warn_sqlite(ray, uri)
+    result = run_sweep(cfg, args.alphas, args.join_ratios, heads, progress=not args.no_progress, ray=ray)
     _print_summary(uri, result.launch_run_id, result.fl_run_ids, tuple(result.head_run_ids))
     print(f"report: pfl report --experiment {cfg.experiment} --out report")
     return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
     from pfl import tracking
     from tuning.spaces import load_space, search_space
     from tuning.study import DEFAULT_STORAGE, StudySettings, dataset_fallback_note, run_study, summary_lines
 
+    ray = _ray_options(args, {"--cpus-per-task": args.cpus_per_task, "--workers": args.workers})
+    if args.register and args.final_repeats < 1:
+        raise ConfigError("--register registers the final repeats' client models; add --final-repeats N (N >= 1)")
     picked = [f"{k}={v}" for k, v in (("algo", args.algo), ("dataset", args.dataset)) if v]
     cfg = load_config(args.config or None, [*picked, *args.overrides])
     note = dataset_fallback_note(args.config, args.dataset, cfg)
@@ -326,13 +412,17 @@ def _tune(args: argparse.Namespace) -> int:
     space = search_space(cfg.algo, args.tune_lr, load_space(args.space, cfg.algo) if args.space else None)
     settings = StudySettings(n_trials=args.n_trials, metric=args.metric, storage=args.storage or DEFAULT_STORAGE,
                              study_name=args.study or None, pruner=args.pruner, final_repeats=args.final_repeats,
-                             out_dir=Path(args.out), progress=not args.no_progress)
+                             out_dir=Path(args.out), progress=not args.no_progress, register=args.register)
     uri = tracking.configure_tracking(args.tracking_uri)
+    _warn_sqlite(ray, uri, settings.storage)
     try:
+        if ray:  # the workers run the trials; this process then writes the best config and runs the final repeats
+            tune_workers(cfg, space, settings, args.workers or 1, ray)
+            settings = replace(settings, n_trials=0)
         result = run_study(cfg, space, settings)
     except ConfigError:
         raise
-    except ValueError as err:
+    except (ValueError, TaskError) as err:
         print(f"pfl: error: {err}", file=sys.stderr)
         return 1
     print(f"tracking store: {uri}")

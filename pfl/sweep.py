@@ -4,17 +4,25 @@ Everything nests under one launch run: launch -> FL run per (alpha, join ratio, 
 -> APH / LoRAPH head runs per FL run. Every grid cell is validated (config, data,
 partition feasibility, algorithm hyperparameters) before the launch run starts. The
 runs feed the report's bar-line plots (ECE vs alpha, ECE vs participation ratio).
+
+A cell (its FL runs and their head runs, :func:`run_cell`) runs in this process, one after
+another, or as a Ray task (:mod:`pfl.distributed`, ``pfl sweep --backend ray``), cells side by
+side on the GPUs or CPUs of a Ray cluster; the runs are the same either way.
 """
 
 from __future__ import annotations
 
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from pfl.algorithms import Algorithm
 from pfl.config import ConfigError, HeadConfig, RunConfig, format_validation_error
+from pfl.distributed import RayOptions, map_cells, ray_session
+from pfl.heads.ood import OODPool
 from pfl.summary import seed_summary
-from pfl.train import build_algorithm, prepare, train_repeats
+from pfl.train import Prepared, build_algorithm, prepare, train_repeats
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,15 @@ class SweepResult:
     launch_run_id: str
     fl_run_ids: list[str]
     head_run_ids: list[str]
+
+
+@dataclass(frozen=True)
+class CellRuns:
+    """Ids of the runs of one grid cell: its FL runs (one per seed) and, per head method, its head runs on them
+    (in FL-run order)."""
+
+    fl_run_ids: list[str]
+    head_run_ids: dict[str, list[str]]
 
 
 def grid(cfg: RunConfig, alphas: list[float], join_ratios: list[float]) -> list[RunConfig]:
@@ -47,41 +64,79 @@ def grid(cfg: RunConfig, alphas: list[float], join_ratios: list[float]) -> list[
 
 
 def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], heads: list[HeadConfig],
-              progress: bool = True) -> SweepResult:
+              progress: bool = True, ray: RayOptions | None = None) -> SweepResult:
     """Train every grid cell (``cfg.repeats`` seeds each) and run every head config on each FL run.
 
+    Args:
+        ray: run the cells side by side as Ray tasks (:func:`pfl.distributed.map_cells`) on the cluster these
+            options name; ``None``: in this process, one after another. The runs are the same either way, and the
+            launch run gets the cells' summaries in grid order.
+
     Raises:
-        ConfigError, DatasetNotFoundError, DatasetFormatError: before any run is created.
+        ConfigError, DatasetNotFoundError, DatasetFormatError: before any run is created (with ``ray``: also
+            ray missing, a cluster that cannot be reached or too small; :func:`pfl.distributed.ray_session`).
         Any error during the work: the interrupted runs end FAILED; finished ones stay.
     """
     from pfl import tracking
-    from pfl.heads.run import fl_config, ood_pool, run_heads
 
     cells = grid(cfg, alphas, join_ratios)
     prepared = [prepare(cells[0])]
     prepared += [prepare(c, like=prepared[0]) for c in cells[1:]]  # one copy of the image pool
     firsts = [build_algorithm(p, p.cfg.seed) for p in prepared]
-    by_setting = {hc.ood_dataset: hc for hc in heads}  # one OOD pool per setting, loaded and checked now
-    pools = {name: ood_pool(hc, fl_config(cells[0].flat_params(), hc), prepared) for name, hc in by_setting.items()}
+    pools = ood_pools(heads, prepared)  # loaded and checked now
     shared = prepared[0].cfg.flat_params()  # eval_batch_size resolved for the device, as the FL runs log it
     params = {**shared, "join_ratio": str(join_ratios), "head_methods": ",".join(h.method for h in heads),
               **({"alpha": str(alphas)} if "alpha" in shared else {})}
     fl_ids, head_ids = [], []
     name = sweep_name(cells[0], alphas, join_ratios)
-    with tracking.launch_run(cfg.experiment, name, params) as launch_id:
-        for cell, first in zip(prepared, firsts):
-            ids = train_repeats(cell, first, progress=progress)
-            fl_ids += ids
-            by_method = {hc.method: [run_heads(fl_id, hc, progress=progress, like=cell, pools=pools) for fl_id in ids]
-                         for hc in heads}
-            head_ids += [i for ids_ in by_method.values() for i in ids_]
-            _log_cell_summary(cell_name(cell.cfg), ids, by_method)
+    with (ray_session(ray, cfg.device) if ray else nullcontext()) as resources, \
+            tracking.launch_run(cfg.experiment, name, params) as launch_id:
+        done = (map_cells(cells, heads, launch_id, resources, progress) if ray else
+                (run_cell(p, first, heads, pools, progress) for p, first in zip(prepared, firsts)))
+        with closing(done):  # a failure here cancels the cells' tasks still running
+            for cell, runs in zip(prepared, done):
+                fl_ids += runs.fl_run_ids
+                head_ids += [i for ids in runs.head_run_ids.values() for i in ids]
+                _log_cell_summary(cell_name(cell.cfg), runs.fl_run_ids, runs.head_run_ids)
         swept = cfg.describe(", ".join(f"{a:g}" for a in alphas), ", ".join(f"{j:g}" for j in join_ratios))
         tracking.set_description(launch_id, f"**{name}**: {swept}; head methods "
                                  f"{', '.join(h.method for h in heads) or 'none'}.\n\nMetrics per cell "
                                  f"({', '.join(cell_name(p.cfg) for p in prepared)}): `<cell>/<metric>` (mean over "
                                  "seeds) and `<cell>/<metric>_seed_std`; head methods under `<cell>/<method>/`.")
     return SweepResult(launch_id, fl_ids, head_ids)
+
+
+def ood_pools(heads: list[HeadConfig], cells: list[Prepared]) -> dict[str, OODPool | None]:
+    """One OOD pool per ``ood_dataset`` setting of ``heads`` for head runs on FL runs of ``cells``
+    (:func:`pfl.heads.run.ood_pool`).
+
+    Raises:
+        ConfigError: an OOD set is missing, the cells' dataset, or too small.
+    """
+    from pfl.heads.run import fl_config, ood_pool
+
+    by_setting = {hc.ood_dataset: hc for hc in heads}
+    return {name: ood_pool(hc, fl_config(cells[0].cfg.flat_params(), hc), cells) for name, hc in by_setting.items()}
+
+
+def run_cell(cell: Prepared, first: Algorithm, heads: list[HeadConfig], pools: dict[str, OODPool | None],
+             progress: bool = True, parent_run_id: str | None = None) -> CellRuns:
+    """One grid cell: its FL runs (:func:`pfl.train.train_repeats`), then every head config on each of them
+    (:func:`pfl.heads.run.run_heads`).
+
+    Args:
+        first: the algorithm built for the cell's first seed.
+        pools: the OOD pools of the head configs (:func:`ood_pools`).
+        parent_run_id: the sweep's launch run when it is not active in this process (a Ray task).
+
+    Raises:
+        Any error of training or head runs: the interrupted run ends FAILED.
+    """
+    from pfl.heads.run import run_heads
+
+    ids = train_repeats(cell, first, progress=progress, parent_run_id=parent_run_id)
+    return CellRuns(ids, {hc.method: [run_heads(i, hc, progress=progress, like=cell, pools=pools) for i in ids]
+                          for hc in heads})
 
 
 def cell_name(cfg: RunConfig) -> str:

@@ -144,6 +144,9 @@ CASES = [
     ("run-id-nonexistent", ["heads", "--run-id", FL_ID, "--no-progress"], FL_ID, {"setup": "store"}),
     ("heads-store-missing", ["heads", "--run-id", FL_ID, "--no-progress"], "no such store", {}),
     ("run-id-of-a-launch-run", ["heads", "--run-id", "{launch}", "--no-progress"], "{launch}", {"setup": "launch"}),
+    ("register-unknown-run", ["register", "--run-id", FL_ID, "--all"], FL_ID, {"setup": "store"}),
+    ("register-a-launch-run", ["register", "--run-id", "{launch}", "--client", "0"], "{launch}", {"setup": "launch"}),
+    ("tune-register-without-final-repeats", ["tune", "--register", "--n-trials", "1"], "--register", {}),
     # stores
     ("report-empty-store", ["report", "--out", "{tmp}/report"], "report: ", {"setup": "store"}),
     ("report-store-missing", ["report", "--out", "{tmp}/report"], "no such store", {}),

@@ -162,7 +162,8 @@ def test_study_tracks_trials_resumes_and_best_config_reproduces(cifar10_dir, tmp
     assert validation_score(best, "val/acc", []) == result.best_value  # exact: same seed, same splits
 
     again = run_study(cfg, search_space("fedfomo"), StudySettings(n_trials=2, storage=stores, study_name="s",
-                                                                  out_dir=tmp_path, final_repeats=2, progress=False))
+                                                                  out_dir=tmp_path, final_repeats=2, progress=False,
+                                                                  register=True))
     study = optuna.load_study(study_name="s", storage=stores)
     assert len(study.trials) == 6  # resumed, not restarted
     assert study.user_attrs["mlflow_study_run_ids"] == [result.study_run_id, again.study_run_id]
@@ -177,6 +178,12 @@ def test_study_tracks_trials_resumes_and_best_config_reproduces(cifar10_dir, tmp
     assert study_metrics["final/test_acc_seed_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
     assert {"final/test_nll", "final/test_f_ece", "final/best_test_acc"} <= set(study_metrics)
     assert study_metrics["final/seeds"] == 2
+    # --register: every client of both seeds, one registered model per client, champion = the first seed's
+    expected = [(f"s-client_{c:03d}", v) for c in range(4) for v in (1, 2)]
+    assert sorted((n, int(v)) for n, v in again.registered) == expected
+    champion = mlflow.MlflowClient().get_model_version_by_alias("s-client_002", "champion")
+    seed0 = next(r.info.run_id for r in finals if r.data.params["seed"] == "0")
+    assert str(champion.version) == "1" and champion.run_id == seed0 == again.final_run_ids[0]
 
     lines = summary_lines(again)
     text = "\n".join(lines)
@@ -184,6 +191,7 @@ def test_study_tracks_trials_resumes_and_best_config_reproduces(cifar10_dir, tmp
     assert f"pfl train --config {again.best_config}" in text and f"optuna-dashboard {stores}" in text
     assert f"mlflow ui --backend-store-uri {tracking.tracking_uri()}" in text
     assert sum("acc (%)" in line for line in lines) == 1  # the final repeats' table: a header and a row per seed
+    assert "models:/s-client_000@champion" in text
     assert all(any(r.info.run_name in line for line in lines) for r in finals)
 
 

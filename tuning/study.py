@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import shlex
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -60,6 +60,9 @@ class StudySettings:
         final_repeats: seeds to retrain the best config with (0: none).
         out_dir: where the best config YAML is written.
         progress: Optuna's progress bar over this process's trials (and the final repeats' round bars).
+        register: register the final repeats' client models in the MLflow Model Registry as
+            ``<study>-client_XXX`` (one version per seed), alias ``champion`` on the first seed's versions
+            (:func:`register_finals`); nothing without final repeats.
 
     Raises:
         ConfigError: ``metric`` is not a validation metric (:func:`tuning.objective.validation_metric`).
@@ -73,6 +76,7 @@ class StudySettings:
     final_repeats: int = 0
     out_dir: Path = Path(".")
     progress: bool = True
+    register: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", validation_metric(self.metric))
@@ -86,6 +90,7 @@ class StudyResult:
         best_run_id: the best trial's MLflow run (``None`` for a trial of a study older than the attribute).
         final_run_ids: the FL runs of the final repeats (empty without them).
         tracking_uri: the MLflow store of all of them.
+        registered: ``(registered model name, version)`` of every registered client model (``--register``).
     """
 
     study_run_id: str
@@ -100,6 +105,7 @@ class StudyResult:
     best_config: Path
     tracking_uri: str
     final_run_ids: list[str]
+    registered: list[tuple[str, str]] = field(default_factory=list)
 
 
 def default_study_name(cfg: RunConfig) -> str:
@@ -124,8 +130,8 @@ def dataset_fallback_note(config_path: str | Path | None, dataset: str | None, c
 def open_study(settings: StudySettings, name: str, seed: int) -> optuna.Study:
     """Create or load (``load_if_exists``) the study; SQLite storages wait up to 60 s for locks held by other workers.
 
-    A SQLite storage's schema is created under its file lock (:func:`pfl.locking.store_lock`), so workers
-    started together on a fresh file take turns instead of racing in ``create_all``. A new study's direction
+    A SQLite or PostgreSQL storage's schema is created under :func:`pfl.locking.store_lock` (a file lock; an
+    advisory lock), so workers started together on a fresh database take turns instead of racing in ``create_all``. A new study's direction
     follows ``settings.metric`` (:data:`tuning.objective.DIRECTIONS`); a loaded one keeps its own.
     """
     kwargs = {"connect_args": {"timeout": 60}} if settings.storage.startswith("sqlite") else {}
@@ -165,8 +171,8 @@ def _pin(study: optuna.Study, base: RunConfig, metric: str) -> None:
 def _record_run(study: optuna.Study, storage: str, run_id: str, base: RunConfig) -> None:
     """Add ``run_id`` to the study's ``mlflow_study_run_ids`` and set its ``base_config``.
 
-    The list is read and written under the SQLite storage's file lock, so workers starting together keep
-    every id (on other storages two workers starting in the same instant may keep one of the two).
+    The list is read and written under :func:`pfl.locking.store_lock`, so workers starting together on a SQLite
+    or PostgreSQL storage keep every id (on other storages two workers starting in the same instant may keep one).
     """
     with store_lock(storage):
         study.set_user_attr("mlflow_study_run_ids", [*study.user_attrs.get("mlflow_study_run_ids", []), run_id])
@@ -224,10 +230,25 @@ def run_study(base: RunConfig, space: dict[str, SearchParam], settings: StudySet
         tracking.log_json(best.params, "best_params.json")
         tracking.log_file(path)
         finals = _final_repeats(best_cfg, settings.final_repeats, settings.progress) if settings.final_repeats else []
+    registered = register_finals(name, finals) if settings.register else []
     result = StudyResult(run_id, name, settings.storage, settings.metric, best.number, study.best_value, best.params,
-                         best.user_attrs.get("mlflow_run_id"), states, path, tracking.tracking_uri(), finals)
+                         best.user_attrs.get("mlflow_run_id"), states, path, tracking.tracking_uri(), finals,
+                         registered)
     tracking.set_description(run_id, "```\n" + "\n".join(summary_lines(result)) + "\n```")  # the printed summary
     return result
+
+
+def register_finals(study_name: str, final_run_ids: list[str]) -> list[tuple[str, str]]:
+    """Register every client model of the final repeats as ``<study>-client_XXX``, one version per seed in seed
+    order, with alias ``champion`` on the first seed's (the best config as found; no seed is picked on test data).
+
+    Returns:
+        ``(registered model name, version)`` per client and seed.
+    """
+    from pfl import tracking
+
+    return [version for k, run_id in enumerate(final_run_ids)
+            for version in tracking.register_client_models(run_id, None, study_name, "champion" if k == 0 else None)]
 
 
 def summary_lines(result: StudyResult) -> list[str]:
@@ -244,6 +265,10 @@ def summary_lines(result: StudyResult) -> list[str]:
     if result.final_run_ids:
         lines += [f"final repeats of the best config ({len(result.final_run_ids)} seeds, test split):",
                   *summary_table([tracking.run_summary(i) for i in result.final_run_ids]).splitlines()]
+    if result.registered:
+        names = sorted({name for name, _ in result.registered})
+        lines.append(f"registered {len(result.registered)} client models: {names[0]} .. {names[-1]} "
+                     f"(models:/{names[0]}@champion)")
     ui = ui_hint(result.tracking_uri)
     return [*lines, "next:", f"  pfl train --config {shlex.quote(str(result.best_config))}",
             f"  optuna-dashboard {shlex.quote(result.storage)}", f"  {ui}"]
