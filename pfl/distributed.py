@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -104,8 +105,11 @@ def _connect(ray: ModuleType, address: str | None) -> None:
     forwarded to this terminal.
 
     Raises:
-        ConfigError: the cluster at ``address`` cannot be reached, or no local instance starts.
+        ConfigError: the cluster at ``address`` cannot be reached (checked first for ``HOST:PORT`` and
+            ``ray://HOST:PORT``: ``ray.init`` retries an unreachable address for minutes), or no local instance
+            starts.
     """
+    _check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     except Exception as err:  # ConnectionError, RuntimeError, ValueError (a malformed address) and others
@@ -115,6 +119,24 @@ def _connect(ray: ModuleType, address: str | None) -> None:
                               "local") from None
         raise ConfigError(f"--address {address}: cannot connect to a Ray cluster ({detail}); start one with "
                           "`ray start --head` there, or drop --address for a local instance") from None
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Open and close a TCP connection to a ``HOST:PORT`` or ``ray://HOST:PORT`` address (others, ``auto`` and
+    ``None``, are left to ``ray.init``).
+
+    Raises:
+        ConfigError: nothing answers at that address within ``timeout_s`` seconds.
+    """
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"--address {address}: nothing answers there ({err.strerror or err}); start the head "
+                          "with `ray start --head --port PORT` on that machine, or drop --address for a local "
+                          "instance") from None
 
 
 def task_resources(ray: ModuleType, device: str, cpus_per_task: int) -> dict[str, int]:

@@ -17,8 +17,8 @@ from pfl import tracking
 from pfl.cli import main
 from pfl.config import ConfigError, load_config
 from pfl.data.datasets import DatasetNotFoundError
-from pfl.distributed import (RayOptions, TaskError, _finished, absolute_store, map_cells, ray_session,
-                             split_trials, sqlite_warning, task_resources)
+from pfl.distributed import (RayOptions, TaskError, _check_reachable, _finished, absolute_store, map_cells,
+                             ray_session, split_trials, sqlite_warning, task_resources)
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install -c constraints.txt ray)")
 
@@ -148,6 +148,11 @@ def test_ray_options_errors_are_one_line_and_name_the_option(store, capsys):
     with pytest.raises(ConfigError, match="--cpus-per-task: 3 CPUs per task, but the Ray cluster has 2"):
         with ray_session(RayOptions(cpus_per_task=3), "cpu"):
             pass
+    # an address where nothing listens is refused at once (ray.init would retry it for minutes)
+    for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
+        with pytest.raises(ConfigError, match=f"--address {address}: nothing answers there"):
+            _check_reachable(address)
+    _check_reachable("auto")  # left to ray.init
 
 
 def test_pfl_and_its_commands_import_ray_only_when_a_command_uses_it():
