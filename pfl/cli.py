@@ -309,10 +309,11 @@ def _print_summary(uri: str, launch_id: str | None, fl_ids: list[str], head_ids:
         print(f"head run: {run_id}  ({row['name']})")
     first = fl_ids[0]
     print("next:")
+    where = f" --tracking-uri {uri}" if uri != tracking.DEFAULT_TRACKING_URI else ""
     if not head_ids and "test/acc" in rows[0]["metrics"]:  # head methods need a classifier
-        where = f" --tracking-uri {uri}" if uri != tracking.DEFAULT_TRACKING_URI else ""
         print(f"  pfl heads --run-id {first} --method aph{where}")
     print(f"  {ui_hint(uri)}")
+    print(f"  pfl register --run-id {first} --client 0 --alias champion{where}")
     print(f'  python -c "from pfl.tracking import configure_tracking, load_client_model; '
           f"configure_tracking('{uri}'); print(load_client_model('{first}', client_id=0))\"")
 

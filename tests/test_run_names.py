@@ -108,6 +108,7 @@ def test_train_partition_dir_logs_names_params_descriptions_and_prints_a_summary
     assert "F-ECE (%)" in table and "fedfomo-cifar10-dir0.1-jr0.2-s1" in table
     assert f"{100 * fls[0]['test/acc']:.2f}" in table
     assert f"pfl heads --run-id {fl.info.run_id}" in out and f"mlflow ui --backend-store-uri {uri}" in out
+    assert f"pfl register --run-id {fl.info.run_id} --client 0 --alias champion" in out
 
 
 def test_reading_commands_refuse_a_store_that_does_not_exist(tmp_path, capsys):
