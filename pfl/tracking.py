@@ -56,22 +56,24 @@ MEMBERS_FILE = "members.safetensors"  # a head ensemble's members in its MLflow 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")  # the models-from-code file of every client model
 
 
-def _open_sqlite_store(uri: str) -> None:
-    """First contact with a SQLite store, holding its file lock (:func:`pfl.locking.store_lock`).
+def _open_database_store(uri: str) -> None:
+    """First contact with a SQLite or PostgreSQL store, holding its lock (:func:`pfl.locking.store_lock`: a file
+    lock; an advisory lock); other stores (an MLflow server) are left alone.
 
     That contact creates or migrates the schema (and the Default experiment); MLflow's migrations
     crash when two processes run them at once (``table latest_metrics already exists``). MLflow
     caches the store per URI, so later calls in this process do not migrate again.
     """
-    from pfl.locking import sqlite_path, store_lock
+    from pfl.locking import is_postgresql, sqlite_path, store_lock
 
     path = sqlite_path(uri)
-    if path is None:
+    if path is None and not is_postgresql(uri):
         return
-    try:  # MLflow creates a missing folder itself, but only after the lock file would have needed it
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass  # the store reports it
+    if path is not None:
+        try:  # MLflow creates a missing folder itself, but only after the lock file would have needed it
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # the store reports it
     with store_lock(uri):
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
@@ -79,7 +81,7 @@ def _open_sqlite_store(uri: str) -> None:
 def configure_tracking(uri: str | None = None, must_exist: bool = False) -> str:
     """Point MLflow at ``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; returns the URI used.
 
-    A SQLite store is opened (created or migrated) right away, one process at a time, so that
+    A SQLite or PostgreSQL store is opened (created or migrated) right away, one process at a time, so that
     several ``pfl`` commands started together on a fresh store all work. ``must_exist``: commands that
     read runs (``pfl heads``, ``report``, ``runs``) refuse a SQLite store whose file does not exist
     instead of creating an empty one.
@@ -102,7 +104,7 @@ def configure_tracking(uri: str | None = None, must_exist: bool = False) -> str:
     for name in ("mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.pyfunc", "mlflow.models.model"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        _open_sqlite_store(uri)
+        _open_database_store(uri)
     except Exception as err:  # MLflow's and SQLAlchemy's errors for unusable stores vary
         detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise ConfigError(f"tracking store {uri}: cannot open it ({detail}); pass a writable --tracking-uri or "

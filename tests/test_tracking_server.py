@@ -49,6 +49,7 @@ pytestmark = pytest.mark.skipif(BINDIR is None, reason="PostgreSQL is not instal
                                                        "--bindir or /usr/lib/postgresql/*/bin)")
 USER, PASSWORD = "pfl", "pfl-test-password"
 FRESH = ("fresh1", "fresh2", "fresh3")  # empty databases for the store_lock test, one per simultaneous start
+FRESH_MLFLOW = "fresh_mlflow"  # an empty database for two MLflow stores opened at once
 STARTUP_S = 120  # PostgreSQL and the MLflow server each get this long to answer
 
 
@@ -94,12 +95,12 @@ def postgres() -> Iterator[dict[str, str]]:
         admin.autocommit = True  # CREATE DATABASE cannot run in a transaction
         with admin.cursor() as cur:
             cur.execute(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
-            for name in ("mlflow", "optuna", *FRESH):
+            for name in ("mlflow", "optuna", *FRESH, FRESH_MLFLOW):
                 cur.execute(f"CREATE DATABASE {name} OWNER {USER}")
         admin.close()
         # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; name the driver pfl's tests install
         yield {name: f"postgresql+psycopg2://{USER}:{PASSWORD}@127.0.0.1:{port}/{name}"
-               for name in ("mlflow", "optuna", *FRESH)}
+               for name in ("mlflow", "optuna", *FRESH, FRESH_MLFLOW)}
 
 
 def _wait_for_health(url: str, server: subprocess.Popen, log: Path) -> None:
@@ -309,3 +310,16 @@ def test_store_lock_serializes_optuna_workers_on_a_fresh_postgresql_database(pos
             w.kill()
     with store_lock("http://127.0.0.1:1"), store_lock(f"postgresql+psycopg2://x:y@127.0.0.1:{_free_port()}/z"):
         pass  # an MLflow server's URL is not locked; an unreachable database proceeds (the store reports it)
+
+
+def test_two_commands_open_one_fresh_postgresql_mlflow_store_at_once(postgres):
+    """``MLFLOW_TRACKING_URI`` straight at PostgreSQL (no server): MLflow's migrations run once, under the advisory
+    lock (:func:`pfl.tracking.configure_tracking`), while two processes open the fresh database together."""
+    url = postgres[FRESH_MLFLOW]
+    code = f"import mlflow; from pfl import tracking; tracking.configure_tracking({url!r}); " \
+           "mlflow.MlflowClient().search_experiments()"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=STARTUP_S)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [e.name for e in mlflow.MlflowClient(url).search_experiments()] == ["Default"]
