@@ -368,11 +368,11 @@ def _register(args: argparse.Namespace) -> int:
                                                    args.alias)
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
-    print_registered(versions, args.alias)
+    _print_registered(versions, args.alias)
     return 0
 
 
-def print_registered(versions: list[tuple[str, str]], alias: str | None) -> None:
+def _print_registered(versions: list[tuple[str, str]], alias: str | None) -> None:
     """The registered versions, one line each, with the URI that loads them."""
     for name, version in versions:
         uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"

@@ -41,6 +41,7 @@ PREDICT_BATCH = 256  # images per forward pass
 
 
 def _download(uri: str) -> str:
+    """A local path of the artifact at ``uri`` (``runs:/<run id>/<path>``), downloaded from the tracking store."""
     return mlflow.artifacts.download_artifacts(artifact_uri=uri)
 
 

@@ -18,6 +18,7 @@ in the working directory.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -283,7 +284,8 @@ def _client_name(client_id: int) -> str:
     return f"client_{client_id:03d}"
 
 
-def _requirements() -> list[str]:
+@functools.cache
+def _requirements() -> tuple[str, ...]:
     """The pip requirements written beside every client model: pfl and what its model code imports."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -293,7 +295,7 @@ def _requirements() -> list[str]:
             reqs.append(f"{package}=={version(package).split('+')[0]}")  # torch's local tag (+cpu) is this build's
         except PackageNotFoundError:
             pass
-    return reqs
+    return tuple(reqs)
 
 
 def _signature(spec: ModelSpec, example: np.ndarray, output: str) -> mlflow.models.ModelSignature:
@@ -322,7 +324,7 @@ def save_mlflow_model(folder: Path, spec: ModelSpec, example: np.ndarray, artifa
         warnings.simplefilter("ignore")
         mlflow.pyfunc.save_model(str(folder), python_model=str(PYFUNC_CODE), artifacts=artifacts,
                                  model_config=config, signature=_signature(spec, example, config["output"]),
-                                 input_example=example, pip_requirements=_requirements())
+                                 input_example=example, pip_requirements=list(_requirements()))
 
 
 def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], backbone: State | None = None,
@@ -448,7 +450,11 @@ def client_file_metadata(path: str) -> dict[str, Any]:
 
 
 def read_client_file(path: str) -> tuple[ModelSpec, State]:
-    """The architecture and tensors of a client file (its own entries: without a shared backbone)."""
+    """The architecture and tensors of a client file (its own entries: without a shared backbone).
+
+    Raises:
+        KeyError: the file has no ``model_spec`` in its metadata (runs older than per-client architectures).
+    """
     return ModelSpec.from_dict(client_file_metadata(path)["model_spec"]), load_file(path)
 
 
@@ -637,15 +643,23 @@ def log_member_heads(client_id: int, members: nn.Module, lrs: torch.Tensor, fl_r
     """
     state = {k: v.detach().cpu().contiguous() for k, v in members.state_dict().items()}
     state["learning_rates"] = lrs.detach().cpu().contiguous()
-    config = {"output": "probabilities", "base": f"runs:/{fl_run_id}/{client_weights_path(fl_run_id, client_id)}"}
-    if any(a.path == BACKBONE_FILE for a in mlflow.MlflowClient().list_artifacts(fl_run_id, "server")):
-        config["backbone"] = f"runs:/{fl_run_id}/{BACKBONE_FILE}"
+    config = {"output": "probabilities", "base": f"runs:/{fl_run_id}/{client_weights_path(fl_run_id, client_id)}",
+              **_shared_backbone(fl_run_id)}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MEMBERS_FILE
         save_file(state, path, metadata={"client_id": str(client_id)})
         folder = Path(tmp) / _client_name(client_id)
         save_mlflow_model(folder, spec, example.cpu().numpy(), {"members": str(path)}, config)
         mlflow.log_artifacts(str(folder), f"{HEADS_DIR}/{folder.name}")
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_backbone(fl_run_id: str) -> dict[str, str]:
+    """``{"backbone": URI}`` of a finished FL run's ``server/backbone.safetensors`` (FedLoRA, MocoSFL), ``{}`` when
+    it has none; listed once per run and process (a finished run's artifacts do not change)."""
+    if any(a.path == BACKBONE_FILE for a in mlflow.MlflowClient().list_artifacts(fl_run_id, "server")):
+        return {"backbone": f"runs:/{fl_run_id}/{BACKBONE_FILE}"}
+    return {}
 
 
 def log_folder(folder: Path) -> None:
@@ -737,7 +751,7 @@ def register_client_models(run_id: str, clients: list[int] | None, name: str | N
         clients: client ids; ``None``: every client of the run.
 
     Returns:
-        ``(registered name, version)`` per client.
+        ``(registered name, version number as text)`` per client.
 
     Raises:
         FLRunError: unknown run id, not an FL run, or a client id that is not a number.
@@ -760,7 +774,7 @@ def register_client_models(run_id: str, clients: list[int] | None, name: str | N
         version = mlflow.register_model(f"runs:/{run_id}/{CLIENT_DIR}/{_client_name(cid)}", target, tags=tags)
         if alias:
             client.set_registered_model_alias(target, alias, version.version)
-        registered.append((target, version.version))
+        registered.append((target, str(version.version)))
     return registered
 
 

@@ -131,8 +131,8 @@ def open_study(settings: StudySettings, name: str, seed: int) -> optuna.Study:
     """Create or load (``load_if_exists``) the study; SQLite storages wait up to 60 s for locks held by other workers.
 
     A SQLite or PostgreSQL storage's schema is created under :func:`pfl.locking.store_lock` (a file lock; an
-    advisory lock), so workers started together on a fresh database take turns instead of racing in ``create_all``. A new study's direction
-    follows ``settings.metric`` (:data:`tuning.objective.DIRECTIONS`); a loaded one keeps its own.
+    advisory lock), so workers started together on a fresh database take turns instead of racing in
+    ``create_all``. A new study's direction follows ``settings.metric`` (:data:`tuning.objective.DIRECTIONS`); a loaded one keeps its own.
     """
     kwargs = {"connect_args": {"timeout": 60}} if settings.storage.startswith("sqlite") else {}
     with store_lock(settings.storage):

@@ -230,9 +230,11 @@ def ensemble_probs(heads: MemberHeads, features: torch.Tensor) -> torch.Tensor:
 
 
 def members_from_state(state: dict[str, torch.Tensor]) -> MemberHeads:
-    """The members a saved ``state_dict`` (``heads/client_XXX.safetensors``, :func:`pfl.tracking.log_member_heads`)
-    holds: layer i is low-rank when it has ``layers.i.b_t``, dense otherwise; extra entries (``learning_rates``)
-    are ignored.
+    """The members a saved ``state_dict`` holds (``heads/client_XXX/artifacts/members.safetensors``,
+    :func:`pfl.tracking.log_member_heads`): layer i is low-rank (:class:`LowRankLayer`) when it has ``layers.i.b_t``
+    (S, r, out), with ``base_weight_t`` (in, out), ``a_t`` (S, in, r) and ``bias`` (S, out); dense
+    (:class:`DenseLayer`) otherwise, ``weight_t`` (S, in, out) and ``bias`` (S, out). Extra entries
+    (``learning_rates``) are ignored. The result equals the saved members exactly (tensors are taken as stored).
 
     Raises:
         KeyError: a layer's tensors are missing.
