@@ -1,12 +1,13 @@
 """Command line: ``pfl train [--config FILE] [key=value ...]`` (or ``--resume FL_RUN_ID``), ``pfl runs --stale``,
 ``pfl heads --run-id ID --method aph|loraph``, ``pfl register --run-id ID (--client N | --all)``, ``pfl sweep``,
-``pfl tune``, ``pfl report`` and ``pfl data import-pfllib DIR``.
+``pfl tune``, ``pfl report``, ``pfl data import-pfllib DIR`` and ``pfl data partition --config FILE --out DIR``.
 
 SIGINT and SIGTERM stop a training run after its current round: it writes its checkpoint, ends
 KILLED and the command exits with 130 / 143, printing how to resume.
 
 Errors in the configuration or the data are printed as one clear message and
-exit with status 2 before any work starts.
+exit with status 2 before any work starts; ``pfl train`` and ``pfl pretrain`` open the tracking store only
+once every check has passed, so bad input leaves no ``mlflow.db`` behind.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _config_keys() -> str:
     keys = " ".join(f"{k}={f.get_default(call_default_factory=True)}" for k, f in fields.items())
     lines = ["config keys (key=value or YAML) with their defaults:", textwrap.fill(keys, 100, initial_indent="  ",
                                                                                   subsequent_indent="  "),
-             "  partition: pathological (PFLlib's pat), dirichlet (dir), iid, exdir, pfllib",
+             "  partition: pathological (PFLlib's pat), dirichlet (dir), iid, exdir, shards, pfllib",
              "algorithm hyperparameters (bare key=value, or a YAML section named after the algorithm):"]
     for name, cls in REGISTRY.items():
         knobs = " ".join(f"{k}={f.default}" for k, f in cls.Params.model_fields.items())
@@ -163,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--join-ratio", type=_optional_float, default=None, help="only runs at this join ratio "
                         "(default: all, one table per setting)")
     report.add_argument("--partition", default=None, help="only runs of this partition: dirichlet (dir), pathological "
-                        "(pat), iid, exdir, pfllib (default: all, one table per setting)")
+                        "(pat), iid, exdir, shards, pfllib (default: all, one table per setting)")
     report.add_argument("--datasets", nargs="+", default=None, metavar="DATASET", help="only runs on these datasets, "
                         "e.g. cifar10 cifar100 (default: all)")
     report.add_argument("--reliability-run", default=None, help="FL run id whose reliability diagrams to draw")
@@ -189,6 +190,17 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--data-dir", default=None, help="pfl data folder (default: $PFL_DATA_DIR or data)")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing import of the same name")
     imp.set_defaults(handler=_import_pfllib)
+    part = data_sub.add_parser("partition", help="show the partition a run config would train on (label counts "
+                               "per client, as JSON and a plot); nothing is trained or tracked",
+                               description="Build (or read from the cache) exactly the partition `pfl train` would "
+                                           "use with this config, print each client's train / test sizes and label "
+                                           "counts, and write DIR/label_counts.json (what an FL run logs as "
+                                           "partition/label_counts.json) and DIR/label_distribution.png / .pdf "
+                                           "(stacked bars per client).")
+    part.add_argument("--config", default="", help="YAML run config, e.g. configs/mocosfl_cifar10.yaml")
+    part.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    part.add_argument("overrides", nargs="*", help="key=value overrides, e.g. partition=dirichlet alpha=0.1")
+    part.set_defaults(handler=_data_partition)
     return parser
 
 
@@ -266,19 +278,28 @@ def _train(args: argparse.Namespace) -> int:
         tags = {"pfl.pfllib_args": args.pfllib_args, "pfl.pfllib_translation": "\n".join(translation.describe())}
     cfg = None if args.resume else load_config(args.config or None, args.overrides,
                                                translation.values if args.pfllib_args else None)
-    uri = tracking.configure_tracking(args.tracking_uri)
     with _stop_on_signals() as stop:
         try:
             if args.resume:
+                tracking.configure_tracking(args.tracking_uri, must_exist=True)  # the run to resume lives there
                 ids = resume_training(args.resume, progress=not args.no_progress, stop=stop)
             else:
-                ids = run_training(cfg, progress=not args.no_progress, stop=stop, launch_tags=tags)
+                ids = run_training(cfg, progress=not args.no_progress, stop=stop, launch_tags=tags,
+                                   open_store=_store_opener(args.tracking_uri, cfg))
         except RunInterrupted as err:
             print(f"pfl: stopped by {signal.Signals(err.signum).name} after round {err.round}; the run is KILLED "
                   f"with its checkpoint. Resume with: pfl train --resume {err.run_id}", file=sys.stderr)
             return 128 + err.signum
-    _print_summary(uri, ids["launch_run_id"], ids["fl_run_ids"])
+    _print_summary(tracking.tracking_uri(), ids["launch_run_id"], ids["fl_run_ids"])
     return 0
+
+
+def _store_opener(uri: str | None, cfg: RunConfig) -> Callable[[], str]:
+    """What opens the tracking store once a run's input is validated (:func:`pfl.train.run_training`); with
+    ``init_from`` the store must exist already, as the run it names lives there."""
+    from pfl import tracking
+
+    return lambda: tracking.configure_tracking(uri, must_exist=cfg.init_from is not None)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -286,9 +307,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     from pfl.train import pretrain_config, run_training
 
     cfg = pretrain_config(load_config(args.config or None, args.overrides))
-    uri = tracking.configure_tracking(args.tracking_uri)
-    ids = run_training(cfg, progress=not args.no_progress, launch_tags={"pfl.pretrain": "true"})
-    _print_summary(uri, ids["launch_run_id"], ids["fl_run_ids"])
+    ids = run_training(cfg, progress=not args.no_progress, launch_tags={"pfl.pretrain": "true"},
+                       open_store=_store_opener(args.tracking_uri, cfg))
+    _print_summary(tracking.tracking_uri(), ids["launch_run_id"], ids["fl_run_ids"])
     print(f"start a run from this model with: init_from=runs:/{ids['fl_run_ids'][0]}")
     return 0
 
@@ -474,6 +495,43 @@ def _import_pfllib(args: argparse.Namespace) -> int:
         print(f"note: pfl train accepts dataset={' | '.join(DATASETS)}, not {meta['dataset']!r}; if this folder "
               "holds one of those, re-import it with --dataset NAME --overwrite")
     return 0
+
+
+def _data_partition(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from pfl.train import LABEL_COUNTS_FILE, prepare
+    from reports.partitions import label_distribution_figure
+    from reports.plots import save_figure
+
+    cfg = load_config(args.config or None, args.overrides)
+    prepared = prepare(cfg.model_copy(update={"device": "cpu"}))  # the partition does not depend on the device
+    counts = prepared.label_counts
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_file = out / Path(LABEL_COUNTS_FILE).name
+    json_file.write_text(json.dumps(counts, indent=2, default=str))  # as mlflow.log_dict writes the run's copy
+    figure = label_distribution_figure(counts, prepared.dataset.class_names)
+    print("\n".join(_partition_lines(cfg, counts)))
+    files = [json_file, *save_figure(figure, out / "label_distribution")]
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _partition_lines(cfg: RunConfig, counts: dict) -> list[str]:
+    """Each client's train / test sizes and its labels with their counts in each split (of ``counts``: a
+    partition's label counts, :attr:`pfl.train.Prepared.label_counts`), as PFLlib's ``separate_data`` prints them
+    when it generates a dataset; then the totals."""
+    clients = counts["clients"]
+    lines = [f"{cfg.dataset}, partition {cfg.partition_label}: {len(clients)} clients",
+             "client  train   test  train labels (label:count) | test labels"]
+    for c in clients:
+        train, test = (" ".join(f"{label}:{n}" for label, n in c[split].items()) for split in ("train", "test"))
+        lines.append(f"{c['client']:6d} {c['num_train']:6d} {c['num_test']:6d}  {train} | {test}")
+    train, test = sum(c["num_train"] for c in clients), sum(c["num_test"] for c in clients)
+    lines.append(f" total {train:6d} {test:6d}  ({train + test} samples)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

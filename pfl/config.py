@@ -8,6 +8,7 @@ any MLflow run is started.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
@@ -22,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pfl.algorithms import REGISTRY as _ALGORITHM_REGISTRY
+from pfl.algorithms.flexifed import check_families
 from pfl.models import ARCHITECTURES
 
 ALGORITHMS = tuple(_ALGORITHM_REGISTRY)
@@ -35,11 +37,11 @@ _INIT_FROM = re.compile(r"runs:/[0-9a-f]{32}(/clients/client_\d+)?")
 
 
 _CHOICES = {"algo": ("algorithm", ALGORITHMS), "dataset": ("dataset", DATASETS)}
-PARTITIONS = ("pathological", "dirichlet", "iid", "exdir", "pfllib")
+PARTITIONS = ("pathological", "dirichlet", "iid", "exdir", "shards", "pfllib")
 PARTITION_ALIASES = {"pat": "pathological", "dir": "dirichlet"}  # PFLlib's names (its -partition / niid flags)
 # Fields of one partition scheme: logged (and shown in run names) only for a run of that scheme.
 PARTITION_FIELDS = {"alpha": ("dirichlet", "exdir"), "classes_per_client": ("pathological", "exdir"),
-                    "balance": ("pathological",), "partition_name": ("pfllib",)}
+                    "balance": ("pathological",), "partition_name": ("pfllib",), "shards_per_client": ("shards",)}
 # Range rules: field -> (predicate, message naming the fix).
 _POSITIVE_INT = (lambda v: v >= 1, "must be a positive integer (>= 1)")
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -50,6 +52,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tuning_val_ratio": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. tuning_val_ratio=0.2"),
     "seed": (lambda v: v >= 0, "must be >= 0"),
     "classes_per_client": (lambda v: v is None or v >= 1, "must be >= 1 (PFLlib default: 2 for cifar10)"),
+    "num_partitions": (lambda v: v is None or v >= 1, "the number of shares the data is split into, of which the "
+                       "first num_clients take part: a positive integer >= num_clients, or unset (num_clients)"),
     "num_threads": (lambda v: v >= 0, "must be >= 0 (0 means all cores)"),
     "client_state_budget_mb": (lambda v: v >= 0, "must be >= 0 MB (0 keeps all client state in memory)"),
     "checkpoint_every": (lambda v: v >= 0, "rounds between checkpoints: use >= 1, or 0 for every round while a "
@@ -59,10 +63,26 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "image_size": (lambda v: v is None or v >= 1, "the model's input side in pixels: a positive integer (e.g. "
                    "image_size=224), or left unset for the dataset's own size"),
     "random_crop": (lambda v: v >= 0, "padding in pixels of the random crop: >= 0 (e.g. random_crop=4; 0: off)"),
+    "weight_decay": (lambda v: v is None or v >= 0, "the local optimizer's weight decay: >= 0 (e.g. weight_decay=0), "
+                     "or left unset for the optimizer's default (sgd: 0, adamw: 0.01)"),
+    "max_grad_norm": (lambda v: v is None or v > 0, "the gradient norm local steps clip to: > 0 (e.g. "
+                      "max_grad_norm=1.0, the HF Trainer's), or left unset for no clipping"),
     "eval_batch_size": (lambda v: v is None or v >= 1,
                         "must be a positive integer, or left unset for the device's default"),
     **{name: _POSITIVE_INT for name in ("num_clients", "global_rounds", "local_epochs", "batch_size",
-                                         "eval_gap", "repeats", "ece_bins")},
+                                         "eval_gap", "repeats", "ece_bins", "shards_per_client")},
+}
+
+
+# Local-optimizer run fields an algorithm's own optimizer fixes: field -> (the only value it takes, why and the fix).
+_OWN_OPTIMIZER: dict[str, dict[str, tuple[Any, str]]] = {
+    "flexifed": {"optimizer": ("sgd", "flexifed trains with FlexiFed-IMP's SGD with momentum (its hyperparameters "
+                                      "momentum and weight_decay); use optimizer=sgd")},
+    "mocosfl": {"optimizer": ("sgd", "mocosfl trains with its own SGD with momentum (sgd_momentum, weight_decay); "
+                                     "use optimizer=sgd"),
+                "lr_schedule": ("constant", "mocosfl decays lr on its own cosine schedule over the global rounds; "
+                                            "drop lr_schedule"),
+                "max_grad_norm": (None, "mocosfl's SGD does not clip gradients; drop max_grad_norm")},
 }
 
 
@@ -75,12 +95,17 @@ class ConfigError(ValueError):
     """Invalid run configuration; the message names the field and how to fix it."""
 
 
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping holding the same key twice (plain YAML keeps the last)."""
+    """``yaml.SafeLoader`` that refuses a mapping holding the same key twice (plain YAML keeps the last) and reads
+    the value of a text field (:func:`_text_fields`) as the text written, never as a number."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden by the keys beside it
                 continue
             key = self.construct_object(key_node, deep=True)
@@ -93,6 +118,8 @@ class _StrictLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r} (first at line {first + 1}); keep only one of them",
                     key_node.start_mark)
             seen[key] = key_node.start_mark.line
+            if key in _text_fields() and isinstance(value_node, yaml.ScalarNode) and value_node.tag in _NUMBER_TAGS:
+                value_node.tag = _STR_TAG  # the text as written: `crops: 0x32` is not YAML 1.1's hex 50
         return super().construct_mapping(node, deep)
 
 
@@ -213,15 +240,22 @@ class RunConfig(_Checked):
     alpha: float = 0.1
     classes_per_client: int | None = None
     balance: bool = False
+    shards_per_client: int = 2  # partition=shards: label-sorted shards per client (McMahan et al.; MocoSFL)
     num_clients: int = 20
-    train_ratio: float = 0.75
+    num_partitions: int | None = None  # split into this many shares; the first num_clients take part (unset: all)
+    train_ratio: float = 0.75  # unused with official_split
+    official_split: bool = False  # partition the dataset's own train and test sets separately (false: pool, as PFLlib)
     # federated schedule
     join_ratio: float = 0.2
     global_rounds: int = 100
     local_epochs: int = 1
     batch_size: int = 10
+    drop_last: bool = True  # drop each epoch's last partial batch (PFLlib); false keeps it (torch DataLoader's default)
     lr: float = 0.005
     optimizer: Literal["sgd", "adamw"] = "sgd"  # a fresh one per client and round (sgd: PFLlib's plain SGD)
+    weight_decay: float | None = None  # unset: the optimizer's default (sgd 0, adamw 0.01); see _gather_hparams
+    lr_schedule: Literal["constant", "linear"] = "constant"  # linear: lr -> 0 over every client's round (FedIT)
+    max_grad_norm: float | None = None  # clip each local step's gradient norm (HF Trainer: 1.0); unset: no clipping
     eval_gap: int = 1
     seed: int = 0
     repeats: int = 1
@@ -241,13 +275,16 @@ class RunConfig(_Checked):
     client_parallelism: Literal["sequential", "vectorized"] = "sequential"
     client_state_budget_mb: int = 0  # per-client state held in memory per store; beyond it, on disk (0: no limit)
     checkpoint_every: int = 0  # rounds between checkpoints (0: every round under 100 MB, else every 5)
+    keep_checkpoint: bool = False  # a FINISHED run keeps its last checkpoint (local and logged); default: deleted
     deterministic: bool = False  # GPU: torch.use_deterministic_algorithms (CPU runs are deterministic already)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on GPUs (CPU runs stay fp32)
 
     @model_validator(mode="before")
     @classmethod
     def _gather_hparams(cls, data: Any) -> Any:
-        """Move the selected algorithm's hyperparameters (bare names and its section) into ``hparams``."""
+        """Move the selected algorithm's hyperparameters (bare names and its section) into ``hparams``. A name
+        that is both a run field and one of its hyperparameters (``weight_decay`` of FlexiFed's and MocoSFL's own
+        optimizers) sets the hyperparameter: one name, one knob."""
         if not isinstance(data, dict) or data.get("algo", "fedfomo") not in _ALGORITHM_REGISTRY:
             return data
         data = dict(data)
@@ -265,7 +302,9 @@ class RunConfig(_Checked):
                                  f"`{name}: {{name: value}}` (got {_short(section)})")
             if name == algo and section:
                 hparams.update(section)
-        for key in [k for k in data if k in fields and k not in cls.model_fields]:
+        for key in [k for k in data if k in fields]:
+            if key in cls.model_fields and data[key] is None:  # the run field left unset (a config's dump holds both)
+                continue
             hparams[key] = data.pop(key)
         data["hparams"] = hparams
         return data
@@ -356,12 +395,28 @@ class RunConfig(_Checked):
         return v
 
     @model_validator(mode="after")
+    def _algorithm_takes_the_run(self) -> RunConfig:
+        for field, (value, why) in _OWN_OPTIMIZER.get(self.algo, {}).items():
+            if getattr(self, field) != value:
+                raise ValueError(f"{field}={getattr(self, field)}: {why}")
+        if self.algo == "flexifed":
+            check_families(self.models)
+        return self
+
+    @model_validator(mode="after")
     def _fill_dataset_defaults(self) -> RunConfig:
         if self.pretrained != "none" and self.init_from is not None:
             raise ValueError("pretrained and init_from both set the initial weights; keep one of them")
         if (self.partition == "pfllib") != (self.partition_name is not None):
             raise ValueError("partition_name names a partition imported with `pfl data import-pfllib DIR`; "
                              "set it together with partition=pfllib and only then")
+        if self.partition == "pfllib" and (self.official_split or self.num_partitions is not None):
+            raise ValueError("official_split and num_partitions shape a partition pfl builds; a PFLlib import "
+                             "(partition=pfllib) is fixed: remove them")
+        if self.num_partitions is not None and self.num_partitions < self.num_clients:
+            raise ValueError(f"num_partitions={self.num_partitions} is below num_clients={self.num_clients}: the "
+                             f"first num_clients of num_partitions shares take part; set num_partitions >= "
+                             f"{self.num_clients}, or leave it unset")
         if self.classes_per_client is None:
             object.__setattr__(self, "classes_per_client", DEFAULT_CLASSES_PER_CLIENT[self.dataset])
         classes, cpc = NUM_CLASSES[self.dataset], self.classes_per_client
@@ -391,12 +446,13 @@ class RunConfig(_Checked):
 
     @property
     def partition_label(self) -> str:
-        """The partition in run names: ``dir0.1``, ``pat2`` (classes per client), ``exdir0.1c2``, ``iid``, or the
-        PFLlib import's name."""
+        """The partition in run names: ``dir0.1``, ``pat2`` (classes per client), ``exdir0.1c2``, ``iid``,
+        ``shards2`` (shards per client), or the PFLlib import's name."""
         if self.partition == "pfllib":
             return str(self.partition_name)
         return {"dirichlet": f"dir{self.alpha:g}", "pathological": f"pat{self.classes_per_client}",
-                "exdir": f"exdir{self.alpha:g}c{self.classes_per_client}"}.get(self.partition, self.partition)
+                "exdir": f"exdir{self.alpha:g}c{self.classes_per_client}",
+                "shards": f"shards{self.shards_per_client}"}.get(self.partition, self.partition)
 
     def describe(self, alphas: str | None = None, join_ratios: str | None = None) -> str:
         """The setting in words, for run descriptions: algorithm, dataset, partition, clients and participation,
@@ -406,12 +462,25 @@ class RunConfig(_Checked):
                 "pathological": f"pathological partition ({self.classes_per_client} classes per client)",
                 "exdir": f"extended Dirichlet partition (alpha {alpha}, {self.classes_per_client} classes "
                          "per client)", "iid": "IID partition",
+                "shards": f"sort-and-shard partition ({self.shards_per_client} shards per client)",
                 "pfllib": f"PFLlib partition {self.partition_name}"}[self.partition]
+        if self.official_split:
+            part += " of the official train and test sets"
+        if self.num_partitions is not None:
+            part += f" into {self.num_partitions} shares"
         knobs = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
         return (f"{self.algo}{f' ({knobs})' if knobs else ''} on {self.dataset}, {part}, {self.num_clients} clients, "
                 f"join ratio {join_ratios or f'{self.join_ratio:g}'}, {self.global_rounds} global rounds of "
-                f"{self.local_epochs} local epoch(s) (batch {self.batch_size}, {self.optimizer} lr {self.lr:g}), model "
+                f"{self.local_epochs} local epoch(s) (batch {self.batch_size}, {self._optimizer_words()}), model "
                 f"{self.model}{self._inputs_and_weights()}")
+
+    def _optimizer_words(self) -> str:
+        """The local optimizer in words: ``sgd lr 0.005``, and what is set of ``adamw lr 0.0003, weight decay 0,
+        linear decay per round, grad norm clipped to 1``."""
+        extras = [f"weight decay {self.weight_decay:g}" if self.weight_decay is not None else "",
+                  "linear decay per round" if self.lr_schedule == "linear" else "",
+                  f"grad norm clipped to {self.max_grad_norm:g}" if self.max_grad_norm is not None else ""]
+        return ", ".join([f"{self.optimizer} lr {self.lr:g}", *filter(None, extras)])
 
     def _inputs_and_weights(self) -> str:
         """`` at 224x224 from init_from=runs:/...`` for a run with resized inputs or initial weights, else empty."""
@@ -604,11 +673,23 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if raw.strip() == "":
             continue
         try:
-            parsed[key.strip()] = yaml.load(raw, Loader=_StrictLoader)
+            value = yaml.load(raw, Loader=_StrictLoader)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)[1]}); "
                               "fix it, or quote it to pass text") from None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        parsed[key.strip()] = raw.strip() if number and key.strip() in _text_fields() else value  # as written
     return parsed
+
+
+@functools.cache
+def _text_fields() -> frozenset[str]:
+    """The text (``str``) fields of :class:`RunConfig` and of every algorithm's hyperparameters, whose values
+    are kept as written where YAML would read a number (``crops=0x32`` is not hex 50, ``experiment=2024`` is
+    the name 2024)."""
+    models = [RunConfig, *(cls.Params for cls in _ALGORITHM_REGISTRY.values())]
+    return frozenset(name for model in models for name, field in model.model_fields.items()
+                     if field.annotation in (str, str | None))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

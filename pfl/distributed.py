@@ -16,10 +16,13 @@ inside functions only: ``import pfl`` does not import it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     from tuning.study import StudySettings
 
 CANCEL_WAIT_S = 60  # how long the driver waits for cancelled tasks to end their runs
+CANCEL_RESEND_S = 1.0  # how often the driver sends its cancel again to a task that has not ended
 
 
 @dataclass(frozen=True)
@@ -190,9 +194,8 @@ def _for_task(config: RunConfig | HeadConfig, resources: dict[str, int]) -> RunC
 def _finished(refs: list, labels: list[str]) -> Iterator[tuple[int, Any]]:
     """``(index, result)`` of each task in ``refs`` as it finishes.
 
-    When the caller stops early (a failure here or in the caller), the tasks still pending are cancelled (a running
-    one gets a KeyboardInterrupt, so its runs end KILLED; a queued one never starts) and awaited up to
-    :data:`CANCEL_WAIT_S` seconds.
+    When the caller stops early (a failure here or in the caller), the tasks still pending are cancelled
+    (:func:`_cancel`: a running one gets a KeyboardInterrupt, so its runs end KILLED; a queued one never starts).
 
     Raises:
         TaskError: a task raised or its worker died (``labels``: the tasks' names in the message).
@@ -210,15 +213,55 @@ def _finished(refs: list, labels: list[str]) -> Iterator[tuple[int, Any]]:
                 raise TaskError(labels[index[ready]], cause) from err
             yield index[ready], result
     finally:
+        _cancel(ray, pending)
+
+
+def _cancel(ray: ModuleType, pending: list) -> None:
+    """Cancel the tasks ``pending`` (``ray.cancel``, not forced) and wait up to :data:`CANCEL_WAIT_S` seconds for
+    them to end.
+
+    Ray's cancel is best effort: one that reaches the worker before the task does (the cancel travels through the
+    raylet, the task straight from this process) or while the worker moves the task from its queue to its main
+    thread finds nothing to cancel, and Ray does not try again (``NormalTaskSubmitter::CancelTask`` in Ray's
+    ``normal_task_submitter.cc`` retries only a task the worker reports running); the task then runs to its end.
+    So the cancel is sent again every :data:`CANCEL_RESEND_S` seconds until every task has ended. A pfl task takes
+    only the first of those interrupts (:func:`_interrupted_once`), so a repeated cancel never cuts short the
+    ending of its runs.
+    """
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while pending and (left := deadline - time.monotonic()) > 0:
         for ref in pending:
             ray.cancel(ref)
-        if pending:
-            ray.wait(pending, num_returns=len(pending), timeout=CANCEL_WAIT_S)
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(CANCEL_RESEND_S, left))
+
+
+def _interrupted_once(function: Any) -> Any:
+    """``function`` as a Ray task body that takes one KeyboardInterrupt: the first ``ray.cancel`` interrupts it
+    (Ray's ``kill_main_task`` in ``_raylet.pyx`` calls ``_thread.interrupt_main``, which runs Python's SIGINT
+    handler, as Ctrl-C does), later ones are ignored while it ends its runs KILLED (:func:`_cancel` repeats its
+    cancel). The worker's own SIGINT handler is restored when ``function`` returns, as Ray reuses the worker; a
+    cancel repeated in the instant between that and Ray's own bookkeeping of the task can still end the worker
+    process, after the runs have ended, and Ray reports the task cancelled all the same."""
+
+    def interrupt_once(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    @functools.wraps(function)
+    def task(*args: Any, **kwargs: Any) -> Any:
+        previous = signal.signal(signal.SIGINT, interrupt_once)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    return task
 
 
 def _remote(function: Any, resources: dict[str, int]) -> Any:
-    """``function`` as a Ray task reserving ``resources``, never retried (a retry would repeat its runs)."""
-    return require_ray().remote(function).options(**resources, max_retries=0)
+    """``function`` as a Ray task reserving ``resources``, never retried (a retry would repeat its runs), taking only
+    the first of repeated cancels (:func:`_interrupted_once`)."""
+    return require_ray().remote(_interrupted_once(function)).options(**resources, max_retries=0)
 
 
 def _worker_tracking(uri: str) -> None:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pfl.algorithms.checkpoint import CHECKPOINT_FILE
+from pfl.algorithms.checkpoint import CHECKPOINT_FILE, STATES_DIR
 from pfl.algorithms.engine import Callback, Evaluation, RunInterrupted
 from pfl.algorithms.state import State
 from pfl.config import ConfigError
@@ -46,6 +47,7 @@ from pfl.vocabulary import QUALITY, best_name, headline
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CLIENT_DIR = "clients"
+CHECKPOINT_DIR = "checkpoint"  # an FL run's logged checkpoint (while it can resume, or with keep_checkpoint=true)
 HEADS_DIR = "heads"
 BACKBONE_FILE = "server/backbone.safetensors"  # the frozen entries every client shares (FedLoRA)
 MODEL_SPEC_FILE = "model.json"  # runs before per-client specs: one architecture for the whole run
@@ -184,22 +186,13 @@ def fl_run(name: str, params: dict[str, Any], parent_run_id: str | None = None) 
 
 
 @contextmanager
-def reopened_fl_run(fl_run_id: str) -> Iterator[str]:
-    """Continue FL run ``fl_run_id`` and its launch run (same ids, RUNNING again, this process's tags); both end
-    as :func:`fl_run` ends them."""
-    parent = mlflow.MlflowClient().get_run(fl_run_id).data.tags.get("mlflow.parentRunId")
-    outer = mlflow.start_run(run_id=parent) if parent else None
-    try:
-        run = mlflow.start_run(run_id=fl_run_id, nested=outer is not None)
-        with _ended(run) as run_id:
-            mlflow.set_tags(process_tags())
-            yield run_id
-    except BaseException as exc:
-        if outer is not None:
-            mlflow.end_run(_status_of(exc))
-        raise
-    if outer is not None:
-        mlflow.end_run("FINISHED")
+def reopened_run(run_id: str) -> Iterator[str]:
+    """Continue run ``run_id`` (same id, RUNNING again, nested when a run is active, tagged with this process's
+    host and pid, so that it does not read as stale); yields its id and ends it as :func:`fl_run` does."""
+    run = mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+    with _ended(run) as rid:
+        mlflow.set_tags(process_tags())
+        yield rid
 
 
 def log_json(obj: Any, artifact_file: str) -> None:
@@ -300,12 +293,16 @@ def _requirements() -> tuple[str, ...]:
 
 def _signature(spec: ModelSpec, example: np.ndarray, output: str) -> mlflow.models.ModelSignature:
     """Input: uint8 images (-1, C, H, W) at ``example``'s stored size; output: float32 (-1, K) probabilities, or
-    (-1, D) embeddings for a self-supervised model."""
+    (-1, D) embeddings for a self-supervised model. Marked as checked by the model (MLmodel
+    ``is_signature_from_type_hint: true``): MLflow then passes inputs to :mod:`pfl.pyfunc` as given, which checks
+    them itself, instead of casting a JSON payload to uint8 (see :func:`pfl.pyfunc.as_images`)."""
     from mlflow.types.schema import Schema, TensorSpec
 
     width = spec.num_classes if output == "probabilities" else -1
-    return mlflow.models.ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))]),
-                                        Schema([TensorSpec(np.dtype(np.float32), (-1, width))]))
+    signature = mlflow.models.ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))]),
+                                             Schema([TensorSpec(np.dtype(np.float32), (-1, width))]))
+    signature._is_signature_from_type_hint = True
+    return signature
 
 
 def save_mlflow_model(folder: Path, spec: ModelSpec, example: np.ndarray, artifacts: dict[str, str],
@@ -515,7 +512,8 @@ def _fl_run(run_id: str, check_kind: bool = True) -> mlflow.entities.Run:
                          "elsewhere") from None
     if check_kind and run.data.tags.get("pfl.kind") != "fl":
         raise FLRunError(f"run {run_id} is not an FL run (pfl.kind={run.data.tags.get('pfl.kind')!r}); pass one "
-                         "of the nested FL runs (named <algo>-seed<k>) of a launch run")
+                         "of the nested FL runs of a launch run (named <algo>-<dataset>-<partition>-jr<join "
+                         "ratio>-s<seed>, e.g. fedfomo-cifar10-dir0.1-jr0.2-s0)")
     return run
 
 
@@ -584,12 +582,58 @@ def resumable_fl_run(run_id: str) -> tuple[dict[str, Any], dict[str, str]]:
     return _run_config(run), dict(run.data.params)
 
 
+def log_checkpoint(path: Path) -> None:
+    """Log the checkpoint whose manifest is ``path`` (:mod:`pfl.algorithms.checkpoint`: the manifest and its
+    ``states/``) as the active run's ``checkpoint/``, in place of one logged before."""
+    run_id = mlflow.active_run().info.run_id
+    delete_logged_checkpoint(run_id)
+    mlflow.log_artifact(str(path), CHECKPOINT_DIR)
+    mlflow.log_artifacts(str(path.parent / STATES_DIR), f"{CHECKPOINT_DIR}/{STATES_DIR}")
+
+
 def download_checkpoint(run_id: str, dst: Path) -> Path | None:
-    """The run's logged checkpoint artifact, downloaded into ``dst``; ``None`` when it has none."""
-    if not any(Path(a.path).name == CHECKPOINT_FILE for a in mlflow.MlflowClient().list_artifacts(run_id, "checkpoint")):
+    """The run's logged checkpoint downloaded into ``dst``: its manifest's path; ``None`` when it has none."""
+    logged = mlflow.MlflowClient().list_artifacts(run_id, CHECKPOINT_DIR)
+    if not any(Path(a.path).name == CHECKPOINT_FILE for a in logged):
         return None
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}",
-                                                    dst_path=str(dst)))
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_DIR, dst_path=str(dst))
+    return Path(folder) / CHECKPOINT_FILE
+
+
+def delete_logged_checkpoint(run_id: str) -> None:
+    """Delete run ``run_id``'s logged ``checkpoint/`` (nothing when it has none).
+
+    An artifact store that cannot delete (some cloud stores) leaves it; a one-line warning on stderr says where.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = mlflow.MlflowClient()
+    if not client.list_artifacts(run_id, CHECKPOINT_DIR):
+        return
+    uri = client.get_run(run_id).info.artifact_uri
+    try:
+        get_artifact_repository(uri).delete_artifacts(CHECKPOINT_DIR)
+    except (NotImplementedError, mlflow.exceptions.MlflowException):
+        pass  # reported below
+    if client.list_artifacts(run_id, CHECKPOINT_DIR):
+        print(f"pfl: warning: the artifact store cannot delete run {run_id}'s checkpoint; delete "
+              f"{uri}/{CHECKPOINT_DIR} by hand", file=sys.stderr)
+
+
+def fl_runs_by_seed(launch_run_id: str) -> dict[int, str]:
+    """Seed -> id of each FL run nested under launch run ``launch_run_id``."""
+    client = mlflow.MlflowClient()
+    launch = client.get_run(launch_run_id)
+    runs = client.search_runs([launch.info.experiment_id], f"tags.`mlflow.parentRunId` = '{launch_run_id}' AND "
+                              "tags.`pfl.kind` = 'fl'", max_results=50000)
+    return {int(r.data.params["seed"]): r.info.run_id for r in runs}
+
+
+def is_train_launch(run_id: str, fl_config: dict[str, Any]) -> bool:
+    """Whether ``run_id`` is the launch run of a ``pfl train`` command whose FL runs have config ``fl_config``: a
+    launch run whose ``config.json`` is theirs (a sweep's launch run logs its grid; a study's run is kind study)."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    return run.data.tags.get("pfl.kind") == "launch" and _run_config(run) == fl_config
 
 
 def stale_runs() -> list[tuple[mlflow.entities.Run, bool | None]]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pfl.algorithms import REGISTRY, Algorithm, FederatedContext
-from pfl.algorithms.checkpoint import CHECKPOINT_FILE, Checkpointer, load_checkpoint
+from pfl.algorithms.checkpoint import CHECKPOINT_FILE, Checkpointer, delete_checkpoint, load_checkpoint
 from pfl.algorithms.engine import Callback, Engine, Evaluation, RunInterrupted, Schedule
 from pfl.algorithms.local import ModelRunner, SGDUpdate
 from pfl.algorithms.state import State, model_state
@@ -29,6 +30,9 @@ from pfl.metrics import classification_metrics
 from pfl.models import ModelSpec, build_model, input_normalization
 from pfl.seed import seed_everything
 from pfl.summary import fl_description, launch_description, seed_summary
+
+
+LABEL_COUNTS_FILE = "partition/label_counts.json"  # an FL run's artifact: the partition's label counts
 
 
 @dataclass
@@ -50,7 +54,8 @@ class Prepared:
         algo = REGISTRY[self.cfg.algo]
         hp = algo.Params(**self.cfg.hparams)
         return [algo.model_spec(ModelSpec(names[k % len(names)], self.dataset.num_classes, in_channels=c,
-                                          image_size=self.cfg.image_size or h, width=self.cfg.model_width), hp)
+                                          image_size=self.cfg.image_size or h, width=self.cfg.model_width,
+                                          normalization=input_normalization(names[k % len(names)])), hp)
                 for k in range(self.cfg.num_clients)]
 
     @property
@@ -59,6 +64,12 @@ class Prepared:
         ``random_crop`` and ``hflip`` (:mod:`pfl.data.transforms`)."""
         mean, std = input_normalization(self.cfg.models[0])
         return ImageTransform(self.cfg.image_size, mean, std, self.cfg.random_crop, self.cfg.hflip)
+
+    @property
+    def label_counts(self) -> dict:
+        """Every client's train and test sizes and label counts (:meth:`Partition.label_counts`, JSON-ready): what
+        an FL run logs as :data:`LABEL_COUNTS_FILE` and ``pfl data partition`` writes."""
+        return self.partition.label_counts(self.dataset.labels, self.dataset.num_classes)
 
     def input_example(self, client_id: int) -> torch.Tensor:
         """uint8 (1, C, H, W): the first image of the client's test split (else its train split), as stored: the
@@ -103,7 +114,8 @@ def partition_spec(cfg: RunConfig) -> PartitionSpec:
     """The partition settings of a run config (seeded by the run's base seed, shared by repeats)."""
     return PartitionSpec(scheme=cfg.partition, num_clients=cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha,
                          classes_per_client=cfg.classes_per_client, balance=cfg.balance,
-                         train_ratio=cfg.train_ratio)
+                         train_ratio=cfg.train_ratio, shards_per_client=cfg.shards_per_client,
+                         official_split=cfg.official_split, num_partitions=cfg.num_partitions)
 
 
 def load_pfllib_import(cfg: RunConfig) -> tuple[ImageDataset, Partition]:
@@ -156,7 +168,7 @@ def prepare(cfg: RunConfig, like: Prepared | None = None) -> Prepared:
     fingerprint = like.fingerprint if same else dataset.fingerprint()
     try:
         partition, _ = load_or_make_partition(dataset.labels, dataset.num_classes, partition_spec(cfg),
-                                              fingerprint, cfg.cache_dir)
+                                              fingerprint, cfg.cache_dir, dataset.num_train)
     except PartitionError as err:
         raise ConfigError(f"partition: {err}") from None
     return _prepared(cfg, dataset, fingerprint, partition, device)
@@ -185,7 +197,10 @@ def initial_weights(cfg: RunConfig, spec: ModelSpec) -> tuple[State | None, str]
         from pfl import tracking
 
         run_id, _, client = cfg.init_from.removeprefix("runs:/").partition("/clients/client_")
-        source_spec, state = tracking.load_client_state(run_id, int(client or 0))
+        try:
+            source_spec, state = tracking.load_client_state(run_id, int(client or 0))
+        except FileNotFoundError as err:  # no model of that client in the run
+            raise ValueError(f"init_from={cfg.init_from}: {err}; start from one of those") from None
         if source_spec.name != spec.name or source_spec.lora is not None:
             what = f"{source_spec.name} with LoRA adapters" if source_spec.lora else source_spec.name
             raise ValueError(f"init_from: run {run_id}'s model is {what}, this run's model is {spec.name}; set "
@@ -196,6 +211,29 @@ def initial_weights(cfg: RunConfig, spec: ModelSpec) -> tuple[State | None, str]
     if cfg.pretrained != "none":
         return read_weights(cfg.pretrained), f"pretrained={cfg.pretrained}"
     return None, ""
+
+
+def check_input_fits(model: torch.nn.Module, spec: ModelSpec, device: torch.device) -> None:
+    """A dry forward pass of one zero image (1, C, image_size, image_size) through ``model`` in eval mode, without
+    gradients; every module's train / eval mode is restored and no random number is drawn.
+
+    Raises:
+        ValueError: the architecture cannot take inputs of that size (e.g. the CNN below 16x16 pixels: its
+            second 5x5 convolution would be larger than its input); the message names ``image_size``.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size, device=device))
+    except (RuntimeError, AssertionError) as err:
+        detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise ValueError(f"image_size={spec.image_size}: model {spec.name} cannot take {spec.image_size}x"
+                         f"{spec.image_size} inputs ({detail}); set a larger image_size, or leave it unset for the "
+                         "dataset's own size") from None
+    finally:
+        for module, training in modes.items():
+            module.train(training)
 
 
 def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Algorithm:
@@ -217,11 +255,14 @@ def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Alg
         specs = prepared.model_specs
         models = {spec: build_model(spec, *initial_weights(cfg, spec)).to(prepared.device)
                   for spec in dict.fromkeys(specs)}  # in client order
+        for spec, model in models.items():
+            check_input_fits(model, spec, prepared.device)
         clients = client_data(prepared.partition, prepared.device, cls.validation_ratio(cls.Params(**cfg.hparams)),
                               cfg.tuning_val_ratio if holdout else None)
         runner = ModelRunner(models, prepared.device_images(), cfg.eval_batch_size, prepared.autocast)
         budget = cfg.client_state_budget_mb * 2**20 or None
-        update = SGDUpdate(cfg.batch_size, cfg.lr, cfg.local_epochs, cfg.optimizer, prepared.autocast)
+        update = SGDUpdate(cfg.batch_size, cfg.lr, cfg.local_epochs, cfg.optimizer, prepared.autocast,
+                           cfg.weight_decay, cfg.lr_schedule, cfg.max_grad_norm, drop_last=cfg.drop_last)
         ctx = FederatedContext(clients, specs, runner, update, {spec: model_state(m) for spec, m in models.items()},
                                cfg.num_join_clients, seed, budget, cfg.client_parallelism,
                                cfg.global_rounds)
@@ -253,7 +294,8 @@ def run_params(prepared: Prepared, algorithm: Algorithm) -> dict:
 
 
 def checkpoint_path(cfg: RunConfig, run_id: str) -> Path:
-    """Where FL run ``run_id`` keeps its latest checkpoint: ``<cache_dir>/checkpoints/<run id>/``."""
+    """The manifest of FL run ``run_id``'s latest checkpoint: ``checkpoint.safetensors`` in
+    ``<cache_dir>/checkpoints/<run id>/``, its tensors in ``states/`` beside it (:mod:`pfl.algorithms.checkpoint`)."""
     return Path(cfg.cache_dir) / "checkpoints" / run_id / CHECKPOINT_FILE
 
 
@@ -264,10 +306,12 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
 
     From round 1, or after ``snapshot`` (a checkpoint of this run: a resume, with ``logged`` the last
     step of each metric already in the store). Every ``checkpoint_every`` rounds the complete run state is written
-    to :func:`checkpoint_path`; the checkpoint is logged to the run (``checkpoint/``) at the end and
-    when the run fails or is stopped. At the end: per-client metrics, the best round's metrics, the
-    algorithm's server state, every client's personalized model, ``checkpoint/mb`` and ``time/checkpoint`` (the
-    last checkpoint's size and the mean time of a write), and the run's description (:func:`fl_description`).
+    to :func:`checkpoint_path`. A run that fails or is stopped logs its checkpoint (``checkpoint/``), so that it can
+    resume anywhere. At the end: per-client metrics, the best round's metrics, the algorithm's server state, every
+    client's personalized model, ``checkpoint/mb`` and ``time/checkpoint`` (the last checkpoint's size and the mean
+    time of a write), and the run's description (:func:`fl_description`). A finished run then deletes its
+    checkpoint, the local one and any logged one, since nothing can resume it; ``keep_checkpoint=true`` instead
+    writes one after the last round and logs it.
     """
     from pfl import tracking
     from pfl.progress import ProgressBar
@@ -277,7 +321,7 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
     callbacks = [tracking.MLflowCallback(logged), *(extra_callbacks or [])]
     if progress:
         callbacks.append(ProgressBar(cfg.global_rounds, desc=f"{cfg.algo} seed {algorithm.ctx.seed}", initial=done))
-    checkpointer = Checkpointer(checkpoint_path(cfg, run_id), cfg.checkpoint_every)
+    checkpointer = Checkpointer(checkpoint_path(cfg, run_id), cfg.checkpoint_every, at_end=cfg.keep_checkpoint)
     schedule = Schedule(cfg.global_rounds, cfg.num_join_clients, cfg.eval_gap, cfg.ece_bins)
     engine = Engine(algorithm, schedule, callbacks, checkpointer, stop)
     start = engine.restore(*snapshot) if snapshot else 1
@@ -287,7 +331,7 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
         if isinstance(exc, RunInterrupted):
             exc.run_id = run_id  # what the command tells the user to resume
         if checkpointer.path.is_file():
-            tracking.log_file(checkpointer.path, "checkpoint")
+            tracking.log_checkpoint(checkpointer.path)
         raise
     for key, tensor in algorithm.state_for_logging().items():
         tracking.log_json(tensor.tolist(), f"server/{key}.json")
@@ -295,79 +339,110 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
         tracking.log_state(state, f"server/{name}.safetensors")
     tracking.log_client_models(algorithm.ctx.specs, algorithm.personalized_state, algorithm.shared_backbone(),
                                prepared.input_example, algorithm.classifier)
-    tracking.log_file(checkpointer.path, "checkpoint")
     if checkpointer.sizes:
         tracking.log_metrics({"checkpoint/mb": checkpointer.sizes[-1] / 2**20,
                               "time/checkpoint": sum(checkpointer.seconds) / len(checkpointer.seconds)})
     seed = algorithm.ctx.seed
     tracking.set_description(run_id, fl_description(cfg.run_name(seed), f"{cfg.describe()}, seed {seed}.",
                                                     tracking.run_metrics(run_id), run_id, tracking.tracking_uri()))
+    if cfg.keep_checkpoint:
+        tracking.log_checkpoint(checkpointer.path)
+    else:
+        tracking.delete_logged_checkpoint(run_id)  # logged when an earlier attempt was stopped or failed
+        delete_checkpoint(checkpointer.path)
 
 
-def train_repeats(prepared: Prepared, first: Algorithm, extra_callbacks: list[Callback] | None = None,
+def train_repeats(prepared: Prepared, first: Algorithm | None, extra_callbacks: list[Callback] | None = None,
                   progress: bool = True, stop: Callable[[], int | None] | None = None,
-                  parent_run_id: str | None = None) -> list[str]:
-    """One FL run per repeat (seeds ``seed + k``), nested under the active launch run; returns their ids.
+                  parent_run_id: str | None = None, done: dict[int, str] | None = None) -> list[str]:
+    """One FL run per repeat (seeds ``seed + k``), nested under the active launch run; returns their ids in seed order.
 
     Each FL run logs params, its config, the partition's label counts and what :func:`execute_fl_run` logs.
 
     Args:
-        first: the algorithm built for the first seed (built early so its errors come before any run).
+        first: the algorithm built for the first seed (built early so its errors come before any run), or ``None``.
         stop: returns a stop signal's number once one arrived (the run then checkpoints and ends KILLED).
         parent_run_id: the launch run, when it is not active in this process (a sweep cell's Ray task;
             :func:`pfl.tracking.fl_run`).
+        done: seed -> id of the FL runs this launch run already holds (a resumed command): not run again.
     """
     from pfl import tracking
 
     cfg = prepared.cfg
-    counts = prepared.partition.label_counts(prepared.dataset.labels, prepared.dataset.num_classes)
+    counts = prepared.label_counts
     fl_ids = []
-    for k in range(cfg.repeats):
-        seed = cfg.seed + k
-        algorithm = first if k == 0 else build_algorithm(prepared, seed)
+    for seed in range(cfg.seed, cfg.seed + cfg.repeats):
+        if done and seed in done:
+            fl_ids.append(done[seed])
+            continue
+        algorithm = first if first is not None and first.ctx.seed == seed else build_algorithm(prepared, seed)
         with tracking.fl_run(cfg.run_name(seed), run_params(prepared, algorithm), parent_run_id) as run_id:
             fl_ids.append(run_id)
             tracking.log_json(cfg.flat_params(), "config.json")  # what head runs and resumes rebuild the run from
-            tracking.log_json(counts, "partition/label_counts.json")
+            tracking.log_json(counts, LABEL_COUNTS_FILE)
             execute_fl_run(prepared, algorithm, run_id, extra_callbacks, progress, stop)
     return fl_ids
 
 
-def resume_training(fl_run_id: str, progress: bool = True,
-                    stop: Callable[[], int | None] | None = None) -> dict[str, list[str] | str]:
-    """Continue FL run ``fl_run_id`` from its last checkpoint: same run id, metrics from the next round on.
-
-    The result is bit-identical on CPU to an uninterrupted run. The checkpoint is the local one
-    (:func:`checkpoint_path`), else the one logged to the run.
-
-    Returns:
-        ``{"launch_run_id": ..., "fl_run_ids": [fl_run_id]}``.
+def read_checkpoint(cfg: RunConfig, fl_run_id: str) -> tuple[dict, dict]:
+    """FL run ``fl_run_id``'s latest checkpoint: the local one (:func:`checkpoint_path`), else the one logged to the
+    run.
 
     Raises:
-        FLRunError: unknown id, not an FL run, FINISHED, still running, or without a checkpoint.
-        ConfigError, DatasetNotFoundError, DatasetFormatError: its data is no longer valid.
+        FLRunError: the run has neither, or it is unreadable.
     """
     from pfl import tracking
 
-    config, params = tracking.resumable_fl_run(fl_run_id)
-    prepared = prepare(RunConfig(**algorithm_fields(config)))
-    path = checkpoint_path(prepared.cfg, fl_run_id)
+    path = checkpoint_path(cfg, fl_run_id)
     with tempfile.TemporaryDirectory() as tmp:
         if not path.is_file():
             path = tracking.download_checkpoint(fl_run_id, Path(tmp))
         if path is None:
             raise tracking.FLRunError(f"FL run {fl_run_id} has no checkpoint (neither "
-                                      f"{checkpoint_path(prepared.cfg, fl_run_id)} nor a logged checkpoint/ "
+                                      f"{checkpoint_path(cfg, fl_run_id)} nor a logged checkpoint/ "
                                       "artifact); start it again with pfl train")
         try:
-            snapshot = load_checkpoint(path)
+            return load_checkpoint(path)
         except ValueError as err:
             raise tracking.FLRunError(f"FL run {fl_run_id}: {err}") from None
+
+
+def resume_training(fl_run_id: str, progress: bool = True,
+                    stop: Callable[[], int | None] | None = None) -> dict[str, list[str] | str]:
+    """Continue FL run ``fl_run_id`` from its last checkpoint (:func:`read_checkpoint`): same run id, metrics from the
+    next round on; then finish its command as an uninterrupted one would have.
+
+    The FL run is bit-identical on CPU to an uninterrupted one. Its launch run, reopened, ends as the uninterrupted
+    command's: when it is a ``pfl train`` launch run (:func:`pfl.tracking.is_train_launch`), the repeats it does not
+    hold yet are run, and its seed summary and description logged (:func:`log_launch_summary`); a sweep's or a
+    study's run only ends again.
+
+    Returns:
+        ``{"launch_run_id": ..., "fl_run_ids": [...]}``: every FL run of a ``pfl train`` launch run in seed order,
+        else ``[fl_run_id]``.
+
+    Raises:
+        FLRunError: unknown id, not an FL run, FINISHED, still running, or without a checkpoint.
+        ConfigError, DatasetNotFoundError, DatasetFormatError: its data is no longer valid.
+        RunInterrupted: ``stop`` reported a signal; the runs end KILLED, checkpointed.
+    """
+    from pfl import tracking
+
+    config, params = tracking.resumable_fl_run(fl_run_id)
+    prepared = prepare(RunConfig(**algorithm_fields(config)))
+    snapshot = read_checkpoint(prepared.cfg, fl_run_id)
     algorithm = build_algorithm(prepared, int(params["seed"]))
-    with tracking.reopened_fl_run(fl_run_id):
-        execute_fl_run(prepared, algorithm, fl_run_id, None, progress, stop, snapshot,
-                       tracking.logged_steps(fl_run_id))
-    return {"launch_run_id": tracking.parent_run_id(fl_run_id), "fl_run_ids": [fl_run_id]}
+    launch_id = tracking.parent_run_id(fl_run_id)
+    fl_ids = [fl_run_id]
+    with tracking.reopened_run(launch_id) if launch_id else nullcontext():
+        with tracking.reopened_run(fl_run_id):
+            execute_fl_run(prepared, algorithm, fl_run_id, None, progress, stop, snapshot,
+                           tracking.logged_steps(fl_run_id))
+        if launch_id and tracking.is_train_launch(launch_id, config):
+            fl_ids = train_repeats(prepared, None, progress=progress, stop=stop,
+                                   done=tracking.fl_runs_by_seed(launch_id))
+            log_launch_summary(prepared.cfg, launch_id, fl_ids)
+    return {"launch_run_id": launch_id, "fl_run_ids": fl_ids}
 
 
 def evaluate_client_model(run_id: str, client_id: int, data_dir: str | Path | None = None) -> dict[str, float]:
@@ -398,10 +473,18 @@ def evaluate_client_model(run_id: str, client_id: int, data_dir: str | Path | No
 
 def run_training(cfg: RunConfig, extra_callbacks: list[Callback] | None = None, progress: bool = True,
                  stop: Callable[[], int | None] | None = None,
-                 launch_tags: dict[str, str] | None = None) -> dict[str, list[str] | str]:
+                 launch_tags: dict[str, str] | None = None,
+                 open_store: Callable[[], object] | None = None) -> dict[str, list[str] | str]:
     """The main job: validate, then a launch run with one nested FL run per repeat (:func:`train_repeats`).
 
+    Validation runs in this order: data present and valid, partition feasible (:func:`prepare`), then
+    (:func:`build_algorithm`) the weights file, the ``init_from`` run's model, the architecture against the input
+    size (:func:`check_input_fits`) and the algorithm's hyperparameters.
+
     ``launch_tags``: extra tags of the launch run (e.g. the PFLlib flags the config was translated from).
+    ``open_store``: opens the tracking store (``pfl train``: :func:`pfl.tracking.configure_tracking`), called once
+    every check has passed, so bad input leaves no store file behind; with ``init_from``, whose run lives in the
+    store, before the model is built (still before any run is created). ``None``: the store is already configured.
 
     Returns:
         ``{"launch_run_id": ..., "fl_run_ids": [...]}``.
@@ -414,7 +497,11 @@ def run_training(cfg: RunConfig, extra_callbacks: list[Callback] | None = None, 
     from pfl import tracking
 
     prepared = prepare(cfg)
+    if open_store is not None and cfg.init_from is not None:
+        open_store()
     first = build_algorithm(prepared, cfg.seed)  # hyperparameter errors surface before any run exists
+    if open_store is not None and cfg.init_from is None:
+        open_store()
     with tracking.launch_run(cfg.experiment, cfg.launch_name(), prepared.cfg.flat_params(),
                              tags=launch_tags) as launch_id:
         fl_ids = train_repeats(prepared, first, extra_callbacks, progress, stop)

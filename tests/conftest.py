@@ -2,6 +2,11 @@
 
 CIFAR-10 and CIFAR-100 as slices of the real pickles; Tiny-ImageNet as the whole reduced folder
 (16,000 train + 4,000 val JPEGs, decoded once per session).
+
+Every test runs in its own temporary folder (its ``tmp_path``) and the session's fixtures in a temporary folder of
+their own, so whatever lands in the working directory (MLflow's default artifact root ``./mlruns`` of a SQLite
+store, ``sqlite:///mlflow.db``, ``.pfl_cache/``, ``optuna.db``) stays out of the checkout. The session fails when
+the checkout gained files while it ran (:func:`pytest_sessionfinish`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -19,9 +25,77 @@ import torch
 from pfl.data.datasets import (CIFAR10_FOLDER, CIFAR100_FOLDER, TINYIMAGENET_FOLDER, load_cifar10,
                                load_cifar100, load_tinyimagenet)
 
-SHARED_DATA = Path(os.environ.get("PFL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+REPO = Path(__file__).resolve().parents[1]  # the checkout the tests must leave as they found it
+SHARED_DATA = Path(os.environ.get("PFL_SHARED_DATA", REPO.parent / "shared" / "data"))
 CIFAR10_SLICE = {f"data_batch_{i}": 600 for i in range(1, 6)} | {"test_batch": 600}  # 3,600 real images
 CIFAR100_SLICE = {"train": 3000, "test": 1000}  # rows kept per CIFAR-100 file
+
+
+UNWATCHED = {".git", "__pycache__", ".pytest_cache"}  # git's own folder; what Python and pytest cache by design
+CHECKOUT_BEFORE = pytest.StashKey[set]()  # the checkout's paths when the session started
+
+
+def checkout_paths(root: Path) -> set[str]:
+    """Every file and folder under ``root`` as a relative POSIX path, except :data:`UNWATCHED` folders and virtual
+    environments (a folder holding ``pyvenv.cfg``), which the test run itself changes."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in UNWATCHED and not (Path(folder) / d / "pyvenv.cfg").exists()]
+        here = Path(folder).relative_to(root)
+        found.update((here / name).as_posix() for name in (*dirs, *files))
+    return found
+
+
+def written_into(root: Path, before: set[str]) -> list[str]:
+    """What appeared under ``root`` since :func:`checkout_paths` gave ``before``: the topmost new paths (a new
+    folder stands for its content) that git ignores (``mlruns/``, ``mlflow.db``, ``.pfl_cache/``: what a program
+    run from the checkout writes) or that lie at the top level. New files in the checkout's folders that git would
+    track are left out: in a checkout being edited while the tests run, they are someone's new sources. Outside a
+    git checkout every new path counts."""
+    new = sorted(checkout_paths(root) - before)
+    topmost = [p for p in new if Path(p).parent.as_posix() not in new]
+    if not topmost:
+        return []
+    ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "--stdin"], input="\n".join(topmost),
+                             capture_output=True, text=True)
+    if ignored.returncode not in (0, 1):  # 128: not a git checkout
+        return topmost
+    ignored_paths = set(ignored.stdout.splitlines())
+    return [p for p in topmost if p in ignored_paths or "/" not in p]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Record the checkout's paths (:func:`checkout_paths`) before any test runs."""
+    session.config.stash[CHECKOUT_BEFORE] = checkout_paths(REPO)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session when the checkout gained files while it ran (:func:`written_into`), naming them."""
+    before = session.config.stash.get(CHECKOUT_BEFORE, None)
+    written = written_into(REPO, before) if before is not None else []
+    if not written:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"tests wrote into the checkout {REPO}: {', '.join(written)}; a test must write "
+                            "under its tmp_path", red=True)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_outside_the_checkout(tmp_path_factory):
+    """Session and module fixtures run in a temporary folder, not in the checkout."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_in_its_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own ``tmp_path``: a SQLite store it opens keeps its artifacts there (MLflow resolves
+    the default artifact root ``./mlruns`` against the working directory when the store is first opened)."""
+    monkeypatch.chdir(tmp_path)
 
 
 def _extract_shared(archive_name: str, what: str, tmp_path_factory) -> Path:

@@ -1,9 +1,12 @@
 """Bad input, one table: every case runs the real CLI (``pfl.cli.main``) in-process and must end in exit status 2,
-ONE line on stderr (no traceback) naming the field, file or run id, and no MLflow run created.
+ONE line on stderr (no traceback) naming the field, file or run id, no MLflow run created, and (but for ``pfl
+sweep``) no tracking store file where there was none: every check comes before the store is opened.
 
 Cases: every numeric run field at 0 / negative / NaN / inf / text where invalid, booleans for numbers,
 unknown and misspelt keys ("did you mean"), infeasible partitions, broken YAML files, bad devices and
-experiment names, missing / empty / corrupt data folders, unusable run ids, an empty store for
+experiment names, missing / empty / corrupt data folders (a batch file that is a folder or a dangling link),
+garbage or truncated weights files, an init_from client the run does not have, an image size the model cannot
+take, a crops value YAML would read as hex, unusable run ids (a launch run's id to resume), an empty store for
 ``pfl report`` and an unwritable tracking URI. Anything that gets past validation would train on
 the small real CIFAR-10 slice for one round, so a wrongly accepted input fails fast.
 """
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from pfl import tracking
 from pfl.cli import main
@@ -138,12 +143,34 @@ CASES = [
     ("data-empty-cifar-folder", [*TRAIN, "data_dir={tmp}/empty"], "{tmp}/empty/" + CIFAR10_FOLDER,
      {"setup": "empty-cifar"}),
     ("data-cifar100-missing", [*TRAIN, "dataset=cifar100"], "cifar-100-python", {}),
+    ("data-partition-data-missing", ["data", "partition", "data_dir={tmp}/nowhere", "--out", "{tmp}/out"],
+     "{tmp}/nowhere/" + CIFAR10_FOLDER, {}),
+    ("data-partition-infeasible", ["data", "partition", "data_dir={data}", "num_clients=3", "--out", "{tmp}/out"],
+     "num_clients * classes_per_client", {}),
     ("data-truncated-pickle", [*TRAIN, "data_dir={tmp}/bad"], "data_batch_1", {"setup": "truncated"}),
     ("data-random-bytes-pickle", [*TRAIN, "data_dir={tmp}/bad"], "test_batch", {"setup": "random"}),
+    ("data-batch-is-a-folder", [*TRAIN, "data_dir={tmp}/bad"], "{tmp}/bad/" + CIFAR10_FOLDER + "/data_batch_1: a "
+     "folder, not a CIFAR-10 data file", {"setup": "batch-folder"}),
+    ("data-batch-dangling-link", [*TRAIN, "data_dir={tmp}/bad"], "{tmp}/bad/" + CIFAR10_FOLDER + "/data_batch_1: a "
+     "link to {tmp}/nowhere, which does not exist", {"setup": "batch-link"}),
+    # initial weights and the model's input
+    ("pretrained-garbage-safetensors", [*TRAIN, "pretrained={tmp}/weights.safetensors"], "{tmp}/weights.safetensors "
+     "is not a readable .safetensors file (Error while deserializing header: invalid UTF-8", {"setup": "garbage"}),
+    ("pretrained-truncated-safetensors", [*TRAIN, "pretrained={tmp}/weights.safetensors"], "{tmp}/weights."
+     "safetensors is not a readable .safetensors file (Error while deserializing header: incomplete metadata",
+     {"setup": "truncated-weights"}),
+    ("init_from-unknown-client", [*TRAIN, "init_from=runs:/{run}/clients/client_999"], "run {run} has no model for "
+     "client 999; saved clients: [0]", {"setup": "client-models"}),
+    ("init_from-store-missing", [*TRAIN, f"init_from=runs:/{FL_ID}"], "no such store", {}),
+    ("image_size-too-small-for-cnn", [*TRAIN, "image_size=7"], " image_size=7: model cnn cannot take 7x7 inputs", {}),
+    ("crops-read-as-hex", [*TRAIN, "algo=mocosfl", "model=resnet18_sfl", "crops=0x32"], "crops='0x32'", {}),
     # run ids
     ("run-id-nonexistent", ["heads", "--run-id", FL_ID, "--no-progress"], FL_ID, {"setup": "store"}),
     ("heads-store-missing", ["heads", "--run-id", FL_ID, "--no-progress"], "no such store", {}),
     ("run-id-of-a-launch-run", ["heads", "--run-id", "{launch}", "--no-progress"], "{launch}", {"setup": "launch"}),
+    ("resume-a-launch-run", ["train", "--resume", "{launch}"], "{launch} is not an FL run (pfl.kind='launch'); pass "
+     "one of the nested FL runs of a launch run (named <algo>-<dataset>-<partition>-jr<join ratio>-s<seed>",
+     {"setup": "launch"}),
     ("register-unknown-run", ["register", "--run-id", FL_ID, "--all"], FL_ID, {"setup": "store"}),
     ("register-a-launch-run", ["register", "--run-id", "{launch}", "--client", "0"], "{launch}", {"setup": "launch"}),
     ("tune-register-without-final-repeats", ["tune", "--register", "--n-trials", "1"], "--register", {}),
@@ -155,6 +182,8 @@ CASES = [
 ]
 
 
+DATA_SETUPS = ("truncated", "random", "batch-folder", "batch-link")  # setups that copy the CIFAR-10 slice
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -164,14 +193,34 @@ def _setup(kind: str, tmp: Path, data: Path | None, uri: str) -> dict[str, str]:
         (tmp / "empty").mkdir()
     elif kind == "empty-cifar":
         (tmp / "empty" / CIFAR10_FOLDER).mkdir(parents=True)
-    elif kind in ("truncated", "random"):
+    elif kind in DATA_SETUPS:
         bad = tmp / "bad" / CIFAR10_FOLDER
         shutil.copytree(data / CIFAR10_FOLDER, bad)
+        batch = bad / "data_batch_1"
         if kind == "truncated":
-            batch = bad / "data_batch_1"
             batch.write_bytes(batch.read_bytes()[:1000])
-        else:
+        elif kind == "random":
             (bad / "test_batch").write_bytes(bytes(range(256)) * 40)
+        elif kind == "batch-folder":
+            batch.unlink()
+            batch.mkdir()
+        else:
+            batch.unlink()
+            batch.symlink_to(tmp / "nowhere")
+    elif kind == "garbage":  # a header length, then 8 bytes that are not UTF-8
+        (tmp / "weights.safetensors").write_bytes((8).to_bytes(8, "little") + b"\xff" * 8)
+    elif kind == "truncated-weights":
+        save_file({"head.weight": torch.zeros(10, 512)}, tmp / "whole.safetensors")
+        (tmp / "weights.safetensors").write_bytes((tmp / "whole.safetensors").read_bytes()[:5000])
+    elif kind == "client-models":  # an FL run holding client 0's model folder
+        client = mlflow.MlflowClient(uri)
+        run = client.create_run(client.create_experiment("pfl", (tmp / "artifacts").as_uri()),
+                                tags={"pfl.kind": "fl"})
+        (tmp / "models" / "client_000").mkdir(parents=True)
+        (tmp / "models" / "client_000" / "MLmodel").write_text("")
+        client.log_artifacts(run.info.run_id, str(tmp / "models"), "clients")
+        client.set_terminated(run.info.run_id)
+        return {"run": run.info.run_id}
     elif kind == "store":  # an existing, empty tracking store
         tracking.configure_tracking(uri)
     elif kind == "launch":
@@ -219,13 +268,13 @@ def isolated(tmp_path, monkeypatch):
 @pytest.mark.parametrize(("argv", "expected", "extra"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line_and_no_run(argv, expected, extra, isolated, request, capsys):
     tmp, db, uri = isolated
-    needs_data = any("{data}" in a for a in argv) or extra.get("setup") in ("truncated", "random")
+    needs_data = any("{data}" in a for a in argv) or extra.get("setup") in DATA_SETUPS
     data = request.getfixturevalue("cifar10_dir") if needs_data else None
     fill = {"tmp": str(tmp), "data": str(data), "cfg": str(tmp / "run.yaml")}
     if "yaml" in extra:
         (tmp / "run.yaml").write_bytes(extra["yaml"])
     fill |= _setup(extra.get("setup", ""), tmp, data, uri)
-    before = _run_count(db, uri)
+    before, store_existed = _run_count(db, uri), db.exists()
     capsys.readouterr()
 
     code = main([_fill(a, fill) for a in argv])
@@ -237,3 +286,21 @@ def test_bad_input_exits_2_with_one_line_and_no_run(argv, expected, extra, isola
     assert "Traceback" not in err
     assert _fill(expected, fill) in lines[0], f"{_fill(expected, fill)!r} not in {lines[0]!r}"
     assert _run_count(db, uri) == before, "a run was created"
+    if argv[0] != "sweep":  # pfl sweep opens the store before pfl.sweep.run_sweep validates its grid and data
+        assert db.exists() == store_existed, "the tracking store was created before the check"
+
+
+def test_the_dry_forward_of_the_input_check_changes_no_mode_and_draws_no_random_number():
+    from pfl.models import ModelSpec, build_model
+    from pfl.train import check_input_fits
+
+    spec = ModelSpec("cnn", 10, in_channels=3, image_size=32)
+    model = build_model(spec)
+    model.head.eval()  # a mixed state, as a frozen part would leave it
+    modes = [m.training for m in model.modules()]
+    state = torch.random.get_rng_state()
+
+    check_input_fits(model, spec, torch.device("cpu"))
+
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.random.get_rng_state(), state)

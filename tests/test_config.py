@@ -239,3 +239,35 @@ def test_cli_fedala_layer_idx_beyond_the_model_exits_2_before_any_run(cifar10_di
     err = capsys.readouterr().err
     assert "layer_idx=9" in err and "1..8" in err  # the CNN has 8 parameter tensors
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------- the local optimizer's fields
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["lr_schedule=cosine"], "lr_schedule: Input should be 'constant' or 'linear'"),
+    (["weight_decay=-1"], "weight_decay: the local optimizer's weight decay: >= 0"),
+    (["max_grad_norm=0"], "max_grad_norm: the gradient norm local steps clip to: > 0"),
+    (["algo=mocosfl", "lr_schedule=linear"], "lr_schedule=linear: mocosfl decays lr on its own cosine schedule"),
+    (["algo=mocosfl", "optimizer=adamw"], "optimizer=adamw: mocosfl trains with its own SGD"),
+    (["algo=flexifed", "optimizer=adamw"], "optimizer=adamw: flexifed trains with FlexiFed-IMP's SGD"),
+])
+def test_optimizer_fields_are_refused_in_one_line_where_they_cannot_apply(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_weight_decay_is_one_knob_the_run_fields_or_the_algorithms_own():
+    """Unset by default (the optimizer's own default); FlexiFed's and MocoSFL's own SGD read it as their
+    hyperparameter, also through a config's dump (as sweeps and studies rebuild configs)."""
+    assert RunConfig().weight_decay is None and RunConfig().lr_schedule == "constant"
+    fedavg = load_config(None, ["algo=fedavg", "weight_decay=0.01", "lr_schedule=linear", "max_grad_norm=1"])
+    assert (fedavg.weight_decay, fedavg.hparams, fedavg.flat_params()["weight_decay"]) == (0.01, {}, 0.01)
+    assert "sgd lr 0.005, weight decay 0.01, linear decay per round, grad norm clipped to 1)" in fedavg.describe()
+    for algo, extra in (("flexifed", []), ("mocosfl", ["model=resnet18_sfl"])):
+        cfg = load_config(None, [f"algo={algo}", "weight_decay=0.002", *extra])
+        assert (cfg.weight_decay, cfg.hparams["weight_decay"], cfg.flat_params()["weight_decay"]) == \
+            (None, 0.002, 0.002)
+        assert RunConfig(**cfg.model_dump()).hparams["weight_decay"] == 0.002
+    assert load_config(None, ["algo=flexifed"]).hparams["weight_decay"] == 5e-4  # FlexiFed-IMP's default

@@ -29,8 +29,8 @@ _TIMING_PREFIX = ("time/", "checkpoint/mb", "memory/")
 
 def _overrides(cifar10_dir: Path, folder: Path, algo: str, parallelism: str) -> list[str]:
     return [f"data_dir={cifar10_dir}", f"cache_dir={folder / 'cache'}", f"algo={algo}", "num_clients=4",
-            "classes_per_client=5", "join_ratio=0.5", "global_rounds=2", "seed=3", "experiment=det",
-            "device=cpu", "num_threads=1", "eval_batch_size=500", f"client_parallelism={parallelism}"]
+            "num_partitions=12", "classes_per_client=5", "join_ratio=0.5", "global_rounds=2", "seed=3",
+            "experiment=det", "device=cpu", "num_threads=1", "eval_batch_size=500", f"client_parallelism={parallelism}"]
 
 
 _CHILD = """

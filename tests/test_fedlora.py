@@ -1,8 +1,11 @@
 """FedLoRA: what travels and changes on the server, FedIT / FFA aggregation against hand-computed averages, personal
-heads, artifacts (backbone once, adapters per client), pretrained starts (a file, a `pfl pretrain` run). Exact
-resumption (with personal heads): tests/test_resume.py."""
+heads, artifacts (backbone once, adapters per client), pretrained starts (a file, a `pfl pretrain` run), the adapted
+model at initialization, and FedIT's local optimizer (AdamW, weight decay, linear decay per round, clipping) on
+hand-computed rounds. Exact resumption (with personal heads): tests/test_resume.py."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import mlflow
 import pytest
@@ -11,12 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from pfl import tracking
 from pfl.algorithms.engine import Engine, Schedule
+from pfl.algorithms.fedlora import LoraUpdate
 from pfl.algorithms.local import FitRes
 from pfl.algorithms.state import state_bytes
 from pfl.cli import main
 from pfl.config import load_config
 from pfl.models import ModelSpec, build_model
-from pfl.models.adapters import is_adapter_entry
+from pfl.models.adapters import LoraSpec, is_adapter_entry
 from pfl.models.pretrained import read_weights
 from pfl.train import build_algorithm, prepare
 
@@ -164,6 +168,8 @@ def test_templates_hold_the_researchers_setup_and_fedavg_twins_differ_only_in_th
         full = load_config(configs / f"fedavg_vit_cifar10{suffix}.yaml")
         assert lora.algo == "fedlora" and full.algo == "fedavg"
         assert lora.model_dump(exclude={"algo", "hparams"}) == full.model_dump(exclude={"algo", "hparams"})
+        # FedIT's local optimizer (fed_utils/client.py: HF Trainer, adamw_torch, warmup 0, its defaults), both arms
+        assert (lora.optimizer, lora.weight_decay, lora.lr_schedule, lora.max_grad_norm) == ("adamw", 0, "linear", 1)
     assert load_config(configs / "fedlora_vit_cifar10_cpu.yaml").model == "vit_cifar"
 
 
@@ -195,3 +201,94 @@ def test_a_torchvision_resnet_checkpoint_loads_into_pfls_resnet18_with_the_head_
     assert torch.equal(own["base.0.weight"], source["conv1.weight"])
     assert torch.equal(own["base.7.1.bn2.running_var"], source["layer4.1.bn2.running_var"])
     assert own["head.weight"].shape == (10, 512)
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_a_lora_adapted_model_starts_equal_to_its_backbone(freeze_a, cifar10):
+    """B = 0, so W x + (alpha / r) B A x = W x: the adapted model's logits on real images equal the backbone's
+    bit for bit; A is not zero (the equality is not vacuous), and once B is set the wrapped qkv layer adds
+    exactly (alpha / r) B A x (alpha 16, r 4: a factor 4)."""
+    torch.manual_seed(0)
+    spec = ModelSpec("vit_cifar", 10, image_size=32)
+    backbone = build_model(spec).eval()
+    adapted = build_model(replace(spec, lora=LoraSpec(4, 16.0, freeze_a=freeze_a)), backbone.state_dict()).eval()
+    adapters = {k: v for k, v in adapted.state_dict().items() if is_adapter_entry(k)}
+    assert adapters and all(torch.all(v == 0) for k, v in adapters.items() if ".lora_B." in k)
+    assert all(v.abs().sum() > 0 for k, v in adapters.items() if ".lora_A." in k)
+    x = (cifar10.images[:8].float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        assert torch.equal(adapted(x), backbone(x))
+        qkv = adapted.base.blocks[0].attn.qkv
+        tokens = torch.randn(2, 5, qkv.in_features)
+        qkv.lora_B["default"].weight.fill_(0.5)
+        expected = qkv.base_layer(tokens) + 4.0 * tokens @ qkv.lora_A["default"].weight.T @ qkv.lora_B["default"].weight.T
+        assert torch.allclose(qkv(tokens), expected, atol=1e-5)
+        assert not torch.equal(adapted(x), backbone(x))
+
+
+class _ConstantGradient(LoraUpdate):
+    """FedLoRA's local update with the objective ``c * sum(p)`` over the trained parameters, so every gradient
+    entry is ``c`` and a round's parameter change is hand-computable (the optimizer path is the real one)."""
+
+    c = 1.0
+
+    def loss(self, model, x, y, ins):
+        return self.c * sum(p.sum() for p in model.parameters() if p.requires_grad)
+
+
+def _round(algo, update: LoraUpdate, n: int = 7) -> tuple[dict, dict]:
+    """One round of client 0 on its first ``n`` training samples: (state before, state after) of the trained entries."""
+    ins = algo.configure_fit(0, 1)
+    model = algo.ctx.runner.load(algo.ctx.specs[0], ins.state)
+    before = {k: v.clone() for k, v in ins.state.items()}
+    after, _ = update.fit(model, algo.ctx.runner.data, ins, algo.ctx.clients[0].fit[:n], seed=0)
+    return before, after
+
+
+ROUND = ("batch_size=3", "local_epochs=2", "lr=0.1")  # 7 samples: 2 full batches per epoch, T = 4 steps a round
+
+
+@pytest.mark.parametrize("overrides, factors", [
+    # AdamW with a zero gradient moves nothing but its decoupled decay: p <- p (1 - lr_k wd) at every step
+    ((), [1 - 0.1 * 0.01] * 4),  # weight_decay unset: torch's 0.01, constant rate
+    (("weight_decay=0.5",), [1 - 0.1 * 0.5] * 4),
+    (("weight_decay=0", "lr_schedule=linear"), [1.0] * 4),  # FedIT's: no decay at all
+    (("weight_decay=0.5", "lr_schedule=linear"), [1 - 0.1 * 0.5 * (4 - k) / 4 for k in range(4)]),
+], ids=["default-decay", "decay", "fedit", "decay-linear"])
+def test_adamw_weight_decay_and_linear_schedule_come_from_the_config(overrides, factors, cifar10_dir, tmp_path):
+    """Through load_config -> build_algorithm: the optimizer's weight decay and step k's rate lr (T - k) / T
+    (T = 4: 0.1, 0.075, 0.05, 0.025), recorded at every AdamW step and read off the hand-computed decay."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    algo, _ = _build(cifar10_dir, tmp_path, "fedlora", "optimizer=adamw", *ROUND, *overrides)
+    update = _ConstantGradient(**algo.local_update.settings())
+    update.c = 0.0
+    lrs = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        before, after = _round(algo, update)
+    finally:
+        handle.remove()
+    linear = "lr_schedule=linear" in overrides
+    assert lrs == pytest.approx([0.1, 0.075, 0.05, 0.025] if linear else [0.1] * 4, rel=1e-12)
+    scale = torch.tensor(factors, dtype=torch.float64).prod().item()
+    for k, v in after.items():
+        assert torch.allclose(v, before[k] * scale, rtol=1e-6, atol=1e-7), k
+
+
+@pytest.mark.parametrize("overrides, moved", [
+    ((), 4 * 0.1),  # sum of the rates: 4 steps at 0.1
+    (("lr_schedule=linear",), 0.1 + 0.075 + 0.05 + 0.025),
+], ids=["constant", "linear"])
+def test_sgd_steps_at_the_scheduled_rates_and_clips_the_gradient_norm(overrides, moved, cifar10_dir, tmp_path):
+    """Plain SGD on gradients of all ones moves every trained entry by -sum_k lr_k; with max_grad_norm=1 the
+    gradient (norm sqrt(N) over N trained scalars) is scaled by 1 / (sqrt(N) + 1e-6) first, as torch's
+    clip_grad_norm_ and the HF Trainer do."""
+    for clip in (None, 1.0):
+        algo, _ = _build(cifar10_dir, tmp_path, "fedlora", "optimizer=sgd", *ROUND, *overrides,
+                         *([f"max_grad_norm={clip}"] if clip else []))
+        before, after = _round(algo, _ConstantGradient(**algo.local_update.settings()))
+        n = sum(v.numel() for v in before.values())
+        step = moved if clip is None else moved / (n ** 0.5 + 1e-6)
+        for k, v in after.items():
+            assert torch.allclose(before[k] - v, torch.full_like(v, step), rtol=1e-4, atol=1e-7), (k, clip)

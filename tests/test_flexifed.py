@@ -154,3 +154,39 @@ def test_heads_train_on_every_client_of_a_mixed_run_with_its_own_head(mixed_run)
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == fl_id
     heads = sorted(a.path for a in mlflow.MlflowClient().list_artifacts(head_id, "heads"))
     assert len(heads) == 4 and {"test/acc", "wo/acc", "test/f_ece", "wo/f_ece"} <= set(run.data.metrics)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=vgg11,resnet20"], "model=vgg11,resnet20 mixes architecture families (vgg: vgg11; resnet: resnet20)"),
+    (["model=vgg11,vgg13", "optimizer=adamw"], "optimizer=adamw: flexifed trains with FlexiFed-IMP's SGD with "
+                                               "momentum"),
+], ids=["mixed-families", "adamw"])
+def test_what_flexifed_cannot_mean_is_refused_in_one_line_before_any_run(overrides, message, cifar10_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Exit 2 with one line naming the families (or the optimizer), before any data is read or store opened."""
+    from pfl.cli import main
+
+    store = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--no-progress", "algo=flexifed", f"data_dir={cifar10_dir}", f"cache_dir={tmp_path}",
+                 "num_clients=4", "partition=iid", "global_rounds=1", "device=cpu", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not store.exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_one_architecture_warns_that_it_is_clustered_fedavg_and_weight_decay_is_flexifeds(cifar10_dir, tmp_path):
+    """model=vgg11 alone trains, with a warning; `weight_decay` (bare, as a run field would be) sets FlexiFed's
+    hyperparameter, which its fresh SGD with momentum uses, while the run's lr schedule applies."""
+    cfg = load_config(None, ["algo=flexifed", "model=vgg11", "model_width=0.125", f"data_dir={cifar10_dir}",
+                             f"cache_dir={tmp_path}", "num_clients=2", "partition=iid", "device=cpu",
+                             "weight_decay=0.001", "lr_schedule=linear"])
+    assert cfg.hparams["weight_decay"] == 0.001 and cfg.weight_decay is None
+    with pytest.warns(UserWarning, match=r"flexifed with one architecture \(vgg11\) is clustered FedAvg"):
+        algo = build_algorithm(prepare(cfg), 0)
+    update = algo.local_update
+    opt = update.optimizer([torch.zeros(1, requires_grad=True)])
+    assert isinstance(opt, torch.optim.SGD)
+    assert (opt.defaults["momentum"], opt.defaults["weight_decay"]) == (0.9, 0.001)
+    assert update.lr_schedule == "linear" and update.step_lr(1, 4) == pytest.approx(cfg.lr * 3 / 4)

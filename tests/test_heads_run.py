@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -43,9 +45,24 @@ def _head_runs():
                               output_format="list")
 
 
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> tuple[Path, str]:
+    """One FL run for the module's tests (trained once): its store's database file and its run id."""
+    folder = tmp_path_factory.mktemp("heads_fl_run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # the store's artifacts
+        tracking.configure_tracking(f"sqlite:///{folder / 'mlflow.db'}")
+        (fl_id,) = _train(data_dir, folder)["fl_run_ids"]
+    return folder / "mlflow.db", fl_id
+
+
 @pytest.fixture
-def fl_run(data_dir, tmp_path, store) -> str:
-    (fl_id,) = _train(data_dir, tmp_path)["fl_run_ids"]
+def fl_run(trained, tmp_path) -> str:
+    """The module's FL run in a copy of its store for this test alone (the head runs a test logs are only in its
+    copy; their artifacts go under the run's experiment, each run in its own folder)."""
+    db, fl_id = trained
+    shutil.copyfile(db, tmp_path / "mlflow.db")
+    tracking.configure_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
     return fl_id
 
 

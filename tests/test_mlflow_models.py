@@ -1,10 +1,13 @@
-"""Client models as MLflow models (pyfunc from code, nothing pickled), head ensembles, and the Model Registry.
+"""Client models as MLflow models (pyfunc from code, nothing pickled), head ensembles, and the Model Registry; the
+served model (MLflow's scoring server app, in-process) and the input checks of :mod:`pfl.pyfunc`.
 
 One FedFomo run on the real CIFAR-10 slice and one LoRAPH head run on it, in a real SQLite store.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import mlflow
@@ -67,8 +70,9 @@ def test_pyfunc_predicts_the_probabilities_of_load_client_model(runs, images, cl
     (inputs,), (outputs,) = model.metadata.signature.inputs.inputs, model.metadata.signature.outputs.inputs
     assert (inputs.type, inputs.shape) == (np.dtype("uint8"), (-1, 3, 32, 32))
     assert (outputs.type, outputs.shape) == (np.dtype("float32"), (-1, 10))
-    with pytest.raises(mlflow.exceptions.MlflowException, match="dtype"):
-        model.predict(images.float().numpy())  # the signature says uint8
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"^images: float values \S+ outside \[0, 1\]; send "
+                       r"uint8 pixels 0\.\.255 \(the signature's dtype\)"):
+        model.predict(images.float().numpy())  # 0-255 floats: the reason first, no dump of the data
 
 
 def test_client_model_directory_is_models_from_code_with_safetensors_weights(runs, tmp_path):
@@ -138,3 +142,76 @@ def test_register_all_clients_and_refuse_an_unknown_client(runs, capsys):
     assert main(["register", "--run-id", fl_id, "--client", "9", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert "no model for client 9" in err and "[0, 1, 2, 3, 4]" in err and len(err.strip().splitlines()) == 1
+
+
+def _served(model: mlflow.pyfunc.PyFuncModel, payload: object, monkeypatch) -> tuple[int, dict]:
+    """``(HTTP status, JSON body)`` of POST /invocations with ``payload`` as JSON, answered in-process by the app
+    ``mlflow models serve`` runs (:func:`mlflow.pyfunc.scoring_server.init`)."""
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+    from mlflow.pyfunc import scoring_server
+
+    monkeypatch.setenv(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, "false")  # init sets it; put back after the test
+    app = scoring_server.init(model)
+    scope = {"type": "http", "method": "POST", "path": "/invocations", "raw_path": b"/invocations",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+             "scheme": "http", "server": ("testserver", 80), "client": ("testclient", 1), "root_path": ""}
+    sent = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": json.dumps(payload).encode(), "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return next(m["status"] for m in sent if m["type"] == "http.response.start"), json.loads(body)
+
+
+def test_served_model_answers_integer_pixels_and_refuses_a_float_payload_with_400(runs, images, monkeypatch):
+    uri, fl_id, *_ = runs
+    tracking.configure_tracking(uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{fl_id}/clients/client_000")
+
+    status, body = _served(model, {"inputs": images[:3].tolist()}, monkeypatch)
+    assert status == 200
+    np.testing.assert_allclose(body["predictions"], _reference_probs(fl_id, 0, images[:3]), rtol=1e-6)
+
+    status, body = _served(model, {"inputs": (images[:3].float() / 255).tolist()}, monkeypatch)
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert body["message"] == ("images: a JSON payload holds floats, expected the signature's dtype uint8: integer "
+                               "pixels 0..255; send round(255 * x) for images x in [0, 1]")
+
+    status, body = _served(model, {"inputs": (images[:1].int() + 1).tolist()}, monkeypatch)
+    assert (status, body["message"]) == (400, "images: integer pixels 1..256 outside 0..255; send uint8 pixels "
+                                              "0..255")
+    assert _served(model, {"inputs": []}, monkeypatch) == (200, {"predictions": []})
+
+
+def test_empty_batch_gives_an_empty_0_by_k_array(runs):
+    uri, fl_id, *_ = runs
+    tracking.configure_tracking(uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{fl_id}/clients/client_002")
+    empty = np.zeros((0, 3, 32, 32), dtype=np.uint8)
+    for probs in (model.predict(empty), model.unwrap_python_model().predict(None, empty)):
+        assert probs.shape == (0, 10) and probs.dtype == np.float32
+
+
+@pytest.mark.parametrize(("values", "reason"), [
+    (np.nan, "images: NaN or infinite values; send uint8 pixels 0..255 (the signature's dtype), or finite floats "
+             "in [0, 1]"),
+    (np.inf, "images: NaN or infinite values"),
+    (200.0, "images: float values 0..200 outside [0, 1]; send uint8 pixels 0..255 (the signature's dtype), or "
+            "floats divided by 255"),
+    (-0.5, "images: float values -0.5..0 outside [0, 1]"),
+])
+def test_python_model_refuses_non_finite_and_out_of_range_floats(runs, values, reason):
+    uri, fl_id, *_ = runs
+    tracking.configure_tracking(uri)
+    python_model = mlflow.pyfunc.load_model(f"runs:/{fl_id}/clients/client_001").unwrap_python_model()
+    x = np.zeros((2, 3, 32, 32), dtype=np.float32)
+    x[1, 0, 5, 7] = values
+    with pytest.raises(mlflow.exceptions.MlflowException) as err:  # pfl.pyfunc.ImagesError, as the model file runs
+        python_model.predict(None, x)
+    assert str(err.value).startswith(reason) and isinstance(err.value, ValueError)
+    assert err.value.get_http_status_code() == 400

@@ -1,15 +1,20 @@
 """MocoSFL and its SwAV variant: the shared key queue's order, InfoNCE by hand, the clients' gradient slices, the
 vmapped client stems, SGD and the cosine schedule against PyTorch's, Sinkhorn's marginals, the CLI acceptance run
-of both CPU templates, exact resumption of the SwAV variant and one-line errors."""
+of both CPU templates, exact resumption of the SwAV variant and one-line errors; against the official code
+recomputed by hand: a whole MoCo step (symmetric loss, what is enqueued, when the momentum encoders move), the
+stems' sync schedule, SwAV's loss (queue, frozen prototypes), its head's BatchNorm over all crops, its color
+jitter and queue start, and prototypes drawn from their own generator."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pfl.algorithms.mocosfl import KeyQueue, cosine_lr, infonce, server_backward, sgd_step
@@ -202,3 +207,280 @@ def test_embedding_spread_is_zero_for_collapsed_embeddings_and_near_one_for_spre
     collapsed = torch.randn(1, 64, generator=gen).expand(4096, 64) * torch.rand(4096, 1, generator=gen)
     assert embedding_spread(collapsed).item() == pytest.approx(0, abs=1e-6)
     assert embedding_spread(spread).item() == pytest.approx(1, abs=0.02)
+
+
+# -- the algorithm's semantics against the official code, on tiny instances -------------------------------------
+
+
+def _algorithm(cifar10_dir, tmp_path, *overrides: str):
+    """A MocoSFL instance on the CIFAR-10 slice: 2 clients, all pooled, batches of 2, the 1/8-width network."""
+    from pfl.config import load_config
+    from pfl.train import build_algorithm, prepare
+
+    cfg = load_config(None, [f"data_dir={cifar10_dir}", f"cache_dir={tmp_path}", "algo=mocosfl", "model=resnet18_sfl",
+                             "model_width=0.125", "num_clients=2", "partition=iid", "join_ratio=1.0", "global_rounds=4",
+                             "batch_size=2", "device=cpu", "num_threads=1", "linear_epochs=0", *overrides])
+    return build_algorithm(prepare(cfg), seed=0)
+
+
+def _nudge(tensors, gen: torch.Generator) -> None:
+    """Move each tensor by small Gaussian noise, in place (so that momentum copies differ from their online ones)."""
+    with torch.no_grad():
+        for t in tensors:
+            t.add_(0.05 * torch.randn(t.shape, generator=gen))
+
+
+def _official_contrastive_loss(server, target, query, pkey, queue, temperature):
+    """The official ``contrastive_loss`` (sflmoco_functions.py): the online server on ``query``, the momentum server on
+    ``pkey`` without gradient, positives first, the queue (K, D) as negatives; returns (loss, normalized keys)."""
+    query_out = F.normalize(server(query), dim=1)
+    with torch.no_grad():
+        pkey_out = F.normalize(target(pkey), dim=1)
+    logits = torch.cat([(query_out * pkey_out).sum(1, keepdim=True), query_out @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long)), pkey_out
+
+
+def test_a_moco_step_equals_the_official_symmetric_compute_enqueue_and_momentum_updates(cifar10_dir, tmp_path):
+    """One MoCo step of two clients against a plain-module re-computation of the official step (run_sflmoco.py's loop,
+    ``create_sflmococlient_instance.forward`` and ``create_sflmocoserver_instance.compute``):
+
+    * each client's momentum stem moves towards its online stem after the query forward and before the keys;
+    * the server's momentum trunk moves before either key is computed, once per step;
+    * the loss is ``L(S(q), T(k)) + L(S(k), T(q))`` against the pre-step queue, and the clients' gradient is the
+      first term's (the second reads q through the momentum trunk only);
+    * ``[T(q), T(k)]`` are enqueued in that order at the pointer, wrapping around the end;
+    * clients and server then take one SGD step each.
+    """
+    from pfl.algorithms.mocosfl import _PoolStems, _Traffic
+
+    m, lr, wd, t = 0.9, 0.1, 0.01, 0.2
+    algo = _algorithm(cifar10_dir, tmp_path, "queue_size=10", f"momentum={m}", f"weight_decay={wd}",
+                      f"temperature={t}")
+    gen = torch.Generator().manual_seed(0)
+    _nudge(algo.target_trunk.parameters(), gen)  # momentum copies that differ from the online ones
+    for cid in (0, 1):
+        stem = {k: v.clone() for k, v in algo.momentum_stems[cid].items()}
+        _nudge(stem.values(), gen)
+        algo.momentum_stems[cid] = stem
+    algo.queue.ptr = 6  # the step's 2 x 4 keys fill rows 6..9, then wrap to 0..3
+    pool, cohort = [0, 1], torch.arange(2)
+    images = algo.ctx.runner.data.images[algo._batch_orders(1, pool, 1)[cohort, 0].flatten()]
+    v1, v2 = (v.view(2, 2, *v.shape[1:]) for v in algo._draw_views(images, 1, 0))
+
+    # the reference, on copies of the modules as they are before the step
+    stem_module, trunk, target = (copy.deepcopy(x) for x in (algo.stem_module, algo.trunk, algo.target_trunk))
+    online = [copy.deepcopy(stem_module) for _ in pool]
+    momentum = [copy.deepcopy(stem_module) for _ in pool]
+    for cid in pool:
+        momentum[cid].load_state_dict({k.removeprefix("base."): v for k, v in algo.momentum_stems[cid].items()})
+    queue_before = algo.queue.keys.clone()
+    hidden_q, hidden_k = [], []
+    for cid in pool:  # the client's forward: online output, then its momentum update, then the target's keys
+        hidden_q.append(online[cid](v1[cid]))
+        with torch.no_grad():
+            for mo, on in zip(momentum[cid].parameters(), online[cid].parameters()):
+                mo.copy_(m * mo + (1 - m) * on)
+            hidden_k.append(momentum[cid](v2[cid]))
+    query = torch.cat(hidden_q).detach().requires_grad_()
+    pkey = torch.cat(hidden_k)
+    with torch.no_grad():  # the server's momentum update, first thing in compute
+        for tp, sp in zip(target.parameters(), trunk.parameters()):
+            tp.copy_(m * tp + (1 - m) * sp)
+    loss12, k2 = _official_contrastive_loss(trunk, target, query, pkey, queue_before, t)
+    loss21, k1 = _official_contrastive_loss(trunk, target, pkey, query, queue_before, t)
+    expected_queue = queue_before.clone()
+    for i, key in enumerate(torch.cat([k1, k2])):  # the official _dequeue_and_enqueue, row by row
+        expected_queue[(6 + i) % 10] = key
+    server_opt = torch.optim.SGD(trunk.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    (loss12 + loss21).backward()
+    server_opt.step()
+    for cid, hidden, grad in zip(pool, hidden_q, query.grad.split(2)):
+        hidden.backward(grad)
+        torch.optim.SGD(online[cid].parameters(), lr=lr, momentum=0.9, weight_decay=wd).step()
+
+    clients = _PoolStems(algo, pool)
+    loss = algo._step(clients, cohort, [v1.flatten(0, 1), v2.flatten(0, 1)], lr, 1, _Traffic())
+
+    close = dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, (loss12 + loss21).detach(), **close)
+    torch.testing.assert_close(algo.queue.keys, expected_queue, **close)
+    assert algo.queue.ptr == 4
+    for name, p in target.named_parameters():
+        torch.testing.assert_close(dict(algo.target_trunk.named_parameters())[name], p, **close)
+    for name, p in trunk.named_parameters():
+        torch.testing.assert_close(dict(algo.trunk.named_parameters())[name], p, **close)
+    for cid in pool:
+        for name, p in momentum[cid].named_parameters():
+            torch.testing.assert_close(clients.momentum[name][cid], p, **close)
+        for name, p in online[cid].named_parameters():
+            torch.testing.assert_close(clients.online[name][cid], p, **close)
+
+
+def test_stems_sync_on_the_official_schedule_and_momentum_stems_are_never_averaged(cifar10_dir, tmp_path,
+                                                                                   monkeypatch):
+    """A round of 5 steps with ``sync_every=2`` averages the stems after steps 2, 4 and 5, as the official loop's
+    ``batch % (num_batch // avg_freq) == num_batch // avg_freq - 1 or batch == num_batch - 1``; a FedAvg sets every
+    pooled online stem to the pool's mean and leaves momentum stems and SGD buffers as they were."""
+    from pfl.algorithms.mocosfl import MocoSFL, _PoolStems
+
+    algo = _algorithm(cifar10_dir, tmp_path, "queue_size=64", "steps_per_round=5", "sync_every=2")
+    events: list[str] = []
+    step, fedavg = MocoSFL._step, _PoolStems.fedavg
+
+    def recorded_step(self, *args):
+        events.append("step")
+        return step(self, *args)
+
+    def recorded_fedavg(self):
+        events.append("sync")
+        before = {k: v.clone() for k, v in {**self.momentum, **{f"b/{n}": b for n, b in self.buffers.items()}}.items()}
+        mean = {k: v.mean(0) for k, v in self.online.items()}
+        fedavg(self)
+        for k, v in self.online.items():
+            assert all(torch.equal(v[i], mean[k]) for i in range(len(v))), k
+        after = {**self.momentum, **{f"b/{n}": b for n, b in self.buffers.items()}}
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+
+    monkeypatch.setattr(MocoSFL, "_step", recorded_step)
+    monkeypatch.setattr(_PoolStems, "fedavg", recorded_fedavg)
+    algo.run_round(1, [0, 1], fit=None)
+    num_batch, avg_every = 5, 2
+    official = []
+    for batch in range(num_batch):
+        official.append("step")
+        if batch == num_batch - 1 or batch % avg_every == avg_every - 1:
+            official.append("sync")
+    assert events == official == ["step", "step", "sync", "step", "step", "sync", "step", "sync"]
+    # each client's momentum stem is its own (never averaged): the two differ after the round
+    m0, m1 = algo.momentum_stems[0], algo.momentum_stems[1]
+    assert any(not torch.equal(m0[k], m1[k]) for k in m0)
+
+
+def _official_sinkhorn(out: torch.Tensor, iterations: int, epsilon: float) -> torch.Tensor:
+    """main_swav.py's ``distributed_sinkhorn`` on one process: codes (B, K) of scores (B, K)."""
+    q = torch.exp(out / epsilon).t()
+    b, k = q.shape[1], q.shape[0]
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(1, keepdim=True)
+        q /= k
+        q /= q.sum(0, keepdim=True)
+        q /= b
+    return (q * b).t()
+
+
+def _official_swav_loss(body, head, weight, crops, queue, temperature=0.1, iterations=3, epsilon=0.05):
+    """main_swav.py's ``train`` loss for ``crops_for_assign = [0, 1]``: the model's ``forward`` (src/resnet50.py: the
+    backbone on each run of equal-size crops, then the head once on everything), scores against the normalized
+    prototypes ``weight`` (K, D), codes of each full-size crop (after the queue's scores, if any), the mean
+    cross-entropy of every other crop against them. Returns (loss, the full-size crops' embeddings)."""
+    sizes = [c.shape[-1] for c in crops]
+    groups = [[c for c in crops if c.shape[-1] == s] for s in dict.fromkeys(sizes)]
+    embedding = F.normalize(head(torch.cat([body(torch.cat(g)) for g in groups])), dim=1)
+    output = embedding @ weight.T
+    bs, n_crops = len(crops[0]), len(crops)
+    loss = 0
+    for crop_id in (0, 1):
+        with torch.no_grad():
+            out = output[bs * crop_id: bs * (crop_id + 1)].detach()
+            if queue is not None:
+                out = torch.cat((queue @ weight.T, out))
+            q = _official_sinkhorn(out, iterations, epsilon)[-bs:]
+        subloss = 0
+        for v in np.delete(np.arange(n_crops), crop_id):
+            subloss -= torch.mean(torch.sum(q * F.log_softmax(output[bs * v: bs * (v + 1)] / temperature, dim=1), 1))
+        loss += subloss / (n_crops - 1)
+    return loss / 2, embedding[:2 * bs].detach()
+
+
+def test_swav_loss_assembly_equals_the_official_queue_and_frozen_prototypes(cifar10_dir, tmp_path):
+    """SwAV's server loss over two clients' crops (2 full-size, 2 half-size, 2 samples each) against main_swav.py's
+    loss recomputed by hand: the crops regrouped per view (the official ``inputs``), the projection head once over
+    all crops, the prototypes normalized first, Sinkhorn codes per full-size crop. Round 1: prototypes frozen (no
+    gradient), no queue. Round 2 (``queue_start_round=2``): the first step fills the queue but does not read it, the
+    next reads it (the previous step's full-size embeddings, scored with the current prototypes). The gradients sent
+    back to the clients equal the reference's too."""
+    algo = _algorithm(cifar10_dir, tmp_path, "loss=swav", "crops=2x32,2x16", "num_prototypes=5", "queue_size=8",
+                      "queue_start_round=2", "freeze_prototypes_rounds=1")
+    with torch.no_grad():
+        algo.prototypes.heads[0].weight.mul_(3)  # not unit rows: the step normalizes them first
+    gen = torch.Generator().manual_seed(0)
+    c, b, queue = 2, 2, None
+    for call, rnd in enumerate((1, 2, 2)):
+        xs = [torch.randn(c * 2 * b, 8, s, s, generator=gen) for s in (32, 16)]  # client-major, 2 views per size
+        leaves = [x.clone().requires_grad_() for x in xs]
+        crops = [x.view(c, 2, b, *x.shape[1:])[:, j].flatten(0, 1) for x in leaves for j in range(2)]
+        body, head = copy.deepcopy(algo.trunk[:-1]), copy.deepcopy(algo.trunk[-1])
+        weight = F.normalize(algo.prototypes.heads[0].weight.detach(), dim=1)
+        expected, embeddings = _official_swav_loss(body, head, weight, crops, queue)
+        expected.backward()
+        algo.prototypes.heads[0].weight.grad = None
+        loss, grads = server_backward(xs, lambda inputs: algo._swav_server_loss(inputs, c, rnd))
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+        for g, leaf in zip(grads, leaves):
+            torch.testing.assert_close(g, leaf.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(algo.prototypes.heads[0].weight.norm(dim=1), torch.ones(5))
+        assert (algo.prototypes.heads[0].weight.grad is None) == (rnd == 1), call
+        assert algo.queue.count == (0 if rnd == 1 else 8), call
+        queue = embeddings if rnd == 2 else None  # the next step reads what this one enqueued
+
+
+def test_the_queue_starts_in_the_round_of_the_official_epoch_queue_starts():
+    """main_swav.py starts its queue when the 0-based ``epoch >= epoch_queue_starts`` (15); pfl's rounds are
+    1-based, so the default ``queue_start_round`` is 16."""
+    from pfl.algorithms.mocosfl import MocoSFLParams
+
+    start = MocoSFLParams().queue_start_round
+    assert all((rnd >= start) == (rnd - 1 >= 15) for rnd in range(1, 40))
+
+
+def test_swav_head_batchnorm_sees_every_crop_of_the_step(cifar10_dir, tmp_path):
+    """The projection head's BatchNorm runs once over the concatenation of every crop size's features (official
+    resnet50.py ``forward`` then ``forward_head``): its running mean after one step is 0.1 x the mean over all crops,
+    and each crop's embedding equals the manual concatenated forward's."""
+    algo = _algorithm(cifar10_dir, tmp_path, "loss=swav", "crops=2x32,2x16", "num_prototypes=5")
+    head = algo.trunk[-1]
+    norm = next(m for m in head.modules() if isinstance(m, nn.BatchNorm1d))
+    norm.reset_running_stats()
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 8, s, s, generator=gen) for s in (32, 16)]
+    with torch.no_grad():
+        features = torch.cat([algo.trunk[:-1](x) for x in xs])
+        hidden = head.layers[0](features)  # the Linear before the BatchNorm
+        manual = F.normalize(copy.deepcopy(head)(features), dim=1)
+        embeddings = algo._swav_embeddings(xs)
+    torch.testing.assert_close(norm.running_mean, 0.1 * hidden.mean(0))
+    torch.testing.assert_close(torch.cat(embeddings), manual)
+    assert [len(z) for z in embeddings] == [8, 8]
+
+
+def test_views_use_swav_color_jitter_for_swav_and_moco_v2_for_moco(cifar10_dir, tmp_path):
+    """``loss=swav`` draws every crop with SwAV's get_color_distortion(s=1.0), ColorJitter(0.8, 0.8, 0.8, 0.2);
+    ``loss=moco`` with MoCo v2's (MocoSFL's datasets.py), (0.4, 0.4, 0.4, 0.1)."""
+    from pfl.data.views import MOCO_V2_JITTER, SWAV_JITTER
+
+    assert SWAV_JITTER == (0.8, 0.8, 0.8, 0.2) and MOCO_V2_JITTER == (0.4, 0.4, 0.4, 0.1)
+    swav = _algorithm(cifar10_dir, tmp_path, "loss=swav", "crops=2x32,2x16", "num_prototypes=5")
+    moco = _algorithm(cifar10_dir, tmp_path, "queue_size=64")
+    assert [aug.jitter for _, aug in swav.views] == [SWAV_JITTER] * 2
+    assert [aug.jitter for _, aug in moco.views] == [MOCO_V2_JITTER]
+
+
+def test_prototypes_are_pytorchs_linear_initialization_from_their_own_generator():
+    """The prototypes are drawn as nn.Linear draws its weight, from a generator of their own: the same seed gives
+    the same rows as a Linear built right after seeding torch's CPU generator with it, and torch's global
+    generators are neither advanced nor reseeded (no CUDA seeding queued or done)."""
+    from test_views import cuda_seeding
+
+    from pfl.algorithms.mocosfl import swav_prototypes
+
+    torch.manual_seed(123)
+    cpu, cuda = torch.random.get_rng_state(), cuda_seeding()
+    prototypes = swav_prototypes(16, 5, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), cpu) and cuda_seeding() == cuda
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(3)
+        linear = nn.Linear(16, 5)
+    assert list(prototypes.state_dict()) == ["heads.0.weight"]
+    assert torch.equal(prototypes.heads[0].weight, linear.weight)
+    assert torch.equal(swav_prototypes(16, 5, seed=3).heads[0].weight, linear.weight)

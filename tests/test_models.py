@@ -74,3 +74,16 @@ def test_resnet18_rejects_non_rgb_input():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         build_model(ModelSpec("vgg", num_classes=10))
+
+
+def test_a_specs_normalization_round_trips_and_old_flexifed_specs_read_back_pfllibs():
+    """New specs carry the inputs' normalization; a VGG / CIFAR ResNet spec saved before the field existed was
+    trained with PFLlib's 0.5 / 0.5 (FlexiFed's CIFAR-10 statistics came later), and reads back with it."""
+    from pfl.models import ModelSpec, input_normalization
+
+    new = ModelSpec("vgg11", 10, normalization=input_normalization("vgg11"))
+    assert ModelSpec.from_dict(new.to_dict()) == new
+    assert new.normalization == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.201))
+    half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert ModelSpec.from_dict({"name": "resnet20", "num_classes": 10}).normalization == half
+    assert ModelSpec.from_dict({"name": "cnn", "num_classes": 10}).normalization is None  # input_normalization's

@@ -1,5 +1,6 @@
-"""Pathological, Dirichlet, extended Dirichlet (exdir) and IID partitions of the real CIFAR-10 labels
-(the ``cifar10`` fixture's slice)."""
+"""Pathological, Dirichlet, extended Dirichlet (exdir), IID and sort-and-shard partitions of the real CIFAR-10
+labels (the ``cifar10`` fixture's slice), pooled or on the dataset's official train / test split, and of
+synthetic labels shaped like full CIFAR-10's."""
 
 from __future__ import annotations
 
@@ -548,3 +549,194 @@ def test_iid_is_a_run_config_partition():
     assert load_config(None, ["partition=iid"]).partition == "iid"
     with pytest.raises(ConfigError, match="iid"):   # the error lists the choices
         load_config(None, ["partition=uniform"])
+
+
+# ---------------------------------------------------------------- shards (sort-and-shard)
+# Synthetic labels shaped like full CIFAR-10's: 5,000 train and 1,000 test images per class, in no order.
+_CIFAR10_TRAIN, _CIFAR10_TEST = 50_000, 10_000
+
+
+def cifar10_shaped_labels() -> torch.Tensor:
+    """int64 (60,000,): a shuffled train part (5,000 per class) followed by a shuffled test part (1,000 per class)."""
+    rng = np.random.default_rng(2024)
+    train, test = rng.permutation(np.repeat(np.arange(10), 5000)), rng.permutation(np.repeat(np.arange(10), 1000))
+    return torch.from_numpy(np.concatenate([train, test]))
+
+
+def test_shards_hand_computed_cut():
+    # 25 samples of 5 classes (5 each), 4 clients x 2 shards: 8 shards of 25 // 8 = 3 samples cut from the
+    # label-sorted order 0 0 0 0 0 1 1 1 1 1 2 ... 4; the last sorted sample (a 4) belongs to no shard.
+    labels = np.random.default_rng(7).permutation(np.repeat(np.arange(5), 5))
+    shard_labels = [(0, 0, 0), (0, 0, 1), (1, 1, 1), (1, 2, 2), (2, 2, 2), (3, 3, 3), (3, 3, 4), (4, 4, 4)]
+    spec = PartitionSpec("shards", num_clients=4, seed=3, shards_per_client=2)
+    shares = partition_module.shards(labels, 5, spec, np.random.default_rng(spec.seed))
+    used: list[int] = []
+    for share in shares:
+        assert len(share) == 6
+        got = sorted(labels[share].tolist())
+        pairs = [(a, b) for a in range(8) for b in range(a + 1, 8)
+                 if sorted(shard_labels[a] + shard_labels[b]) == got]
+        assert len(pairs) == 1, f"client labels {got}: not exactly one union of two shards"
+        used.extend(pairs[0])
+    assert sorted(used) == list(range(8))                            # every shard dealt once
+    everything = np.concatenate(shares)
+    assert len(set(everything.tolist())) == 24                      # disjoint
+    assert labels[np.setdiff1d(np.arange(25), everything)].tolist() == [4]  # the left-out sample
+
+
+def test_shards_are_blocks_of_the_label_sorted_order():
+    labels = cifar10_shaped_labels()[:_CIFAR10_TRAIN].numpy()
+    spec = PartitionSpec("shards", num_clients=100, seed=0, shards_per_client=2)
+    shares = partition_module.shards(labels, 10, spec, np.random.default_rng(0))
+    for share in shares:
+        assert len(share) == 500
+        halves = [share[:250], share[250:]]              # the client's two shards, in draw order
+        for shard in halves:
+            assert len(set(labels[shard].tolist())) == 1  # 5,000 per class / 250: a shard never straddles classes
+    assert len(set(np.concatenate(shares).tolist())) == _CIFAR10_TRAIN  # 200 x 250: every image, once
+
+
+def test_shards_refuses_more_shards_than_samples():
+    with pytest.raises(PartitionError, match="shards_per_client"):
+        make_partition(torch.zeros(30, dtype=torch.int64), 1, PartitionSpec("shards", num_clients=10, seed=0,
+                                                                            shards_per_client=4))
+
+
+@pytest.mark.parametrize("num_clients, train, test", [(100, 500, 100), (1000, 50, 10)])
+def test_shards_on_the_official_split_match_mocosfl(num_clients, train, test):
+    # MocoSFL's noniid_alllabel on CIFAR-10's train set: 2 random shards of 50,000 / (2 num_clients) images a
+    # client, so every client the same size, of at most 2 classes, the class pairs random
+    labels = cifar10_shaped_labels()
+    spec = PartitionSpec("shards", num_clients=num_clients, seed=0, shards_per_client=2, official_split=True)
+    part = make_partition(labels, 10, spec, num_train=_CIFAR10_TRAIN)
+    assert {(len(c.train), len(c.test)) for c in part.clients} == {(train, test)}
+    pairs = [frozenset(labels[c.train].tolist()) for c in part.clients]
+    assert max(map(len, pairs)) <= 2
+    assert len(set(pairs)) > 30                                     # dealt in order there would be 5
+    assert max(len(set(labels[c.test].tolist())) for c in part.clients) <= 2
+    train_idx, test_idx = torch.cat([c.train for c in part.clients]), torch.cat([c.test for c in part.clients])
+    assert len(train_idx.unique()) == _CIFAR10_TRAIN and int(train_idx.max()) < _CIFAR10_TRAIN
+    assert len(test_idx.unique()) == _CIFAR10_TEST and int(test_idx.min()) >= _CIFAR10_TRAIN
+
+
+def test_shards_key_uses_shards_per_client_only():
+    fp = "0" * 16
+    spec = PartitionSpec("shards", num_clients=10, seed=0)
+    assert spec.key(fp) != PartitionSpec(**{**spec.__dict__, "shards_per_client": 3}).key(fp)
+    for field, value in (("alpha", 0.9), ("classes_per_client", 5)):
+        assert spec.key(fp) == PartitionSpec(**{**spec.__dict__, field: value}).key(fp)
+    iid = PartitionSpec("iid", num_clients=10, seed=0)
+    assert iid.key(fp) == PartitionSpec(**{**iid.__dict__, "shards_per_client": 3}).key(fp)
+
+
+def test_shards_is_a_run_config_partition():
+    from pfl.config import ConfigError, load_config
+
+    cfg = load_config(None, ["partition=shards", "shards_per_client=3"])
+    assert (cfg.partition, cfg.shards_per_client, cfg.partition_label) == ("shards", 3, "shards3")
+    assert cfg.flat_params()["shards_per_client"] == 3
+    assert "shards_per_client" not in load_config(None, ["partition=iid"]).flat_params()
+    with pytest.raises(ConfigError, match="shards_per_client"):
+        load_config(None, ["partition=shards", "shards_per_client=0"])
+
+
+# ---------------------------------------------------------------- official train / test split, num_partitions
+
+def test_official_split_partitions_train_and_test_sets_apart(cifar10):
+    # the fixture's slice: 5 train batches of 600 (3,000 official train images), then 600 test images
+    assert cifar10.num_train == 3000
+    spec = PartitionSpec("iid", num_clients=8, seed=0, official_split=True, num_partitions=20)
+    part = make_partition(cifar10.labels, 10, spec, num_train=cifar10.num_train)
+    assert [(len(c.train), len(c.test)) for c in part.clients] == [(150, 30)] * 8
+    train_idx, test_idx = torch.cat([c.train for c in part.clients]), torch.cat([c.test for c in part.clients])
+    assert int(train_idx.max()) < 3000 <= int(test_idx.min())
+    assert len(train_idx.unique()) == len(train_idx) and len(test_idx.unique()) == len(test_idx)
+
+
+def test_flexifed_iid_shares_of_cifar10_shaped_data():
+    # FlexiFed's cifar_iid(train, 20) and cifar_iid(test, 20), 8 of them used: 2,500 train and 500 test a client
+    labels = cifar10_shaped_labels()
+    spec = PartitionSpec("iid", num_clients=8, seed=0, official_split=True, num_partitions=20)
+    part = make_partition(labels, 10, spec, num_train=_CIFAR10_TRAIN)
+    assert [(len(c.train), len(c.test)) for c in part.clients] == [(2500, 500)] * 8
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_num_partitions_keeps_the_first_num_clients_shares(cifar10, official):
+    # num_partitions=20 with 8 clients is the 20-client partition's first 8 clients, draw for draw
+    base = dict(scheme="iid", seed=1, official_split=official)
+    eight = make_partition(cifar10.labels, 10, PartitionSpec(num_clients=8, num_partitions=20, **base), 3000)
+    twenty = make_partition(cifar10.labels, 10, PartitionSpec(num_clients=20, **base), 3000)
+    assert len(eight.clients) == 8
+    assert all(torch.equal(a.train, b.train) and torch.equal(a.test, b.test)
+               for a, b in zip(eight.clients, twenty.clients))
+
+
+def test_official_split_and_num_partitions_refuse_what_they_cannot_mean(cifar10):
+    spec = PartitionSpec("iid", num_clients=8, seed=0, official_split=True)
+    with pytest.raises(PartitionError, match="official_split"):
+        make_partition(cifar10.labels, 10, spec)                      # no official train size known
+    with pytest.raises(PartitionError, match="num_partitions=4 is below num_clients=8"):
+        make_partition(cifar10.labels, 10, PartitionSpec("iid", num_clients=8, seed=0, num_partitions=4))
+    with pytest.raises(PartitionError, match="num_partitions=700 exceeds the 600 samples of the official test set"):
+        make_partition(cifar10.labels, 10, PartitionSpec("iid", num_clients=8, seed=0, official_split=True,
+                                                         num_partitions=700), cifar10.num_train)
+
+
+def test_pooled_default_is_unchanged_by_the_new_fields(cifar10):
+    # keys of specs without the new fields are those earlier versions computed, so their cache files stay valid
+    fp = "0123456789abcdef"
+    assert PartitionSpec("iid", 8, 0).key(fp) == "f5d02fb0708ead42"
+    assert PartitionSpec("pathological", 20, 0, classes_per_client=2).key(fp) == "d6460fe3d625fdca"
+    assert PartitionSpec("dirichlet", 20, 1, alpha=0.5, train_ratio=0.8).key(fp) == "87eaa12d6edbc134"
+    assert PartitionSpec("exdir", 10, 0, alpha=0.1, classes_per_client=3, balance=True).key(fp) == "8ce6f0200abeddb7"
+    # official_split and num_partitions enter the key when set; train_ratio no longer does under official_split
+    spec = PartitionSpec("iid", 8, 0)
+    keys = {PartitionSpec(**{**spec.__dict__, **change}).key(fp) for change in (
+        {}, {"official_split": True}, {"num_partitions": 20}, {"official_split": True, "num_partitions": 20})}
+    assert len(keys) == 4
+    official = PartitionSpec("iid", 8, 0, official_split=True)
+    assert official.key(fp) == PartitionSpec(**{**official.__dict__, "train_ratio": 0.5}).key(fp)
+
+
+def test_cached_official_split_is_checked_against_the_boundary(cifar10, tmp_path, caplog):
+    spec = PartitionSpec("iid", num_clients=8, seed=0, official_split=True, num_partitions=20)
+    fp = cifar10.fingerprint()
+    built, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path, num_train=3000)
+    assert hit is False
+    again, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path, num_train=3000)
+    assert hit is True and _same(again, built)
+    # the same file read with another boundary holds train indices past it: rebuilt, with a warning
+    with caplog.at_level(logging.WARNING, logger="pfl.data.partition"):
+        moved, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path, num_train=2400)
+    assert hit is False and "invalid indices" in caplog.text
+    assert int(torch.cat([c.train for c in moved.clients]).max()) < 2400
+
+
+def test_loaders_record_the_official_train_size(cifar10, cifar100, tinyimagenet_dir, tmp_path):
+    from dataclasses import replace
+
+    from conftest import tinyimagenet_classes
+    from pfl.data.datasets import load_tinyimagenet
+
+    assert cifar10.num_train == 3000 and len(cifar10) == 3600              # 5 x 600 train rows, then test_batch
+    assert cifar100.num_train == 3000 and len(cifar100) == 4000            # train rows, then test
+    tiny = load_tinyimagenet(tinyimagenet_classes(tinyimagenet_dir, tmp_path, 2))
+    assert tiny.num_train == 160 and len(tiny) == 200                      # 80 train JPEGs a class, then val
+    assert tiny.labels[:160].tolist() == [0] * 80 + [1] * 80
+    # the fingerprint (the key of partition caches) does not cover the new field
+    assert replace(cifar10, num_train=None).fingerprint() == cifar10.fingerprint()
+
+
+def test_run_config_partition_fields():
+    from pfl.config import ConfigError, load_config
+    from pfl.train import partition_spec
+
+    cfg = load_config(None, ["partition=iid", "num_clients=8", "num_partitions=20", "official_split=true"])
+    spec = partition_spec(cfg)
+    assert (spec.official_split, spec.num_partitions, spec.num_clients) == (True, 20, 8)
+    assert "official train and test sets" in cfg.describe() and "20 shares" in cfg.describe()
+    with pytest.raises(ConfigError, match="num_partitions=4 is below num_clients=8"):
+        load_config(None, ["num_clients=8", "num_partitions=4"])
+    with pytest.raises(ConfigError, match="official_split"):
+        load_config(None, ["partition=pfllib", "partition_name=x", "official_split=true"])

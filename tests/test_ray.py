@@ -1,12 +1,13 @@
 """Ray for sweeps and tuning (pfl.distributed) on a local Ray instance of two CPUs and a real CIFAR-10 slice:
-a Ray sweep's runs equal a local sweep's, a failing cell fails its launch run, Optuna workers share one study, and
-the Ray options' errors."""
+a Ray sweep's runs equal a local sweep's, a failing cell fails its launch run and cancels the others (even when Ray
+drops a cancel), Optuna workers share one study, and the Ray options' errors."""
 
 from __future__ import annotations
 
 import logging
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import mlflow
@@ -17,12 +18,13 @@ from pfl import tracking
 from pfl.cli import main
 from pfl.config import ConfigError, load_config
 from pfl.data.datasets import DatasetNotFoundError
-from pfl.distributed import (RayOptions, TaskError, _check_reachable, _finished, absolute_store, map_cells,
+from pfl.distributed import (RayOptions, TaskError, _check_reachable, _finished, _remote, absolute_store, map_cells,
                              ray_session, split_trials, sqlite_warning, task_resources)
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install -c constraints.txt ray)")
 
-CELL = ["algo=fedavg", "num_clients=4", "global_rounds=1", "partition=dirichlet", "device=cpu", "num_threads=1"]
+CELL = ["algo=fedavg", "num_clients=4", "num_partitions=12", "global_rounds=1", "partition=dirichlet", "device=cpu",
+        "num_threads=1"]  # 4 clients of about 300 images
 HEAD = ["--head", "global_epoch=1", "--head", "sampling_num=2", "--head", "ood_dataset=none"]
 
 
@@ -88,25 +90,68 @@ def test_a_failing_cell_fails_the_launch_run_with_its_own_error(tmp_path, store)
     assert mlflow.MlflowClient().get_run(launch_id).info.status == "FAILED"
 
 
-def test_a_failing_task_cancels_the_others_and_reads_as_one_line():
-    @ray.remote(max_retries=0)
-    def fail():
+def _tasks(resources: dict) -> tuple:
+    """Two pfl Ray tasks (:func:`pfl.distributed._remote`), defined here so that Ray ships them by value (the
+    workers cannot import this test module): ``fail(after=None)`` raises a two-line ValueError once file ``after``
+    exists (the other task runs); ``run_until_cancelled(started=None, resent=None)`` writes ``started`` and sleeps in
+    short steps until cancelled (the interrupt lands between Python bytecodes, not inside a long sleep), then, as a
+    task ending its runs KILLED does, keeps working until file ``resent`` exists (written once the driver has sent
+    its cancel again) and writes ``ended`` beside it."""
+
+    def fail(after=None):
+        while after is not None and not after.exists():
+            time.sleep(0.05)
         raise ValueError("bad value\nmore detail")
 
-    @ray.remote(max_retries=0)
-    def wait():
-        import time
+    def run_until_cancelled(started=None, resent=None):
+        if started is not None:
+            started.touch()
+        try:
+            while True:
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            while resent is not None and not resent.exists():
+                time.sleep(0.05)
+            if resent is not None:
+                (resent.parent / "ended").touch()
+            raise
 
-        for _ in range(600):  # a cancelled task is interrupted between Python bytecodes, not inside a long sleep
-            time.sleep(0.1)
+    return _remote(fail, resources), _remote(run_until_cancelled, resources)
 
-    refs = [wait.remote(), fail.remote()]
+
+def test_a_failing_task_cancels_the_others_and_reads_as_one_line():
+    fail, run_until_cancelled = _tasks({"num_cpus": 1})
+    refs = [run_until_cancelled.remote(), fail.remote()]
     with pytest.raises(TaskError) as err:
         list(_finished(refs, ["waiting task", "failing task"]))
     assert str(err.value) == "failing task failed: ValueError: bad value"
     assert isinstance(err.value.cause, ValueError)
+    with pytest.raises(ray.exceptions.TaskCancelledError):  # ended (cancelled) before _finished returned
+        ray.get(refs[0], timeout=0)
+
+
+def test_a_cancel_that_ray_drops_is_sent_again_and_never_interrupts_twice(tmp_path, monkeypatch):
+    """Ray drops a cancel that reaches the worker before the task does (pfl.distributed._cancel); here the driver's
+    first cancel is dropped on purpose. The cancel sent again ends the task, and the later ones do not cut short
+    what it does after the interrupt (two more cancels are sent before it can end)."""
+    sent = []
+
+    def lossy_cancel(ref, real=ray.cancel, **kwargs):
+        sent.append(ref)
+        if len(sent) > 1:
+            real(ref, **kwargs)
+        if len(sent) == 4:
+            (tmp_path / "resent").touch()
+
+    monkeypatch.setattr(ray, "cancel", lossy_cancel)
+    fail, run_until_cancelled = _tasks({"num_cpus": 1})
+    running = run_until_cancelled.remote(tmp_path / "started", tmp_path / "resent")
+    failing = fail.remote(tmp_path / "started")
+    with pytest.raises(TaskError, match="failing task failed"):
+        list(_finished([running, failing], ["running task", "failing task"]))
     with pytest.raises(ray.exceptions.TaskCancelledError):
-        ray.get(refs[0], timeout=10)
+        ray.get(running, timeout=0)
+    assert (tmp_path / "ended").exists() and len(sent) >= 4
 
 
 def test_ray_tune_workers_share_one_study_and_the_driver_writes_the_best_config(cifar10_dir, tmp_path, store,

@@ -131,7 +131,7 @@ def test_sweep_run_tree_and_report_files(data_dir, tmp_path, monkeypatch):
     old = mlflow.get_tracking_uri()
     tracking.configure_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        cfg = _cfg(data_dir, tmp_path, "sweep", algo="fedavg")
+        cfg = _cfg(data_dir, tmp_path, "sweep", algo="fedavg", num_partitions=12)  # 4 clients of about 300 images
         result = run_sweep(cfg, [0.3, 1.0], [0.5, 1.0], [load_head_config(HEADS, method="aph")], progress=False)
         client = mlflow.MlflowClient()
         assert len(result.fl_run_ids) == 4 and len(result.head_run_ids) == 4

@@ -1,13 +1,13 @@
-"""Crash-safe runs: checkpoints, exact resume (in process for every algorithm; after SIGKILL through the CLI),
-SIGTERM, stale-run recovery and refusing what cannot be resumed."""
+"""Crash-safe runs: checkpoints, exact resume (in process for every algorithm; after SIGKILL through the CLI) of the
+FL run and of its command's launch run, SIGTERM, stale-run recovery and refusing what cannot be resumed."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -17,10 +17,10 @@ import torch
 from pfl import tracking
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.checkpoint import Checkpointer, load_checkpoint
-from pfl.algorithms.engine import Engine, Schedule
+from pfl.algorithms.engine import Engine, RunInterrupted, Schedule
 from pfl.cli import main
 from pfl.config import load_config
-from pfl.train import build_algorithm, prepare
+from pfl.train import build_algorithm, prepare, resume_training, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("time/", "checkpoint/mb", "memory/")  # wall-clock figures differ from run to run
@@ -76,19 +76,38 @@ def _fl_run(tmp_path):
     return run
 
 
-def _wait_for_checkpoint(proc, cache: Path, rnd: int, timeout: float = 240) -> None:
-    """Poll until a checkpoint of round >= rnd exists (the process is then between rounds rnd and rnd + 2)."""
-    start = time.time()
-    while time.time() - start < timeout:
-        for path in cache.glob("checkpoints/*/checkpoint.safetensors"):
-            try:
-                if load_checkpoint(path)[1]["round"] >= rnd:
-                    return
-            except ValueError:
-                pass
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint in time")
+# `pfl train` (its arguments: sys.argv[2:]) that, at the end of round sys.argv[1] (0: never), prints "paused" and
+# waits for a stop signal: the test's signal then finds the run between rounds, however fast the machine is
+_PAUSING_TRAIN = """
+import sys, time
+import pfl.train
+from pfl.algorithms.engine import Callback
+from pfl.cli import main
+
+class Pause(Callback):
+    def __init__(self, stop):
+        self.stop = stop
+
+    def on_round_end(self, rnd, metrics):
+        if rnd == int(sys.argv[1]):
+            print("paused", flush=True)
+            while self.stop() is None:  # SIGTERM is recorded (the round loop then stops); SIGKILL ends it here
+                time.sleep(0.05)
+
+def run_training(cfg, *args, stop, extra_callbacks=None, **kwargs):
+    return real(cfg, *args, stop=stop, extra_callbacks=[*(extra_callbacks or []), Pause(stop)], **kwargs)
+
+real, pfl.train.run_training = pfl.train.run_training, run_training
+sys.exit(main(["train", "--no-progress", *sys.argv[2:]]))
+"""
+
+
+def _paused(proc) -> None:
+    """Wait until ``proc`` (:func:`_train` with ``pause_at``) has paused between rounds."""
+    for line in proc.stdout:
+        if line.strip() == "paused":
+            return
+    raise AssertionError(f"pfl train ended before it paused: {proc.communicate()}")
 
 
 def _history(run_id):
@@ -102,15 +121,16 @@ def _client_files(run_id, dst):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
 
 
-def _train(args, env):
-    return subprocess.Popen([sys.executable, "-m", "pfl.cli", "train", "--no-progress", *args], env=env,
+def _train(args, env, pause_at=0):
+    """``pfl train --no-progress <args>`` as a subprocess, paused at the end of round ``pause_at`` (:func:`_paused`)."""
+    return subprocess.Popen([sys.executable, "-c", _PAUSING_TRAIN, str(pause_at), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(cifar10_dir, tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
-    proc = _train(_overrides(cifar10_dir, killed), _store_env(killed))
-    _wait_for_checkpoint(proc, killed / "cache", 3)
+    proc = _train(_overrides(cifar10_dir, killed), _store_env(killed), pause_at=3)
+    _paused(proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run = _fl_run(killed)
@@ -120,7 +140,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cifar10_dir, tmp_path):
     assert main(["train", "--resume", run.info.run_id, "--no-progress"]) == 0
     done = mlflow.MlflowClient().get_run(run.info.run_id)
     assert done.info.status == "FINISHED"
-    assert mlflow.MlflowClient().get_run(done.data.tags["mlflow.parentRunId"]).info.status == "FINISHED"
+    resumed_launch = _launch_record(done.data.tags["mlflow.parentRunId"])
     resumed_history, resumed_files = _history(run.info.run_id), _client_files(run.info.run_id, tmp_path / "a")
 
     ref = _train(_overrides(cifar10_dir, whole), _store_env(whole))
@@ -129,11 +149,63 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cifar10_dir, tmp_path):
     assert resumed_history == _history(ref_run.info.run_id)  # step by step, no step twice
     assert all(len({s for s, _ in h}) == len(h) for h in resumed_history.values())
     assert resumed_files == _client_files(ref_run.info.run_id, tmp_path / "b")  # byte-identical safetensors
+    # the launch run too: FINISHED with the seed summary and description (the run tree of an uninterrupted command)
+    assert resumed_launch == _launch_record(ref_run.data.tags["mlflow.parentRunId"])
+    assert resumed_launch["status"] == "FINISHED" and "test/acc" in resumed_launch["metrics"]
+
+
+def _launch_record(run_id):
+    """What a launch run shows: status, name, params (but each command's own cache_dir), metrics (steps and values),
+    description and tag names."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    params = {k: v for k, v in run.data.params.items() if k != "cache_dir"}
+    return {"status": run.info.status, "name": run.info.run_name, "params": params,
+            "metrics": _history(run_id), "description": run.data.tags.get("mlflow.note.content"),
+            "tags": sorted(run.data.tags)}
+
+
+def _stop_after_round_1():
+    calls = itertools.count(1)
+    return lambda: signal.SIGTERM if next(calls) == 1 else None
+
+
+def _run_tree(experiment):
+    """A store's runs by name: each one's status, parent's name, metrics (no wall-clock ones), and a launch run's
+    params and description."""
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    names = {r.info.run_id: r.info.run_name for r in runs}
+    return {r.info.run_name: (r.info.status, names.get(r.data.tags.get("mlflow.parentRunId")), _history(r.info.run_id),
+                              *((r.data.params, r.data.tags.get("mlflow.note.content"))
+                                if r.data.tags["pfl.kind"] == "launch" else ()))
+            for r in runs}
+
+
+def test_a_resumed_command_leaves_the_run_tree_of_an_uninterrupted_one(cifar10_dir, tmp_path, monkeypatch):
+    """Stopped in its first repeat, then resumed: the resume also runs the second repeat and logs the launch
+    run's seed summary and description, as the uninterrupted command does."""
+    args = [*_overrides(cifar10_dir, tmp_path, "fedavg", rounds=2), "repeats=2"]
+    trees = {}
+    for name in ("whole", "resumed"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)  # the store's artifacts
+        tracking.configure_tracking(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        if name == "whole":
+            run_training(load_config(None, args), progress=False)
+        else:
+            with pytest.raises(RunInterrupted):
+                run_training(load_config(None, args), progress=False, stop=_stop_after_round_1())
+            (killed,) = mlflow.search_runs(experiment_names=["resume"], output_format="list",
+                                           filter_string="tags.`pfl.kind` = 'fl'")
+            ids = resume_training(killed.info.run_id, progress=False)
+            assert ids["fl_run_ids"][0] == killed.info.run_id and len(ids["fl_run_ids"]) == 2
+        trees[name] = _run_tree("resume")
+    assert len(trees["whole"]) == 3  # the launch run and two FL runs
+    assert trees["resumed"] == trees["whole"]
 
 
 def test_sigterm_checkpoints_marks_killed_and_exits_143(cifar10_dir, tmp_path):
-    proc = _train(_overrides(cifar10_dir, tmp_path, rounds=30), _store_env(tmp_path))
-    _wait_for_checkpoint(proc, tmp_path / "cache", 1)
+    proc = _train(_overrides(cifar10_dir, tmp_path, rounds=30), _store_env(tmp_path), pause_at=1)
+    _paused(proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err
@@ -141,10 +213,7 @@ def test_sigterm_checkpoints_marks_killed_and_exits_143(cifar10_dir, tmp_path):
     assert run.info.status == "KILLED"
     assert mlflow.MlflowClient().get_run(run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
     assert f"pfl train --resume {run.info.run_id}" in err and "Traceback" not in err
-    logged = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                      artifact_path="checkpoint/checkpoint.safetensors",
-                                                      dst_path=str(tmp_path / "dl")))
-    _, meta = load_checkpoint(logged)
+    _, meta = load_checkpoint(tracking.download_checkpoint(run.info.run_id, tmp_path / "dl"))
     assert 1 <= meta["round"] < 30 and meta["round"] == max(s for s, _ in _history(run.info.run_id)["train/loss"])
 
 

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(cifar10_dir, tmp_path, **overrides):
-    values = {"data_dir": cifar10_dir, "cache_dir": tmp_path / "cache", "num_clients": 4, "global_rounds": 2,
-              "join_ratio": 0.5, "classes_per_client": 5, "experiment": "tune-it", "device": "cpu",
-              "algo": "fedfomo", **overrides}
+    values = {"data_dir": cifar10_dir, "cache_dir": tmp_path / "cache", "num_clients": 4, "num_partitions": 12,
+              "global_rounds": 2, "join_ratio": 0.5, "classes_per_client": 5, "experiment": "tune-it",
+              "device": "cpu", "algo": "fedfomo", **overrides}  # 4 clients of 300 images
     return load_config(None, [f"{k}={v}" for k, v in values.items()])
 
 
@@ -131,13 +131,13 @@ def _trial_runs():
 def test_study_tracks_trials_resumes_and_best_config_reproduces(cifar10_dir, tmp_path, stores):
     cfg = _cfg(cifar10_dir, tmp_path)
     optuna.create_study(storage=stores, study_name="s", direction="maximize")  # as created before metric names
-    settings = StudySettings(n_trials=4, storage=stores, study_name="s", out_dir=tmp_path)  # with a progress bar
+    settings = StudySettings(n_trials=2, storage=stores, study_name="s", out_dir=tmp_path)  # with a progress bar
     result = run_study(cfg, search_space("fedfomo"), settings)
     study = optuna.load_study(study_name="s", storage=stores)
-    assert len(study.trials) == 4
-    assert result.states["complete"] + result.states["pruned"] == 4
+    assert len(study.trials) == 2
+    assert result.states["complete"] + result.states["pruned"] == 2
     runs = _trial_runs()
-    assert len(runs) == 4
+    assert len(runs) == 2
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {result.study_run_id}
     by_number = {int(r.data.tags["optuna.trial"]): r for r in runs}
     for t in study.trials:
@@ -161,11 +161,11 @@ def test_study_tracks_trials_resumes_and_best_config_reproduces(cifar10_dir, tmp
     assert yaml.safe_load(result.best_config.read_text())["M"] == result.best_params["M"]
     assert validation_score(best, "val/acc", []) == result.best_value  # exact: same seed, same splits
 
-    again = run_study(cfg, search_space("fedfomo"), StudySettings(n_trials=2, storage=stores, study_name="s",
+    again = run_study(cfg, search_space("fedfomo"), StudySettings(n_trials=1, storage=stores, study_name="s",
                                                                   out_dir=tmp_path, final_repeats=2, progress=False,
                                                                   register=True))
     study = optuna.load_study(study_name="s", storage=stores)
-    assert len(study.trials) == 6  # resumed, not restarted
+    assert len(study.trials) == 3  # resumed, not restarted
     assert study.user_attrs["mlflow_study_run_ids"] == [result.study_run_id, again.study_run_id]
     finals = mlflow.search_runs(experiment_names=["tune-it"], output_format="list",
                                 filter_string=f"tags.`mlflow.parentRunId` = '{again.study_run_id}' and "

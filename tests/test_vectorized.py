@@ -113,8 +113,8 @@ def test_engine_vectorized_rounds_match_sequential(cifar10_dir, tmp_path, algo):
     results = {}
     for mode in ("sequential", "vectorized"):
         cfg = load_config(None, [f"data_dir={cifar10_dir}", f"cache_dir={tmp_path / 'cache'}", f"algo={algo}",
-                                 "num_clients=6", "join_ratio=0.5", "global_rounds=2", "classes_per_client=5",
-                                 "device=cpu", f"client_parallelism={mode}"])
+                                 "num_clients=6", "num_partitions=18", "join_ratio=0.5", "global_rounds=2",
+                                 "classes_per_client=5", "device=cpu", f"client_parallelism={mode}"])
         algorithm, final = run_federated(prepare(cfg), 0, [])
         results[mode] = ([algorithm.personalized_state(c) for c in range(6)], final.metrics)
     for seq, vec in zip(results["sequential"][0], results["vectorized"][0]):

@@ -34,10 +34,17 @@ when a uniform draw is below ``epsilon - (round - 1) * epsilon_decay`` (linear d
 NVlabs counts rounds from 0) and otherwise exploiting (the next client by affinity).
 ``epsilon = 0`` (the default) is PFLlib's top-``M'``, which has no exploration.
 
+State, and so a checkpoint, holds two models per client that took part: its latest model (``models``: the
+personalized model and what the server sends others) and its anchor (``anchors``: PFLlib's ``old_model``, kept
+across rounds by ``clientfomo.py``). Neither can be rebuilt from the other, and an exact resume needs both: the
+anchor's loss and distances score the models the client receives at its next round.
+
 Deliberate differences from PFLlib: losses are computed with every model in eval mode
 (PFLlib's ``recalculate_loss`` runs the models in whatever mode they are in, train mode
 for the anchor, so BatchNorm models there use batch statistics); ``M'`` also caps at the
-clients that uploaded last round (PFLlib's guard for dropped clients, always equal here).
+clients that uploaded last round (PFLlib's guard for dropped clients, always equal here); the local update
+reshuffles the client's fit split every epoch, where ``clientfomo.py``'s ``load_train_data`` reads it in a fixed
+order (``DataLoader(..., shuffle=False)``), so PFLlib's FedFomo clients see the same batches every round.
 """
 
 from __future__ import annotations

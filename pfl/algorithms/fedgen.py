@@ -1,52 +1,60 @@
 """FedGen: data-free knowledge distillation with a server-side generator (Zhu, Hong, Zhou, ICML 2021).
 
-The server keeps a conditional generator ``G(y, eps) -> z`` (:class:`Generator`) whose output lives
-in the space the classifier head reads (the base's output, ``model.head``'s input). Round r (1-based):
+The server keeps a conditional generator ``G(y, eps) -> z`` (:class:`Generator`) whose output lives in the
+space the *distilled layers* D read (:func:`distilled_layer`): the whole classifier head ``model.head`` in the
+official variant, the head's last Linear (PFLlib's ``model.fc``) in PFLlib's. Round r (1-based):
 
 1. each sampled client starts from the global model and trains with cross-entropy plus, from round 2
    (the generator is untrained before) and after ``generator_warmup_rounds``, the regularizers of the
    official ``userpFedGen.py`` (paper Sec. 3.2, Eq. 5), both decayed by ``max(1e-4, c * decay**(r-1))``
    (its ``exp_lr_scheduler``):
 
-   * ``generative_alpha * (gen_batch_size / batch_size) * CE(head(G(y', eps)), y')`` on ``gen_batch_size``
+   * ``generative_alpha * (gen_batch_size / batch_size) * CE(D(G(y', eps)), y')`` on ``gen_batch_size``
      generated features, ``y'`` uniform over the labels present in the federation (``available_labels``);
-   * ``generative_beta * KL(p || softmax(model(x)))``, p = ``softmax(head(G(y, eps)))`` (detached) for the
-     real batch's labels y (``nn.KLDivLoss(reduction="batchmean")``);
+   * ``generative_beta * KL(p || softmax(model(x)))``, p = ``softmax(D(G(y, eps)))`` (detached, generator in
+     eval mode) for the real batch's labels y (``nn.KLDivLoss(reduction="batchmean")``);
 
-2. the server trains G for ``server_epochs`` Adam steps on the round's uploaded heads (teachers, eval mode)
-   (paper Eq. 4, ``serverpFedGen.train_generator``): labels uniform over the labels some sampled client
-   holds, ``loss = teacher + diversity_weight * diversity``, where the teacher loss weights each sample's
-   cross-entropy under client u by u's share of that label among the sampled clients
-   (:func:`teacher_loss`, ``get_label_weights``) and the diversity loss is :func:`diversity_loss`;
-   the generator's learning rate decays by ``gen_lr_decay`` per round (``ExponentialLR(gamma=0.98)``)
-   and Adam's moments persist across rounds;
+2. the server trains G for ``server_epochs`` Adam steps on the round's uploaded distilled layers (teachers, eval
+   mode) (paper Eq. 4, ``serverpFedGen.train_generator``): labels uniform over the labels some sampled client
+   holds, ``loss = teacher + diversity_weight * diversity``. The teacher loss (:func:`teacher_loss`) weights
+   client u's cross-entropy by u's share of the label among the sampled clients (``get_label_weights``);
+   ``teacher_loss=official`` (default) computes it as the official code does: its ``(B,)`` losses times a
+   ``(B, 1)`` weight tensor broadcast to ``(B, B)`` before the mean, so each client contributes
+   ``mean(weights) * mean(losses)``; ``teacher_loss=per_sample`` takes each sample's loss times its own label's
+   weight, the per-sample weighted mean. The diversity loss is :func:`diversity_loss`. The generator's learning
+   rate decays by ``gen_lr_decay`` per round (``ExponentialLR(gamma=0.98)``) and Adam's moments persist across
+   rounds;
 3. the global model is FedAvg of the uploads (sample-weighted; float buffers averaged, counters kept).
 
 Evaluation scores the global model (as FL-bench and PFLlib do); ``eval_personalized`` also scores each
 client's latest upload, its locally fine-tuned model, as ``finetuned/*``.
 
-``variant="pfllib"`` follows PFLlib's ``servergen.py`` / ``clientgen.py`` instead: the client adds
-``generative_alpha * CE(head(G(y', eps)), y')`` (PFLlib: coefficient 1, no decay, from round 1, no KL
-term, ``batch_size`` generated samples) with ``y'`` drawn from all clients' pooled train labels; the server's
-teacher loss is the cross-entropy of the sample-weighted mean of the uploaded heads' logits, labels from
-the same pool, no diversity loss, Adam lr 0.005 without weight decay or decay; with
-``localize_feature_extractor`` each client keeps its own base and only the head is shared.
+``variant="pfllib"`` follows PFLlib's ``servergen.py`` / ``clientgen.py`` instead. PFLlib splits its models
+into ``base`` and ``head = model.fc`` (``main.py``), so D is the head's last Linear and G outputs that Linear's
+input (for the CNN: the 512 features of fc1 + ReLU). The client adds ``generative_alpha * CE(D(G(y', eps)), y')``
+(PFLlib: coefficient 1, no decay, from round 1, no KL term, ``batch_size`` generated samples) with ``y'`` drawn
+from all clients' pooled train labels; the server's teacher loss is the cross-entropy of the sample-weighted
+mean of the uploaded last Linears' logits (:func:`ensemble_teacher_loss`), labels from the same pool, no
+diversity loss, Adam lr 0.005 without weight decay or decay. With ``localize_feature_extractor`` only that last
+Linear is averaged and sent, as PFLlib shares ``model.head`` alone; each client keeps the rest of its model
+(for the CNN the conv layers and fc1).
 
-Deliberate differences from the official code: G outputs the head's input (pfl's base/head split: for
-the CNN the 1600 flattened conv features read by a 2-layer head), where the official model feeds G's
-output to its last Linear only (``latent_layer_idx=-1``) and PFLlib to its head (the last Linear);
-label weights use each client's train-split label counts (the official code counts labels of the batches
-a client drew in the round, starting from 1 per label); the student (adversarial) loss is left out
-(``ensemble_beta=0`` in every official config); the ``early_stop`` of 20 local epochs is not applied;
-the official code has no CIFAR-10 run config, so the coefficients and the generator's optimizer follow its
-MNIST config. Both references draw the noise ``eps ~ U[0, 1)`` (their comments say Gaussian): so does pfl.
-In the PFLlib variant the clients' generator copy runs in train mode (PFLlib shares the server's generator
-object, so its batch-norm statistics also move during client training; here they do not). Also different
-from the official code: the clients' learning rate is constant (it decays by 0.99 per round, ``userbase.py``
-``lr_scheduler``); a round is ``local_epochs`` passes over the client's split (it is 20 steps on a batch
-iterator carried across rounds, ``local_epochs=20, K=1``), so the regularizers' total weight grows with a
-client's size; a coefficient set to 0 stays 0 (its ``exp_lr_scheduler`` floors even 0 at 1e-4). The
-generator sent to every client is not counted in ``comm/bytes_down`` (only model states are).
+Deliberate differences from the official code: in the official variant G outputs the head's input (pfl's
+base/head split: for the CNN the 1600 flattened conv features read by a 2-layer head), where the official model
+feeds G's output to its last Linear only (``latent_layer_idx=-1``); label weights use each client's train-split
+label counts (the official code counts labels of the batches a client drew in the round, starting from 1 per
+label); the student (adversarial) loss is left out (``ensemble_beta=0`` in every official config); the
+``early_stop`` of 20 local epochs is not applied; the official code has no CIFAR-10 run config, so the
+coefficients and the generator's optimizer follow its MNIST config. Both references draw the noise
+``eps ~ U[0, 1)`` (their comments say Gaussian): so does pfl. In the PFLlib variant the clients' generator copy
+runs in train mode (PFLlib shares the server's generator object, so its batch-norm statistics also move during
+client training; here they do not). Also different from the official code: the clients' learning rate is
+constant (it decays by 0.99 per round, ``userbase.py`` ``lr_scheduler``); a round is ``local_epochs`` passes over
+the client's split (it is 20 steps on a batch iterator carried across rounds, ``local_epochs=20, K=1``), so the
+regularizers' total weight grows with a client's size; a coefficient set to 0 stays 0 (its ``exp_lr_scheduler``
+floors even 0 at 1e-4). The generator sent to every client is not counted in ``comm/bytes_down`` (only model
+states are); with ``localize_feature_extractor`` the ``comm/bytes_*`` still count whole models, the client's own
+layers included (pfl keeps them in its server-side store).
 """
 
 from __future__ import annotations
@@ -73,15 +81,16 @@ EVAL_PER_CLASS = 100  # generated features per class scored by the global head e
 # Per-variant defaults of the fields left unset (None). official: utils/model_config.py (GENERATORCONFIGS
 # ['cifar'] hidden 512, noise 64; RUNCONFIGS['mnist'] ensemble_lr 3e-4, weight_decay 1e-2, ensemble_epochs 50,
 # ensemble_eta 1, generative_alpha 10, generative_beta 10), main.py (--gen_batch_size 32), serverpFedGen.py
-# (ExponentialLR gamma 0.98), userpFedGen.py (exp_lr_scheduler decay 0.98). pfllib: system/main.py
-# (noise_dim 512, hidden_dim 512, generator_learning_rate 0.005, server_epochs 1000, learning_rate_decay False).
+# (ExponentialLR gamma 0.98; its teacher loss's broadcast, teacher_loss="official"), userpFedGen.py
+# (exp_lr_scheduler decay 0.98). pfllib: system/main.py (noise_dim 512, hidden_dim 512, generator_learning_rate
+# 0.005, server_epochs 1000, learning_rate_decay False); its teacher loss is ensemble_teacher_loss (no teacher_loss).
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "official": {"gen_hidden": (512,), "noise_dim": 64, "server_epochs": 50, "gen_lr": 3e-4, "gen_weight_decay": 1e-2,
                  "gen_lr_decay": 0.98, "gen_batch_size": 32, "generative_alpha": 10.0, "generative_beta": 10.0,
-                 "decay": 0.98, "diversity_weight": 1.0},
+                 "decay": 0.98, "diversity_weight": 1.0, "teacher_loss": "official"},
     "pfllib": {"gen_hidden": (512,), "noise_dim": 512, "server_epochs": 1000, "gen_lr": 5e-3, "gen_weight_decay": 0.0,
                "gen_lr_decay": 1.0, "gen_batch_size": None, "generative_alpha": 1.0, "generative_beta": 0.0,
-               "decay": 1.0, "diversity_weight": 0.0},
+               "decay": 1.0, "diversity_weight": 0.0, "teacher_loss": None},
 }
 
 
@@ -101,15 +110,18 @@ class FedGenParams(HyperParams):
         generative_beta: weight of the client's KL term (official variant only).
         decay: per-round decay of both client coefficients.
         diversity_weight: weight of the diversity loss in the generator's objective (0: off).
-        localize_feature_extractor: clients keep their own base, only the head is shared (pfllib variant only).
+        teacher_loss: ``official`` (the official code's mean(weights) x mean(losses) per client) or
+            ``per_sample`` (each sample's loss times its label's weight) (:func:`teacher_loss`; official variant only).
+        localize_feature_extractor: only the head's last Linear (PFLlib's ``model.head``) is shared; each client
+            keeps the rest of its model (pfllib variant only).
         generator_warmup_rounds: rounds in which clients train without the regularizers while the
             generator already trains (the official code always skips round 1).
         eval_personalized: also evaluate each client's locally fine-tuned model, the model it uploaded after
             its latest local training (the global model while it has not taken part), as ``finetuned/*``.
 
     Raises:
-        ValueError: out-of-range values, ``generative_beta > 0`` or ``localize_feature_extractor`` with a
-            variant that has no such term.
+        ValueError: out-of-range values, ``generative_beta > 0``, ``teacher_loss`` or
+            ``localize_feature_extractor`` with a variant that has no such term.
     """
 
     variant: Literal["official", "pfllib"] = "official"
@@ -124,6 +136,7 @@ class FedGenParams(HyperParams):
     generative_beta: float | None = Field(None, ge=0)
     decay: float | None = Field(None, gt=0, le=1)
     diversity_weight: float | None = Field(None, ge=0)
+    teacher_loss: Literal["official", "per_sample"] | None = None
     localize_feature_extractor: bool = False
     generator_warmup_rounds: int = Field(0, ge=0)
     eval_personalized: bool = False
@@ -140,6 +153,9 @@ class FedGenParams(HyperParams):
     def _check_variant(self) -> FedGenParams:
         if self.variant == "pfllib" and self.generative_beta:
             raise ValueError("generative_beta: PFLlib's FedGen has no KL term; use variant=official")
+        if self.variant == "pfllib" and self.teacher_loss:
+            raise ValueError("teacher_loss: PFLlib's FedGen scores the clients' mean logits without label weights; "
+                             "use variant=official")
         if self.variant == "official" and self.localize_feature_extractor:
             raise ValueError("localize_feature_extractor is PFLlib's switch; use variant=pfllib")
         if any(h < 1 for h in self.gen_hidden):
@@ -203,18 +219,29 @@ def label_weights(counts: torch.Tensor) -> torch.Tensor:
     return counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
 
 
-def teacher_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_u mean_i W[y_i, u] * CE(logits_u[i], y_i)`` (nats), the official teacher loss (``serverpFedGen.py``
-    ``train_generator``; the paper's Eq. 4 with the label-share weights of its code).
+def teacher_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: torch.Tensor,
+                 form: Literal["official", "per_sample"] = "official") -> torch.Tensor:
+    """The generator's teacher loss (nats): each client u's cross-entropy ``CE_u`` (B,) on the generated features,
+    weighted by u's label shares ``w_u[i] = W[y_i, u]``, summed over the clients (the paper's Eq. 4 with the
+    label-share weights of ``serverpFedGen.py`` ``train_generator``).
+
+    ``form="official"``: ``sum_u mean_i(w_u) * mean_i(CE_u)``, what the official code computes: it multiplies
+    the ``(B,)`` losses of ``NLLLoss(reduce=False)`` by a ``(B, 1)`` weight tensor, which broadcasts to ``(B, B)``
+    (entry ``[i, j] = w_u[i] * CE_u[j]``), and takes the mean. ``form="per_sample"``: ``sum_u mean_i(w_u[i] *
+    CE_u[i])``, each sample's loss times its own label's weight.
 
     Args:
-        logits: each client u's head on the generated features, (B, K) each.
+        logits: each client u's distilled layers on the generated features, (B, K) each.
         labels: the generated labels (B,).
         weights: :func:`label_weights` (K, U) on the logits' device.
+        form: ``official`` or ``per_sample``.
     """
-    w = weights[labels].to(logits[0].dtype)
-    return sum(((F.cross_entropy(z, labels, reduction="none") * w[:, u]).mean() for u, z in enumerate(logits)),
-               torch.zeros((), device=labels.device))
+    w = weights[labels].to(logits[0].dtype)  # (B, U)
+    total = torch.zeros((), device=labels.device)
+    for u, z in enumerate(logits):
+        ce = F.cross_entropy(z, labels, reduction="none")
+        total = total + (w[:, u].mean() * ce.mean() if form == "official" else (w[:, u] * ce).mean())
+    return total
 
 
 def ensemble_teacher_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: list[float]) -> torch.Tensor:
@@ -235,13 +262,37 @@ def head_input_dim(head: nn.Module) -> int:
     return linear.in_features
 
 
-def head_params(state: State, device: torch.device) -> State:
-    """The ``head.*`` entries of a model state, renamed relative to the head, on ``device``."""
-    return {k[len("head."):]: v.to(device) for k, v in state.items() if k.startswith("head.")}
+def distilled_layer(model: nn.Module, variant: str) -> str:
+    """The module path of the layers G feeds: ``"head"`` (official variant, pfl's whole head), or the head's
+    last Linear (pfllib variant: PFLlib's ``head`` is ``model.fc``, ``system/main.py``), ``"head"`` itself when
+    the head is one Linear, else ``"head.<i>"`` for the last entry of a Sequential head (``"head.2"`` for the CNN).
+
+    Raises:
+        ValueError: a pfllib run whose head neither is nor ends with a Linear layer.
+    """
+    head = model.head
+    if variant == "official" or isinstance(head, nn.Linear):
+        return "head"
+    if isinstance(head, nn.Sequential) and len(head) and isinstance(head[-1], nn.Linear):
+        return f"head.{len(head) - 1}"
+    raise ValueError(f"FedGen variant=pfllib distills into the head's last Linear (PFLlib's model.fc); "
+                     f"{type(model).__name__}'s head does not end with one: use variant=official")
+
+
+def layer_params(state: State, layer: str, device: torch.device) -> State:
+    """The entries of a model state under module path ``layer``, renamed relative to it, on ``device``."""
+    prefix = f"{layer}."
+    return {k[len(prefix):]: v.to(device) for k, v in state.items() if k.startswith(prefix)}
 
 
 class FedGenUpdate(SGDUpdate):
-    """Local SGD plus FedGen's client regularizers, read from ``FitIns.extras`` (module docstring).
+    """Local SGD plus FedGen's client regularizers (``userpFedGen.py`` ``train``), read from ``FitIns.extras``
+    (module docstring).
+
+    With ``D`` the model's distilled layers (``layer``), real batch ``(x, y)`` of B samples and this round's
+    ``alpha``, ``beta``, the minibatch loss is ``CE(model(x), y) + beta * KL(softmax(D(G(y, eps))) ||
+    softmax(model(x))) + gen_ratio * alpha * CE(D(G(y', eps')), y')`` with the KL summed over classes and
+    averaged over the B samples, ``y'`` ``gen_batch`` labels drawn from the ``labels`` pool (nats).
 
     A :class:`FitIns` without a ``"generator"`` extra trains exactly as :class:`SGDUpdate` (warm-up, round 1,
     zero coefficients). The extras: ``generator`` (its state), ``alpha``, ``beta`` (this round's coefficients),
@@ -251,11 +302,13 @@ class FedGenUpdate(SGDUpdate):
     Args:
         base: the run's local SGD (batch size, lr, epochs).
         generator: the device generator the payload's state is loaded into (not trained here).
+        layer: module path of the distilled layers in the clients' models (:func:`distilled_layer`).
     """
 
-    def __init__(self, base: SGDUpdate, generator: Generator):
+    def __init__(self, base: SGDUpdate, generator: Generator, layer: str = "head"):
         super().__init__(**base.settings())
         self.generator = generator.requires_grad_(False)
+        self.layer = layer
 
     def fit(self, model: nn.Module, data: DeviceImages, ins: FitIns, indices: torch.Tensor,
             seed: int) -> tuple[State, torch.Tensor]:
@@ -276,15 +329,19 @@ class FedGenUpdate(SGDUpdate):
             labels, eps = self.generator.draw(extra["labels"], extra["gen_batch"], extra["rng"])
             with torch.no_grad():
                 z = self.generator(labels, eps)
-            loss = loss + extra["gen_ratio"] * extra["alpha"] * self.loss_fn(model.head(z), labels)
+            loss = loss + extra["gen_ratio"] * extra["alpha"] * self.loss_fn(self.distilled(model)(z), labels)
         return loss
+
+    def distilled(self, model: nn.Module) -> nn.Module:
+        """The distilled layers D of ``model`` (its submodule at ``layer``)."""
+        return model.get_submodule(self.layer)
 
     def _latent_loss(self, model: nn.Module, logits: torch.Tensor, y: torch.Tensor,
                      rng: torch.Generator) -> torch.Tensor:
-        """``KL(p || softmax(logits))`` (nats, batch mean), p the head's detached softmax on G(y, eps)."""
+        """``KL(p || softmax(logits))`` (nats, batch mean), p the distilled layers' detached softmax on G(y, eps)."""
         eps = torch.rand((len(y), self.generator.noise_dim), generator=rng).to(y.device)
         with torch.no_grad():
-            target = F.softmax(model.head(self.generator(y, eps)), dim=1)
+            target = F.softmax(self.distilled(model)(self.generator(y, eps)), dim=1)
         return F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
 
 
@@ -292,7 +349,8 @@ class FedGen(Algorithm):
     """FedGen (module docstring): FedAvg plus a server-trained generator that regularizes the clients.
 
     Raises:
-        ValueError: the clients' architectures differ, or the head has no Linear layer.
+        ValueError: the clients' architectures differ, or the distilled layers do not start with a Linear layer
+            (:func:`distilled_layer`).
     """
 
     name = "fedgen"
@@ -314,13 +372,15 @@ class FedGen(Algorithm):
         self.global_state = ctx.init_states[spec]
         self.bases = ctx.new_store()  # localize_feature_extractor: each client's own model (its base is kept)
         self.finetuned = ctx.new_store(self.personalized_state)  # eval_personalized: uploads
-        self.head = ctx.runner.models[spec].head
+        model = ctx.runner.models[spec]
+        self.layer = distilled_layer(model, self.hp.variant)
+        self.distilled = model.get_submodule(self.layer)
         self.device = ctx.runner.data.device
         self.generator = self._new_generator(spec.num_classes)
         self.generator_state = model_state(self.generator)
         self.generator_opt: State = {}  # Adam's moments and steps, "<param index>.<name>"
         self.generator_lr = self.hp.gen_lr
-        self.update = FedGenUpdate(ctx.update, self._new_generator(spec.num_classes))
+        self.update = FedGenUpdate(ctx.update, self._new_generator(spec.num_classes), self.layer)
         labels = ctx.runner.data.labels
         self.label_counts = torch.stack([torch.bincount(labels[c.fit], minlength=spec.num_classes).cpu()
                                          for c in ctx.clients])  # (N, K) train-split label counts
@@ -330,7 +390,8 @@ class FedGen(Algorithm):
         self.metrics: dict[str, float] = {}
 
     def _new_generator(self, num_classes: int) -> Generator:
-        return Generator(num_classes, self.hp.noise_dim, self.hp.gen_hidden, head_input_dim(self.head)).to(self.device)
+        return Generator(num_classes, self.hp.noise_dim, self.hp.gen_hidden,
+                         head_input_dim(self.distilled)).to(self.device)
 
     @property
     def local_update(self) -> FedGenUpdate:
@@ -348,9 +409,12 @@ class FedGen(Algorithm):
         return alpha, beta
 
     def _shared_keys(self) -> list[str]:
-        """The entries the server averages: the float entries, or the head's with a localized base."""
+        """The entries the server averages and sends: the float entries, or with ``localize_feature_extractor``
+        only the distilled layer's (PFLlib's ``model.head``, the last Linear)."""
         keys = float_keys(self.global_state)
-        return [k for k in keys if k.startswith("head.")] if self.hp.localize_feature_extractor else keys
+        if self.hp.localize_feature_extractor:
+            return [k for k in keys if k.startswith(f"{self.layer}.")]
+        return keys
 
     def personalized_state(self, client_id: int) -> State:
         if not self.hp.localize_feature_extractor:
@@ -392,13 +456,13 @@ class FedGen(Algorithm):
         """
         gen = load_state(self.generator, self.generator_state).train().requires_grad_(True)
         opt = self._optimizer()
-        teachers = [head_params(r.state, self.device) for r in results]
-        self.head.eval()
+        teachers = [layer_params(r.state, self.layer, self.device) for r in results]
+        self.distilled.eval()
         counts = self.label_counts[[r.client_id for r in results]]
         if self.hp.variant == "official":
             weights = label_weights(counts).to(self.device)
             pool = torch.nonzero(counts.max(dim=0).values).flatten()
-            loss_fn = partial(teacher_loss, weights=weights)
+            loss_fn = partial(teacher_loss, weights=weights, form=self.hp.teacher_loss)
         else:
             total = sum(r.num_samples for r in results)
             pool = self.pooled
@@ -407,7 +471,7 @@ class FedGen(Algorithm):
         for _ in range(self.hp.server_epochs):
             labels, eps = gen.draw(pool, self.update.batch_size, rng)
             z = gen(labels, eps)
-            teacher = loss_fn([functional_call(self.head, p, (z,)) for p in teachers], labels)
+            teacher = loss_fn([functional_call(self.distilled, p, (z,)) for p in teachers], labels)
             diversity = diversity_loss(eps, z)
             loss = teacher + self.hp.diversity_weight * diversity if self.hp.diversity_weight else teacher
             opt.zero_grad()
@@ -440,14 +504,15 @@ class FedGen(Algorithm):
 
     @torch.no_grad()
     def generated_accuracy(self, rng: torch.Generator) -> dict[str, float]:
-        """The global head's accuracy (fraction) on :data:`EVAL_PER_CLASS` generated features per class (generator
-        in eval mode): ``server/generated_acc_c<k>`` per class and their mean ``server/generated_acc``. pfl's own
-        sanity signal (issue 16); neither reference computes it."""
+        """The global distilled layers' accuracy (fraction) on :data:`EVAL_PER_CLASS` generated features per class
+        (generator in eval mode): ``server/generated_acc_c<k>`` per class and their mean ``server/generated_acc``.
+        pfl's own sanity signal (issue 16); neither reference computes it."""
         gen = self.generator.eval()
         k = gen.num_classes
         labels = torch.arange(k).repeat_interleave(EVAL_PER_CLASS).to(self.device)
         eps = torch.rand((len(labels), gen.noise_dim), generator=rng).to(self.device)
-        logits = functional_call(self.head.eval(), head_params(self.global_state, self.device), (gen(labels, eps),))
+        logits = functional_call(self.distilled.eval(), layer_params(self.global_state, self.layer, self.device),
+                                 (gen(labels, eps),))
         per_class = (logits.argmax(dim=1) == labels).double().view(k, EVAL_PER_CLASS).mean(dim=1).tolist()
         return {"server/generated_acc": sum(per_class) / k,
                 **{f"server/generated_acc_c{c}": acc for c, acc in enumerate(per_class)}}

@@ -25,9 +25,26 @@ model is the global one. Evaluation scores each client's personalized model on i
 Artifacts: every client's file holds only its adapters and head; the frozen backbone (with FFA's A)
 is logged once as ``server/backbone.safetensors`` (:meth:`FedLoRA.shared_backbone`).
 
-Deliberate differences: FedIT fine-tunes LLMs with Adam; here the optimizer is the run's
-(``optimizer=adamw`` in the ViT templates). peft's LoRA initialization is kept (A Kaiming-uniform,
-B zero); FFA-LoRA's paper draws A from a Gaussian and scales its ``alpha``, which is left to ``lora_alpha``.
+Local training is the run's (:class:`~pfl.algorithms.local.SGDUpdate`). FedIT's official code
+(JayZhang42/FederatedGPT-Shepherd, ``fed_utils/client.py`` ``build_local_trainer``) builds a fresh HF
+``Trainer`` per client and round with ``optim="adamw_torch"``, ``warmup_steps=0`` and the Trainer's defaults
+``weight_decay=0``, ``lr_scheduler_type="linear"`` and ``max_grad_norm=1.0``: AdamW whose rate decays linearly
+to 0 over the client's optimizer steps of the round, gradients clipped to norm 1. The ViT templates set exactly
+that (``optimizer=adamw weight_decay=0 lr_schedule=linear max_grad_norm=1``), and so does their full fine-tuning
+arm (``configs/fedavg_vit_cifar10*.yaml``), so the two arms differ only in what trains.
+
+Which layers: FedIT adapts LLaMA's separate ``q_proj`` only (``main.py``'s default
+``lora_target_modules=["q_proj"]``; its README's example adds ``k_proj``, ``v_proj``, ``o_proj``). timm's ViT
+computes Q, K and V with one fused linear layer ``qkv`` (d -> 3d), so LoRA on ``qkv`` is one update
+B A with B (3d, r) and A (r, d): Q, K and V are adapted together in one rank-r subspace (they share A, and
+their joint update has rank at most r), not by a rank-r adapter each; the default targets also adapt the MLP
+(``fc1``, ``fc2``).
+
+Deliberate differences from FedIT: the model, data and loss (a ViT classifying images, not an LLM on
+instructions); bf16 autocast (FedIT: fp16 on an 8-bit base); one batch per step (FedIT: micro-batches with
+gradient accumulation); the adapted layers (above); the templates' LoRA r=8, alpha 16, no dropout (FedIT's
+defaults: r=16, alpha 16, dropout 0.05). peft's LoRA initialization is kept (A Kaiming-uniform, B zero);
+FFA-LoRA's paper draws A from a Gaussian and scales its ``alpha``, which is left to ``lora_alpha``.
 """
 
 from __future__ import annotations
@@ -51,7 +68,8 @@ class FedLoRAParams(HyperParams):
     Attributes:
         rank: LoRA rank r.
         lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / rank``).
-        target_modules: the base's linear layers that get adapters (timm ViT: ``qkv``, ``fc1``, ``fc2``).
+        target_modules: the base's linear layers that get adapters (timm ViT: ``qkv``, ``fc1``, ``fc2``; the fused
+            ``qkv`` adapts Q, K and V in one rank-r subspace, module docstring).
         lora_dropout: dropout on the adapters' input.
         lora_aggregation: ``fedit`` (average A and B) or ``ffa`` (A frozen, average B).
         personal_head: keep each client's head local.

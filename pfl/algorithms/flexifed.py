@@ -25,6 +25,14 @@ Buffer policy (BatchNorm): running means and variances are averaged with their l
 Local training follows the FlexiFed-IMP reimplementation (``src/core/Client.py``): each round a
 client trains ``local_epochs`` epochs of SGD with momentum 0.9 and weight decay 5e-4 (the
 optimizer created afresh each round) on a random ``sample_fraction`` of its training shard.
+The run's ``lr``, ``lr_schedule`` and ``max_grad_norm`` apply; ``momentum`` and ``weight_decay`` are
+FlexiFed's hyperparameters (a ``weight_decay`` set anywhere in a FlexiFed run sets this one), and
+``optimizer=adamw`` is refused before any run is created (:class:`pfl.config.RunConfig`).
+
+What it accepts: the architectures of one family (:func:`check_families`; across families the common
+prefix is empty, so FlexiFed cannot mean a mix: it is refused before any run is created). A single architecture is
+accepted with a warning: every scheme but ``standalone`` is then FedAvg over the round's participants
+(clustered FedAvg with one cluster).
 
 Deliberate differences from the reference code: averages are weighted by the samples trained
 on (FedAvg's weights; with the paper's equal IID shards they equal the reimplementation's plain
@@ -36,6 +44,7 @@ code scores in train mode, a bug); the VGG classifier is CIFAR-sized (:mod:`pfl.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -46,15 +55,36 @@ from pydantic import Field
 from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
 from pfl.algorithms.local import FitIns, FitRes, SGDUpdate
 from pfl.algorithms.state import State, weighted_average
+from pfl.models.resnet_cifar import RESNET_CIFAR_DEPTHS
+from pfl.models.vgg import VGG_CONFIGS
 from pfl.seed import derive_seed
 
 SCHEMES = ("standalone", "clustered_fl", "basic_common", "clustered_common", "max_common")
+# FlexiFed's image architecture families (VGG, CIFAR ResNet); any other architecture is a family of its own.
+FAMILIES = {**{f"vgg{d}": "vgg" for d in VGG_CONFIGS}, **{f"resnet{d}": "resnet" for d in RESNET_CIFAR_DEPTHS}}
 Signature = tuple[tuple[str, tuple[int, ...]], ...]  # an architecture's state entries: (name, shape) in order
 
 
 def signature(state: State) -> Signature:
     """An architecture's state entries as ``(name, shape)`` pairs in forward (``state_dict``) order."""
     return tuple((k, tuple(v.shape)) for k, v in state.items())
+
+
+def check_families(models: Sequence[str]) -> None:
+    """Refuse architectures of several families (:data:`FAMILIES`), e.g. ``vgg11,resnet20``.
+
+    Raises:
+        ValueError: one line naming each family and its architectures, and a one-family example.
+    """
+    families: dict[str, list[str]] = {}
+    for name in dict.fromkeys(models):
+        families.setdefault(FAMILIES.get(name, name), []).append(name)
+    if len(families) > 1:
+        named = "; ".join(f"{family}: {', '.join(names)}" for family, names in families.items())
+        raise ValueError(f"model={','.join(models)} mixes architecture families ({named}); FlexiFed shares layers "
+                         "within one family (across families they share no leading layer): use depths "
+                         "of one family, e.g. model=vgg11,vgg13,vgg16,vgg19 or model=resnet20,resnet32,resnet44,"
+                         "resnet56")
 
 
 def common_prefix(a: Signature, b: Signature) -> int:
@@ -122,11 +152,12 @@ def aggregate(scheme: str, states: dict[int, State], weights: dict[int, float]) 
 
 
 class MomentumSGD(SGDUpdate):
-    """SGD with momentum and weight decay, a fresh ``torch.optim.SGD`` per client and round (FlexiFed-IMP)."""
+    """SGD with momentum and weight decay, a fresh ``torch.optim.SGD`` per client and round (FlexiFed-IMP); the
+    rest (lr, its schedule, clipping, batches) is the run's update ``base``."""
 
     def __init__(self, base: SGDUpdate, momentum: float, weight_decay: float):
-        super().__init__(**base.settings())
-        self.momentum, self.weight_decay = momentum, weight_decay
+        super().__init__(**{**base.settings(), "weight_decay": weight_decay})
+        self.momentum = momentum
 
     def optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
@@ -139,7 +170,8 @@ class FlexiFedParams(HyperParams):
         scheme: aggregation scheme (:data:`SCHEMES`).
         sample_fraction: fraction of its training shard a client trains on per round (paper: a tenth).
         momentum: local SGD momentum (FlexiFed-IMP: 0.9).
-        weight_decay: local SGD weight decay (FlexiFed-IMP: 5e-4).
+        weight_decay: local SGD weight decay (FlexiFed-IMP: 5e-4); in a FlexiFed run the ``weight_decay`` name
+            sets this hyperparameter, not the run field of the same name.
     """
 
     scheme: Literal["standalone", "clustered_fl", "basic_common", "clustered_common", "max_common"] = "max_common"
@@ -150,7 +182,11 @@ class FlexiFedParams(HyperParams):
 
 class FlexiFed(Algorithm):
     """FlexiFed (module docstring): each client keeps its own architecture's model; the server averages
-    the layers the round's participants have in common, by ``scheme``."""
+    the layers the round's participants have in common, by ``scheme``.
+
+    Warns:
+        UserWarning: every client runs one architecture (FlexiFed is then clustered FedAvg).
+    """
 
     name = "flexifed"
     Params = FlexiFedParams
@@ -165,6 +201,11 @@ class FlexiFed(Algorithm):
 
     def __init__(self, ctx: FederatedContext, **hparams):
         super().__init__(ctx, **hparams)
+        if len(ctx.architectures) == 1:
+            warnings.warn(f"flexifed with one architecture ({ctx.specs[0].name}) is clustered FedAvg: every scheme "
+                          "but standalone averages whole models over the round's participants; give several depths "
+                          "of one family (e.g. model=vgg11,vgg13,vgg16,vgg19) to compare FlexiFed's schemes",
+                          stacklevel=2)
         self.models = ctx.new_store()  # each client's model (= its personalized model)
         self.update = MomentumSGD(ctx.update, self.hp.momentum, self.hp.weight_decay)
 

@@ -111,45 +111,76 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
 
 
 class SGDUpdate(LocalUpdate):
-    """Local SGD (PFLlib's client update: plain SGD, cross-entropy, ``local_epochs`` epochs).
+    """Local SGD (PFLlib's client update: plain SGD, cross-entropy, ``local_epochs`` epochs), or AdamW.
 
     Only parameters that require gradients train (a LoRA model's adapters and head). Training batches
     are augmented when the run's image transform says so (:mod:`pfl.data.transforms`), drawn from
-    the same seeded generator as the batch order.
+    the same seeded generator as the batch order. The optimizer, its moments and the learning-rate
+    schedule start afresh for every client and round, as a fresh HF ``Trainer`` per client and round does
+    in FedIT (``fed_utils/client.py``, ``build_local_trainer``).
 
     Args:
         batch_size: minibatch size; the last incomplete batch of an epoch is dropped
             (PFLlib's ``drop_last=True``) unless the client has fewer samples than one batch.
-        lr: learning rate.
+        lr: (peak) learning rate.
         local_epochs: passes over the client's training indices per round.
-        optimizer: ``"sgd"`` (plain SGD) or ``"adamw"`` (``torch.optim.AdamW`` with torch's defaults: betas
-            (0.9, 0.999), weight decay 0.01); a fresh one per client and round, so no moments carry over rounds.
+        optimizer: ``"sgd"`` (``torch.optim.SGD``: no momentum; weight decay as an L2 term added to the gradient)
+            or ``"adamw"`` (``torch.optim.AdamW``: betas (0.9, 0.999), eps 1e-8, decoupled weight decay).
         autocast: autocast dtype of the forward pass and loss (``torch.bfloat16``), or ``None`` (fp32).
+        weight_decay: the optimizer's weight decay, on every trained parameter (the HF ``Trainer`` exempts biases
+            and LayerNorm weights; FedIT's is 0); ``None``: its default (sgd: 0, PFLlib; adamw: torch's 0.01).
+        lr_schedule: ``"constant"``, or ``"linear"``: step k (0-based) of a round of T optimizer steps
+            (T = ``local_epochs`` x the client's batches per epoch) runs at ``lr (T - k) / T``, so the rate
+            decays linearly towards 0 within every round. This is the HF ``Trainer``'s default
+            ``lr_scheduler_type="linear"`` with ``warmup_steps=0`` (FedIT), whose ``num_training_steps`` is the
+            training's optimizer steps: transformers' ``get_linear_schedule_with_warmup`` multiplies the rate
+            by ``max(0, (T - k) / T)`` and steps after every optimizer step, so the last step runs at ``lr / T``.
+        max_grad_norm: clip the gradients' total 2-norm to this value before every step
+            (``torch.nn.utils.clip_grad_norm_``, as the HF ``Trainer``'s ``max_grad_norm``, default 1.0 there);
+            ``None``: no clipping.
+        drop_last: drop each epoch's last incomplete batch (PFLlib's ``DataLoader(drop_last=True)``); ``False``
+            trains on it as a smaller batch, as torch's ``DataLoader`` does by default (FlexiFed's official code).
     """
 
     def __init__(self, batch_size: int, lr: float, local_epochs: int, optimizer: str = "sgd",
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, weight_decay: float | None = None,
+                 lr_schedule: str = "constant", max_grad_norm: float | None = None, drop_last: bool = True):
         self.batch_size = batch_size
         self.lr = lr
         self.local_epochs = local_epochs
         self.optimizer_name = optimizer
         self.autocast = autocast
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.max_grad_norm = max_grad_norm
+        self.drop_last = drop_last
         self.loss_fn = nn.CrossEntropyLoss()
 
     def settings(self) -> dict[str, Any]:
         """The constructor's arguments, for a subclass built on the run's update (``Sub(**update.settings())``)."""
         return {"batch_size": self.batch_size, "lr": self.lr, "local_epochs": self.local_epochs,
-                "optimizer": self.optimizer_name, "autocast": self.autocast}
+                "optimizer": self.optimizer_name, "autocast": self.autocast, "weight_decay": self.weight_decay,
+                "lr_schedule": self.lr_schedule, "max_grad_norm": self.max_grad_norm, "drop_last": self.drop_last}
 
     @property
     def plain(self) -> bool:
-        """Plain fp32 SGD (what vectorized training computes)."""
-        return self.optimizer_name == "sgd" and self.autocast is None
+        """Plain fp32 SGD at a constant rate, without weight decay or clipping, on full batches only (what vectorized
+        training computes)."""
+        return (self.optimizer_name == "sgd" and self.autocast is None and not self.weight_decay
+                and self.lr_schedule == "constant" and self.max_grad_norm is None and self.drop_last)
 
     def optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer | None:
-        """The optimizer of one client's round, created afresh each round (``None``: plain SGD as one fused
-        step, :meth:`_sgd_step`). Subclasses return e.g. ``torch.optim.SGD`` with momentum."""
-        return torch.optim.AdamW(params, lr=self.lr) if self.optimizer_name == "adamw" else None
+        """The optimizer of one client's round, created afresh each round (``None``: SGD without weight decay as
+        one fused step, :meth:`_sgd_step`). Subclasses return e.g. ``torch.optim.SGD`` with momentum."""
+        if self.optimizer_name == "adamw":
+            decay = {} if self.weight_decay is None else {"weight_decay": self.weight_decay}  # None: torch's 0.01
+            return torch.optim.AdamW(params, lr=self.lr, **decay)
+        return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay) if self.weight_decay else None
+
+    def step_lr(self, step: int, steps: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) of a round of ``steps`` steps: ``lr``, or under
+        the linear schedule ``lr (steps - step) / steps`` (class docstring)."""
+        return self.lr if self.lr_schedule == "constant" else self.lr * (steps - step) / steps
 
     def result_state(self, model: nn.Module) -> State:
         """What the client uploads after training: its full state (subclasses send less, e.g. FedLoRA's adapters)."""
@@ -170,9 +201,10 @@ class SGDUpdate(LocalUpdate):
         gen = torch.Generator().manual_seed(seed)
         n = len(indices)
         bs = min(self.batch_size, n)
-        steps = n // bs
+        steps = n // bs if self.drop_last else -(-n // bs)  # the last, incomplete batch is order[(steps - 1) * bs:]
+        total = steps * self.local_epochs
         loss_sum = torch.zeros((), device=data.device)
-        for _ in range(self.local_epochs):
+        for epoch in range(self.local_epochs):
             order = indices[torch.randperm(n, generator=gen).to(indices.device)]
             for b in range(steps):
                 x, y = data.batch(order[b * bs:(b + 1) * bs], gen)
@@ -181,13 +213,24 @@ class SGDUpdate(LocalUpdate):
                 for p in params:
                     p.grad = None
                 loss.backward()
-                opt.step() if opt is not None else self._sgd_step(params)
+                self._step(opt, params, self.step_lr(epoch * steps + b, total))
                 loss_sum += loss.detach()
-        return self.result_state(model), loss_sum / (steps * self.local_epochs)
+        return self.result_state(model), loss_sum / total
+
+    def _step(self, opt: torch.optim.Optimizer | None, params: list[torch.Tensor], lr: float) -> None:
+        """One optimizer step at rate ``lr``, after clipping the gradients' norm to ``max_grad_norm`` (if set)."""
+        if self.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if opt is None:
+            self._sgd_step(params, lr)
+            return
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
 
     @torch.no_grad()
-    def _sgd_step(self, params: list[torch.Tensor]) -> None:
+    def _sgd_step(self, params: list[torch.Tensor], lr: float) -> None:
         """theta <- theta - lr * grad: torch.optim.SGD's update (no momentum, no weight decay), bit for bit,
         as one fused multi-tensor op without the optimizer's per-step bookkeeping (5% of a CNN step on CPU)."""
         params = [p for p in params if p.grad is not None]  # as SGD, skip parameters without a gradient
-        torch._foreach_add_(params, [p.grad for p in params], alpha=-self.lr)
+        torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)

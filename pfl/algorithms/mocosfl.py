@@ -15,9 +15,10 @@ One MoCo step (``loss=moco``):
    (``t <- momentum t + (1 - momentum) online``, parameters only) and runs it on view 2 (the keys);
 3. the server concatenates the activations in cohort order, updates its momentum trunk the same way, and
    computes the symmetric MoCo v2 loss ``InfoNCE(S(q), S_t(k)) + InfoNCE(S(k), S_t(q))`` (:func:`infonce`,
-   ``temperature``) against one queue of ``queue_size`` keys shared by all clients (:class:`KeyQueue`); both
-   terms read the queue as it was before the step, then ``[S_t(q), S_t(k)]`` are enqueued; only the first
-   term reaches the clients (the keys carry no gradient);
+   ``temperature``; official ``compute`` with ``symmetric``) against one queue of ``queue_size`` keys shared by
+   all clients (:class:`KeyQueue`); both terms read the queue as it was before the step, then the normalized
+   ``[S_t(q), S_t(k)]`` are enqueued, in that order; only the first term reaches the clients (the keys carry no
+   gradient);
 4. one backward pass; each client gets its own slice of the activations' gradient (:func:`server_backward`),
    finishes its backward pass and steps its SGD; the server steps its SGD;
 5. every ``sync_every`` steps and at the round's last step, the pool's online stems are averaged (FedAvg,
@@ -25,21 +26,29 @@ One MoCo step (``loss=moco``):
    with their clients.
 
 The SwAV variant (Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster
-Assignments", NeurIPS 2020) keeps the split and the synchronization and changes the server's loss: every
-view of ``crops`` (multi-crop, e.g. ``2x32,6x16``) goes through the client's online stem (no momentum
-encoders); the server projects each to the unit sphere, scores it against ``num_prototypes`` L2-normalized
-prototypes (lightly's ``SwaVPrototypes`` without its bias, normalized before every step), and computes
-lightly's ``SwaVLoss`` (swapped prediction, Sinkhorn-Knopp codes of the full-size views with ``sinkhorn_iters``
-and ``epsilon``, ``temperature``) over all clients' embeddings at once: one loss, one backward pass, a
-gradient slice per client and view. With ``queue_size`` > 0 (default 0) the codes also see the last
-``queue_size`` full-size embeddings (SwAV's queue): it fills from round ``queue_start_round`` and is read once
-full. Measured here, a queue 20 to 40 times the step's batch, started while the representation still moves,
-collapses the run (the step's samples crowd onto the prototypes the stale queue leaves free). The
-prototypes stay frozen for the first ``freeze_prototypes_rounds`` rounds (SwAV: the first epoch). Scores reach
-the Sinkhorn step in fp32. The model ends in SwAV's projection head (:meth:`MocoSFL.model_spec`:
-``resnet18_sfl_swav``, Linear-BatchNorm-ReLU-Linear to 128-d, the BatchNorm over the step's concatenated batch
-on the server): with MocoSFL's Linear-ReLU-Linear projection the embeddings start nearly collinear (mean
-cosine 0.95 at initialization), the Sinkhorn codes of a step come out nearly uniform, and SwAV collapses.
+Assignments", NeurIPS 2020; official facebookresearch/swav ``main_swav.py``, ``src/resnet50.py``) keeps the
+split and the synchronization and changes the server's loss: every view of ``crops`` (multi-crop, e.g.
+``2x32,6x16``, with SwAV's color jitter :data:`pfl.data.views.SWAV_JITTER`) goes through the client's online
+stem (no momentum encoders); the server runs its trunk on each crop size's activations and SwAV's projection
+head once on all of them concatenated, as the official ``forward`` (:meth:`MocoSFL._swav_embeddings`: the
+head's BatchNorm normalizes with every crop of every client of the step, the official's synchronized
+BatchNorm over all GPUs), projects each embedding to the unit sphere, scores it against ``num_prototypes``
+L2-normalized prototypes (:func:`swav_prototypes`, normalized before every step), and computes lightly's
+``SwaVLoss`` (the official loss: swapped prediction, Sinkhorn-Knopp codes of each full-size view with
+``sinkhorn_iters`` and ``epsilon``, the cross-entropy at ``temperature`` of every other view against them,
+averaged over the other views and the full-size ones) over all clients' embeddings at once: one loss, one
+backward pass, a gradient slice per client and view. With ``queue_size`` > 0 (default 0) the codes also see
+the last ``queue_size`` full-size embeddings (SwAV's queue, scored with the step's prototypes): it fills from
+round ``queue_start_round`` (1-based; default 16, as the official ``epoch_queue_starts=15`` counts epochs from
+0) and is read once full, from the step after it fills (the official: once its last row is non-zero).
+Measured here, a queue 20 to 40 times the step's batch, started while the representation still moves,
+collapses the run (the step's samples crowd onto the prototypes the stale queue leaves free). The prototypes
+stay frozen (no gradient, so no SGD step, weight decay or momentum for them) for the first
+``freeze_prototypes_rounds`` rounds (the official ``freeze_prototypes_niters``, 313 or 5,005 iterations:
+about its first epoch at a batch of 4,096 or 256). Scores reach the Sinkhorn step in fp32. The model ends in
+SwAV's projection head (:meth:`MocoSFL.model_spec`: ``resnet18_sfl_swav``, Linear-BatchNorm-ReLU-Linear to
+128-d): with MocoSFL's Linear-ReLU-Linear projection the embeddings start nearly collinear (mean cosine 0.95
+at initialization), the Sinkhorn codes of a step come out nearly uniform, and SwAV collapses.
 ``server/embedding_spread`` (:func:`embedding_spread`) logs the collapse monitor per round for both losses.
 
 Clients' SGD and the server's are PyTorch's SGD (``sgd_momentum``, ``weight_decay``, :func:`sgd_step`) at
@@ -61,6 +70,12 @@ Deliberate differences from the official code (also in the README):
   reloads the best-kNN checkpoint, chosen on the test set), at a constant Adam rate, and reports the last
   epoch's accuracy, not the best over epochs (:class:`pfl.algorithms.evaluation.KNNEvaluator`);
 * the official key batch-shuffle (a no-op without BatchNorm) is left out;
+* the FedAvg is the pool's mean; the official ``average_weights(local_list, pool)`` (``base_funtions.py``)
+  starts its sum from client 0's stem instead of the pool's first client's, so with client sampling
+  (``client_sample_ratio`` < 1) client 0's stem, the last average unless client 0 is pooled, stands in for the
+  pool's first client's (a bug; the two agree when every client is pooled);
+* ``momentum`` sets the clients' momentum stems and the server's momentum trunk alike (the official client
+  hard-codes 0.99; the server's is 0.99 too);
 * SwAV uses SGD with momentum as MocoSFL does (the SwAV paper: LARS), and its queue holds both full-size
   views' embeddings in one ring buffer (the paper: one per view).
 """
@@ -84,7 +99,7 @@ from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, Search
 from pfl.algorithms.evaluation import KNNEvaluator
 from pfl.algorithms.local import FitRes, autocast
 from pfl.algorithms.state import State, load_state, model_state, state_bytes
-from pfl.data.views import ViewAugmentation, parse_crops
+from pfl.data.views import MOCO_V2_JITTER, SWAV_JITTER, ViewAugmentation, parse_crops
 from pfl.models.resnet_sfl import MocoSFLResNet18, client_entries, split
 from pfl.models.split import ModelSpec
 from pfl.seed import derive_seed
@@ -178,6 +193,27 @@ def embedding_spread(z: torch.Tensor) -> torch.Tensor:
     return z.std(0).mean() * z.shape[1] ** 0.5
 
 
+def swav_prototypes(dim: int, count: int, seed: int) -> nn.Module:
+    """SwAV's prototypes, ``count`` vectors of ``dim`` (official ``nn.Linear(feat_dim, nmb_prototypes, bias=False)``,
+    ``src/resnet50.py``) as lightly's ``SwaVPrototypes`` without its bias (a bias makes the scores non-cosine);
+    weights (count, dim) drawn as PyTorch's ``nn.Linear`` draws them (Kaiming-uniform, a = sqrt(5)) from a
+    generator seeded with ``seed``. Built on the meta device and filled on the CPU: torch's global generators are
+    neither drawn from nor seeded."""
+    from pfl._torchvision import import_torchvision
+
+    import_torchvision()
+    from lightly.models.modules import SwaVPrototypes
+
+    with torch.device("meta"):
+        prototypes = SwaVPrototypes(dim, count)
+    prototypes.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    for layer in prototypes.heads:
+        layer.register_parameter("bias", None)
+        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    return prototypes
+
+
 def cosine_lr(lr: float, rnd: int, rounds: int) -> float:
     """PyTorch's ``CosineAnnealingLR(T_max=rounds)`` stepped once per round: the rate of round ``rnd`` (1-based),
     ``lr (1 + cos(pi (rnd - 1) / rounds)) / 2``."""
@@ -202,7 +238,7 @@ class MocoSFLParams(HyperParams):
     sinkhorn_iters: int = Field(3, ge=1)  # SwAV
     epsilon: float = Field(0.05, gt=0)  # SwAV's Sinkhorn entropy weight
     freeze_prototypes_rounds: int = Field(1, ge=0)  # SwAV
-    queue_start_round: int = Field(15, ge=1)  # SwAV: the round its queue starts filling (SwAV's epoch_queue_starts)
+    queue_start_round: int = Field(16, ge=1)  # SwAV: the round its queue starts filling (epoch_queue_starts=15 from 0)
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.1, gt=0)
     linear_epochs: int = Field(100, ge=0)  # linear probe at the last round (0: none)
@@ -302,24 +338,15 @@ class MocoSFL(Algorithm):
             raise ValueError(f"crops={self.hp.crops!r}: the first views must be full-size ({full}) and none larger; "
                              f"e.g. crops=2x{full},6x{max(full // 2, 1)}")
         mean, std = self.ctx.runner.data.transform.mean, self.ctx.runner.data.transform.std
-        return [(s.count, ViewAugmentation(s.size, s.scale, mean, std)) for s in specs]
+        jitter = MOCO_V2_JITTER if self.hp.loss == "moco" else SWAV_JITTER
+        return [(s.count, ViewAugmentation(s.size, s.scale, mean, std, jitter)) for s in specs]
 
     def _prototypes(self, device: torch.device) -> nn.Module:
-        """SwAV's prototypes: lightly's ``SwaVPrototypes`` without bias (SwAV's have none; a bias makes the
-        scores non-cosine); an empty module for MoCo."""
+        """SwAV's prototypes (:func:`swav_prototypes`) on ``device``; an empty module for MoCo."""
         if self.hp.loss != "swav":
             return nn.Module()
-        from pfl._torchvision import import_torchvision
-
-        import_torchvision()
-        from lightly.models.modules import SwaVPrototypes
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.ctx.seed, "prototypes"))
-            prototypes = SwaVPrototypes(self.online.embedding_dim, self.hp.num_prototypes)
-        for layer in prototypes.heads:
-            layer.register_parameter("bias", None)
-        return prototypes.to(device)
+        seed = derive_seed(self.ctx.seed, "prototypes")
+        return swav_prototypes(self.online.embedding_dim, self.hp.num_prototypes, seed).to(device)
 
     def _swav_loss(self) -> nn.Module | None:
         if self.hp.loss != "swav":
@@ -540,14 +567,22 @@ class MocoSFL(Algorithm):
             i += count
         return sent
 
+    def _swav_embeddings(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """SwAV's multi-resolution forward (official ``src/resnet50.py`` ``forward``): the trunk's layers on each
+        crop size's activations xs[g] (N_g, ...), then the projection head once on their concatenation, so its
+        BatchNorm normalizes with every crop of the step; L2-normalized embeddings, (N_g, D) per crop size."""
+        body, head = self.trunk[:-1], self.trunk[-1]
+        features = [self._server(body, x) for x in xs]
+        z = F.normalize(self._server(head, torch.cat(features)), dim=1)
+        return list(z.split([len(f) for f in features]))
+
     def _swav_server_loss(self, xs: list[torch.Tensor], c: int, rnd: int) -> torch.Tensor:
         """lightly's SwaVLoss over every client's views: xs[g] (C*count*B, ...) per crop size, client-major."""
         with torch.no_grad():
             self.prototypes.normalize()
         self.prototypes.requires_grad_(rnd > self.hp.freeze_prototypes_rounds)
         scores = []
-        for x, (count, _) in zip(xs, self.views):
-            z = F.normalize(self._server(self.trunk, x), dim=1)
+        for z, (count, _) in zip(self._swav_embeddings(xs), self.views):
             per_view = z.view(c, count, -1, z.shape[-1]).transpose(0, 1).flatten(1, 2)  # (count, C*B, D)
             if not scores:
                 high = per_view

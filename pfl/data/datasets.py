@@ -2,7 +2,8 @@
 
 A :class:`ImageDataset` holds the whole labelled pool (train and test files
 together, as PFLlib pools them before partitioning): ``images`` uint8 of shape
-(N, C, H, W) and ``labels`` int64 of shape (N,). Files are validated by shape
+(N, C, H, W) and ``labels`` int64 of shape (N,), the official train set first; ``num_train``
+records where it ends, so a partition can keep the official split (``official_split``). Files are validated by shape
 and label range, not by md5 (copies rebuilt from the originals differ in a few
 pixels; see ``../shared/data/README.md``). Loaders read whatever number of
 images the files hold (reduced copies are fine). The CIFAR pickles are read with
@@ -60,6 +61,9 @@ class ImageDataset:
         labels: int64 tensor (N,), values in [0, num_classes).
         num_classes: number of classes.
         class_names: human-readable class names, length ``num_classes``.
+        num_train: the pool's first ``num_train`` samples are the dataset's official train set and the rest
+            its official test set (CIFAR: the train batches, then the test batch; Tiny-ImageNet: train, then
+            val); ``None`` when the pool has no such split (a PFLlib import). Not part of :meth:`fingerprint`.
     """
 
     name: str
@@ -67,6 +71,7 @@ class ImageDataset:
     labels: torch.Tensor
     num_classes: int
     class_names: tuple[str, ...]
+    num_train: int | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -106,6 +111,25 @@ def _not_found(name: str, path: Path, archive: str) -> DatasetNotFoundError:
 
 def _reextract(path: Path, archive: str) -> str:
     return f"replace it by extracting {archive} again into {path.parent.parent}"
+
+
+def _check_files(name: str, root: Path, files: tuple[str, ...] | list[str], archive: str) -> None:
+    """Check that each of ``files`` in the dataset folder ``root`` is a regular file (or a link to one).
+
+    Raises:
+        DatasetFormatError: one of them is a folder, another non-file, or a link to nothing; the message
+            names that file and what it is.
+        DatasetNotFoundError: one of them is missing (:func:`_not_found`).
+    """
+    for path in (root / f for f in files):
+        if path.is_symlink() and not path.exists():
+            raise DatasetFormatError(f"{path}: a link to {os.readlink(path)}, which does not exist; point the link "
+                                     f"at the {name} file, or {_reextract(path, archive)}")
+        if path.exists() and not path.is_file():
+            what = "a folder" if path.is_dir() else "not a regular file"
+            raise DatasetFormatError(f"{path}: {what}, not a {name} data file; {_reextract(path, archive)}")
+    if any(not (root / f).is_file() for f in files):
+        raise _not_found(name, root, archive)
 
 
 def _describe(value: object) -> str:
@@ -188,7 +212,7 @@ def load_cifar10(data_dir: str | Path, download: bool = False) -> ImageDataset:
 
     Returns:
         :class:`ImageDataset` with images (N, 3, 32, 32) uint8 and labels (N,) int64 in [0, 10);
-        N = 60,000 for the full set.
+        N = 60,000 for the full set, the 5 train batches' rows first (``num_train``: 50,000 for the full set).
 
     Raises:
         DatasetNotFoundError: the folder or one of its batch files is missing (and
@@ -202,10 +226,8 @@ def load_cifar10(data_dir: str | Path, download: bool = False) -> ImageDataset:
         from pfl._torchvision import import_torchvision
 
         import_torchvision().datasets.CIFAR10(str(data_dir), download=True)
-    missing = [f for f in _CIFAR10_FILES if not (root / f).is_file()]
-    if missing:
-        raise _not_found("CIFAR-10", root, "cifar-10-python.tar.gz")
     archive = "cifar-10-python.tar.gz"
+    _check_files("CIFAR-10", root, _CIFAR10_FILES, archive)
     parts = [_read_cifar_batch(root / f, b"labels", 10, archive) for f in _CIFAR10_FILES]
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
@@ -214,7 +236,8 @@ def load_cifar10(data_dir: str | Path, download: bool = False) -> ImageDataset:
     if meta.is_file():
         names = _read_label_names(meta, b"label_names", 10, archive)
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return ImageDataset("cifar10", images, torch.from_numpy(labels), 10, names)
+    num_train = sum(len(p[1]) for p in parts[:-1])  # every file but test_batch
+    return ImageDataset("cifar10", images, torch.from_numpy(labels), 10, names, num_train)
 
 
 CIFAR100_FOLDER = "cifar-100-python"
@@ -229,7 +252,8 @@ def load_cifar100(data_dir: str | Path, download: bool = False) -> ImageDataset:
 
     Returns:
         :class:`ImageDataset` with images (N, 3, 32, 32) uint8 and labels (N,) int64 in [0, 100);
-        N = rows of ``train`` + rows of ``test`` (60,000 for the full set), train rows first.
+        N = rows of ``train`` + rows of ``test`` (60,000 for the full set), train rows first
+        (``num_train``: the rows of ``train``, 50,000 for the full set).
 
     Raises:
         DatasetNotFoundError: the folder or one of its files is missing (and ``download`` is
@@ -243,15 +267,14 @@ def load_cifar100(data_dir: str | Path, download: bool = False) -> ImageDataset:
         from pfl._torchvision import import_torchvision
 
         import_torchvision().datasets.CIFAR100(str(data_dir), download=True)
-    if any(not (root / f).is_file() for f in (*_CIFAR100_FILES, "meta")):
-        raise _not_found("CIFAR-100", root, "cifar-100-python.tar.gz")
     archive = "cifar-100-python.tar.gz"
+    _check_files("CIFAR-100", root, (*_CIFAR100_FILES, "meta"), archive)
     parts = [_read_cifar_batch(root / f, b"fine_labels", 100, archive) for f in _CIFAR100_FILES]
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     names = _read_label_names(root / "meta", b"fine_label_names", 100, archive)
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return ImageDataset("cifar100", images, torch.from_numpy(labels), 100, names)
+    return ImageDataset("cifar100", images, torch.from_numpy(labels), 100, names, len(parts[0][1]))
 
 
 TINYIMAGENET_FOLDER = "tiny-imagenet-200"
@@ -475,7 +498,7 @@ def load_tinyimagenet(data_dir: str | Path, download: bool = False) -> ImageData
     Returns:
         :class:`ImageDataset` with images (N, 3, 64, 64) uint8 (greyscale images become 3 equal
         channels) and labels (N,) int64 in [0, number of wnids); N = number of train + val JPEGs
-        (110,000 for the full set).
+        (110,000 for the full set), train first (``num_train``: the train JPEGs, 100,000 for the full set).
 
     Raises:
         DatasetNotFoundError: the folder or one of its parts is missing (also with ``download``:
@@ -498,7 +521,8 @@ def load_tinyimagenet(data_dir: str | Path, download: bool = False) -> ImageData
         _write_cache(cache, images, labels, sources.wnids, names)
     else:
         images, labels, names = cached
-    return ImageDataset("tinyimagenet", images, labels, len(sources.wnids), names)
+    num_train = sum(map(len, sources.train))
+    return ImageDataset("tinyimagenet", images, labels, len(sources.wnids), names, num_train)
 
 
 _LOADERS = {"cifar10": load_cifar10, "cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet}

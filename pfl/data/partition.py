@@ -1,6 +1,6 @@
 """Partitions of a labelled pool among clients, with PFLlib's semantics.
 
-Four schemes; the non-IID three as in PFLlib's ``utils/dataset_utils.py`` (``separate_data``
+Five schemes; the non-IID three of PFLlib as in its ``utils/dataset_utils.py`` (``separate_data``
 and ``split_data``) so that numbers compare with the literature:
 
 * **pathological** (McMahan et al., AISTATS 2017; PFLlib ``pat``): classes are dealt
@@ -22,9 +22,17 @@ and ``split_data``) so that numbers compare with the literature:
   are not used. (PFLlib's own ``niid=False`` runs its ``pat`` dealer with every class per
   client, a per-class even split: ``partition=pathological`` with ``classes_per_client``
   = the class count and ``balance=true`` reproduces that one.)
+* **shards** (sort-and-shard, McMahan et al., AISTATS 2017, Sec. 3; MocoSFL's ``noniid_alllabel``):
+  the samples sorted by label are cut into ``num_clients * shards_per_client`` equal shards and
+  every client gets ``shards_per_client`` of them at random. See :func:`shards`.
 
 Each client's share is then shuffled and split ``train_ratio`` / rest into train and
-test (PFLlib: 75/25). Everything is drawn from one ``numpy.random.Generator``
+test (PFLlib: 75/25). With ``official_split`` train and test are not pooled: the scheme splits the
+dataset's own train set and, separately, its own test set, and a client's train split is its
+share of the one, its test split its share of the other (FlexiFed, FedGen, MocoSFL, FL-bench);
+``train_ratio`` is then not used. With ``num_partitions`` = S the scheme makes S shares and
+the first ``num_clients`` of them are the clients (FlexiFed's ``cifar_iid(train, 20)`` of which
+8 clients take part). Everything is drawn from one ``numpy.random.Generator``
 seeded by ``seed``, and the result is cached on disk keyed by the partition
 config and the dataset fingerprint (see :func:`load_or_make_partition`).
 """
@@ -40,7 +48,7 @@ import uuid
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +74,11 @@ class PartitionSpec:
     """Everything that determines a partition (the cache key, with the dataset fingerprint).
 
     ``alpha`` is used by ``dirichlet`` and ``exdir``, ``classes_per_client`` by ``pathological``
-    and ``exdir``; neither enters the key of another scheme (``iid`` uses neither).
+    and ``exdir``, ``shards_per_client`` by ``shards``; none enters the key of another scheme
+    (``iid`` uses none). ``official_split``: partition the dataset's own train and test sets
+    separately (``train_ratio`` is then not used); ``num_partitions``: make that many shares, of
+    which the first ``num_clients`` are the clients (``None``: ``num_clients``). Both enter the
+    key only when set, so the keys (and cache files) of earlier specs stay valid.
     """
 
     scheme: str
@@ -76,12 +88,19 @@ class PartitionSpec:
     classes_per_client: int = 2
     balance: bool = False
     train_ratio: float = 0.75
+    shards_per_client: int = 2
+    official_split: bool = False
+    num_partitions: int | None = None
 
     def key(self, dataset_fingerprint: str) -> str:
-        """16-hex-char hash of the spec, the dataset fingerprint and the cache format version."""
-        used = {k: v for k, v in self.__dict__.items()
-                if not (k == "alpha" and self.scheme not in ("dirichlet", "exdir"))
-                and not (k == "classes_per_client" and self.scheme not in ("pathological", "exdir"))}
+        """16-hex-char hash of the spec's used fields, the dataset fingerprint and the cache format version."""
+        unused = {"alpha": self.scheme not in ("dirichlet", "exdir"),
+                  "classes_per_client": self.scheme not in ("pathological", "exdir"),
+                  "shards_per_client": self.scheme != "shards",
+                  "official_split": not self.official_split,
+                  "train_ratio": self.official_split,
+                  "num_partitions": self.num_partitions is None}
+        used = {k: v for k, v in self.__dict__.items() if not unused.get(k, False)}
         blob = json.dumps({"spec": used, "data": dataset_fingerprint, "v": _CACHE_VERSION}, sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
@@ -287,7 +306,40 @@ def iid(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
     return np.array_split(rng.permutation(len(labels)), spec.num_clients)
 
 
-_SCHEMES = {"pathological": pathological, "dirichlet": dirichlet, "exdir": exdir, "iid": iid}
+def shards(labels: np.ndarray, num_classes: int, spec: PartitionSpec,
+           rng: np.random.Generator) -> list[np.ndarray]:
+    """Sort-and-shard split of sample indices; returns one index array per client.
+
+    McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+    AISTATS 2017, Sec. 3 (pathological non-IID MNIST: 200 shards of 300, two per client), as
+    MocoSFL's ``noniid_alllabel`` (SonyResearch/MocoSFL ``utils.py``, non-``hetero`` branch) runs it:
+    the N indices are sorted by label; with S = ``num_clients * shards_per_client`` shards of
+    ``N // S`` samples, shard s is the sorted indices ``[s * size, (s + 1) * size)`` (the last
+    ``N - S * size`` are left out); every client gets ``shards_per_client`` distinct shards drawn
+    uniformly without replacement. On CIFAR-10's 50,000 train images with 100 clients and 2 shards
+    each: 200 shards of 250, each inside one class, so a client holds 500 images of at most 2
+    (random) classes. Within a class the order is a random permutation (MocoSFL sorts a randomly
+    permuted ``Subset``; numpy's default sort is not stable, which reorders a class further, in no
+    way that changes the distribution). The clients' shard sets are the rows of a random
+    permutation of the shard ids, which draws them with the distribution of MocoSFL's loop of
+    ``np.random.choice(remaining, shards_per_client, replace=False)``. ``num_classes``, ``alpha``,
+    ``classes_per_client`` and ``balance`` are not used.
+
+    Raises:
+        PartitionError: fewer samples than shards (lower ``num_clients`` or ``shards_per_client``).
+    """
+    n, per = spec.num_clients, spec.shards_per_client
+    size = len(labels) // (n * per)
+    if size == 0:
+        raise PartitionError(f"shards partition: {n} clients x {per} shards_per_client = {n * per} shards exceed "
+                             f"the {len(labels)} samples; lower num_clients or shards_per_client")
+    shuffled = rng.permutation(len(labels))
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    owned = rng.permutation(n * per).reshape(n, per)
+    return [np.concatenate([by_label[s * size:(s + 1) * size] for s in row]) for row in owned]
+
+
+_SCHEMES = {"pathological": pathological, "dirichlet": dirichlet, "exdir": exdir, "iid": iid, "shards": shards}
 
 
 def train_test_sizes(n: int, train_ratio: float) -> tuple[int, int]:
@@ -308,36 +360,80 @@ def _train_test(idx: np.ndarray, train_ratio: float, rng: np.random.Generator) -
     return ClientSplit(train=torch.from_numpy(idx[n_test:].copy()), test=torch.from_numpy(idx[:n_test].copy()))
 
 
-def make_partition(labels: torch.Tensor, num_classes: int, spec: PartitionSpec) -> Partition:
+def make_partition(labels: torch.Tensor, num_classes: int, spec: PartitionSpec,
+                   num_train: int | None = None) -> Partition:
     """Split a labelled pool among ``spec.num_clients`` clients (no cache).
+
+    Pooled (default): the scheme splits the pool into ``spec.num_partitions`` (default
+    ``num_clients``) shares, the first ``num_clients`` are kept, and each is shuffled and split
+    ``train_ratio`` / rest (:func:`train_test_sizes`). With ``spec.official_split``: the scheme
+    splits the official train set ``[0, num_train)`` and, with the same rule and independent
+    draws, the official test set ``[num_train, N)``; client i's train split is its (shuffled)
+    share of the one, its test split its share of the other. So iid shares of both are uniform,
+    ``pathological`` deals the same classes to a client in both (it deals classes in order), and
+    ``dirichlet``, ``exdir`` and ``shards`` draw a client's test classes apart from its train
+    classes (FlexiFed's ``cifar_iid(test, 20)`` and MocoSFL's whole-test-set kNN need no more).
 
     Args:
         labels: int64 tensor (N,) of the whole pool.
         num_classes: number of classes K.
         spec: partition settings.
+        num_train: how many leading samples of the pool form the dataset's official train set
+            (:attr:`pfl.data.datasets.ImageDataset.num_train`); needed with ``official_split``.
 
     Raises:
-        PartitionError: the scheme is unknown, there are more clients than samples, or a
-            client ends up with no train or no test sample.
+        PartitionError: the scheme is unknown, ``num_partitions`` is below ``num_clients``, there
+            are more partitions than samples (in either official part), ``official_split`` without
+            a ``num_train`` inside (0, N), or a client ends up with no train or no test sample.
     """
     if spec.scheme not in _SCHEMES:
         raise PartitionError(f"unknown partition {spec.scheme!r}; choose one of {', '.join(_SCHEMES)}")
-    if spec.num_clients > len(labels):
-        raise PartitionError(f"num_clients={spec.num_clients} exceeds the {len(labels)} samples of the dataset")
+    parts = spec.num_partitions or spec.num_clients
+    if parts < spec.num_clients:
+        raise PartitionError(f"num_partitions={parts} is below num_clients={spec.num_clients}; set num_partitions "
+                             f">= {spec.num_clients}, or leave it unset")
     rng = np.random.default_rng(spec.seed)
-    shares = _SCHEMES[spec.scheme](labels.numpy(), num_classes, spec, rng)
-    clients = tuple(_train_test(s, spec.train_ratio, rng) for s in shares)
+    labels_np = labels.numpy()
+    if spec.official_split:
+        if num_train is None or not 0 < num_train < len(labels_np):
+            raise PartitionError(f"official_split needs the dataset's official train / test boundary inside the pool "
+                                 f"of {len(labels_np)} (got num_train={num_train}); set official_split=false")
+        train = _shares(labels_np[:num_train], num_classes, spec, rng, "official train set")
+        test = _shares(labels_np[num_train:], num_classes, spec, rng, "official test set")
+        clients = tuple(ClientSplit(torch.from_numpy(rng.permutation(tr)),
+                                    torch.from_numpy(rng.permutation(te) + num_train)) for tr, te in zip(train, test))
+    else:
+        shares = _shares(labels_np, num_classes, spec, rng, "dataset")
+        clients = tuple(_train_test(s, spec.train_ratio, rng) for s in shares)
     empty = [i for i, c in enumerate(clients) if len(c.train) == 0 or len(c.test) == 0]
     if empty:
         raise PartitionError(f"clients {empty} got no train or test samples; lower num_clients")
     return Partition(spec, clients)
 
 
+def _shares(labels: np.ndarray, num_classes: int, spec: PartitionSpec, rng: np.random.Generator,
+            what: str) -> list[np.ndarray]:
+    """The first ``num_clients`` of the scheme's ``num_partitions`` shares of ``labels`` (M,): index arrays into it.
+
+    Raises:
+        PartitionError: more partitions than the ``what``'s samples, or as the scheme.
+    """
+    field, parts = ("num_partitions", spec.num_partitions) if spec.num_partitions else ("num_clients", spec.num_clients)
+    if parts > len(labels):
+        raise PartitionError(f"{field}={parts} exceeds the {len(labels)} samples of the {what}; lower {field}")
+    return _SCHEMES[spec.scheme](labels, num_classes, replace(spec, num_clients=parts), rng)[:spec.num_clients]
+
+
 def load_or_make_partition(labels: torch.Tensor, num_classes: int, spec: PartitionSpec,
-                           dataset_fingerprint: str, cache_dir: str | Path) -> tuple[Partition, bool]:
+                           dataset_fingerprint: str, cache_dir: str | Path,
+                           num_train: int | None = None) -> tuple[Partition, bool]:
     """Return the partition for ``spec``, from ``<cache_dir>/partitions/<key>.npz`` when present.
 
-    A cache file that cannot be read or does not hold a valid partition of ``labels`` is
+    ``num_train``: the dataset's official train size (:attr:`pfl.data.datasets.ImageDataset.num_train`),
+    used with ``spec.official_split`` (see :func:`make_partition`).
+
+    A cache file that cannot be read or does not hold a valid partition of ``labels`` (with
+    ``official_split``: train indices below ``num_train``, test indices from it on) is
     rebuilt and replaced, with a one-line warning on the ``pfl.data.partition`` logger. A new
     file is written under a name unique to this writer and renamed into place, so concurrent
     runs never see a half-written file nor write into each other's. If the cache cannot be
@@ -352,19 +448,21 @@ def load_or_make_partition(labels: torch.Tensor, num_classes: int, spec: Partiti
     """
     path = Path(cache_dir) / "partitions" / f"{spec.key(dataset_fingerprint)}.npz"
     if path.is_file():
-        cached = _read_cached(path, spec.num_clients, len(labels))
+        cached = _read_cached(path, spec.num_clients, len(labels), num_train if spec.official_split else None)
         if cached is not None:
             return Partition(spec, cached), True
-    partition = make_partition(labels, num_classes, spec)
+    partition = make_partition(labels, num_classes, spec, num_train)
     _write_cached(path, partition)
     return partition, False
 
 
-def _read_cached(path: Path, num_clients: int, num_samples: int) -> tuple[ClientSplit, ...] | None:
+def _read_cached(path: Path, num_clients: int, num_samples: int,
+                 num_train: int | None = None) -> tuple[ClientSplit, ...] | None:
     """The client splits stored in a partition cache file; None (after a logged warning) if unusable.
 
     Usable means: ``train_{i}`` and ``test_{i}`` for every client, each a 1-D int64 array of
-    indices in [0, num_samples). Pickled entries are never loaded.
+    indices in [0, num_samples); with ``num_train`` (an official split), train indices in
+    [0, num_train) and test indices in [num_train, num_samples). Pickled entries are never loaded.
     """
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -372,9 +470,10 @@ def _read_cached(path: Path, num_clients: int, num_samples: int) -> tuple[Client
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         problem = f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
     else:
-        bad = [i for i, pair in enumerate(arrays) if not all(
-            a.dtype == np.int64 and a.ndim == 1 and (a.size == 0 or (a.min() >= 0 and a.max() < num_samples))
-            for a in pair)]
+        train_end, test_start = (num_samples, 0) if num_train is None else (num_train, num_train)
+        bad = [i for i, (tr, te) in enumerate(arrays) if not all(
+            a.dtype == np.int64 and a.ndim == 1 and (a.size == 0 or (a.min() >= low and a.max() < high))
+            for a, low, high in ((tr, 0, train_end), (te, test_start, num_samples)))]
         if not bad:
             return tuple(ClientSplit(torch.from_numpy(tr), torch.from_numpy(te)) for tr, te in arrays)
         problem = f"holds invalid indices for client {bad[0]}"

@@ -8,6 +8,10 @@ Adapter entries are named ``...<layer>.lora_A.default.weight`` / ``...lora_B.def
 the frozen layer's own weights ``...<layer>.base_layer.weight``.
 
 With ``freeze_a`` the A matrices are frozen too, as FFA-LoRA (Sun et al., ICLR 2024, Sec. 3) does.
+
+timm's ViT computes attention's Q, K and V with one fused linear layer ``qkv`` (d -> 3d). An adapter on it is
+one B (3d, r) A (r, d): the three projections share A, so they are adapted in one rank-r subspace, where
+separate adapters on ``q_proj``, ``k_proj``, ``v_proj`` (an LLM's layout, FedIT's) would have rank r each.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-TIMM_VIT_LORA_TARGETS = ("qkv", "fc1", "fc2")  # timm ViT blocks: attention's qkv and the MLP's two layers
+TIMM_VIT_LORA_TARGETS = ("qkv", "fc1", "fc2")  # timm ViT blocks: attention's fused qkv and the MLP's two layers
 
 
 @dataclass(frozen=True)

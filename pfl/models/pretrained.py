@@ -36,8 +36,9 @@ def read_weights(path: str | Path) -> State:
     """The tensors of a weights file (a state dict, or one nested under ``state_dict`` / ``model``).
 
     Raises:
-        ValueError: the file is missing, of an unknown type, holds no tensors, or cannot be read without
-            unpickling arbitrary objects; the message names the file and the fix.
+        ValueError: the file is missing, of an unknown type, damaged (a garbage or truncated ``.safetensors``),
+            holds no tensors, or cannot be read without unpickling arbitrary objects; the message names the file
+            and the fix.
     """
     path = Path(path)
     if not path.is_file():
@@ -46,9 +47,15 @@ def read_weights(path: str | Path) -> State:
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"pretrained: {path} is not a weights file ({', '.join(CHECKPOINT_SUFFIXES)})")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:  # garbage, truncated or empty: its header cannot be read
+            raise ValueError(f"pretrained: {path} is not a readable .safetensors file ({err}); it may be truncated "
+                             "or of another format: write it again with safetensors.torch.save_file, or pass "
+                             "another file") from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling refusal or damage is one message

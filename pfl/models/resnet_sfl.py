@@ -98,8 +98,9 @@ def projection_mlp(features: int = 512, hidden: int = PROJECTION[0], dim: int = 
 
 def swav_projection(features: int = 512) -> nn.Module:
     """SwAV's projection head (Caron et al. 2020, Sec. 4): lightly's ``SwaVProjectionHead``,
-    ``Linear(512, 2048) - BatchNorm - ReLU - Linear(2048, 128)``. Its BatchNorm runs on the server over every
-    client's samples of a step."""
+    ``Linear(512, 2048) - BatchNorm - ReLU - Linear(2048, 128)`` (official ``hidden_mlp=2048``, ``feat_dim=128``).
+    It runs on the server once per step over every crop of every client's samples, so its BatchNorm normalizes
+    with all of them (:meth:`pfl.algorithms.mocosfl.MocoSFL._swav_embeddings`; official ``src/resnet50.py``)."""
     from pfl._torchvision import import_torchvision
 
     import_torchvision()  # lightly imports torchvision (pfl's shim on CPU-only torch)

@@ -46,6 +46,9 @@ class ModelSpec:
         image_size: square side in pixels of the model's input (the images after on-device resizing).
         width: channel multiplier of the VGG and CIFAR-ResNet families (1.0: the paper's widths).
         lora: LoRA adapters injected into the base (FedLoRA), or ``None``.
+        normalization: per-channel ``(mean, std)`` in [0, 1] units the model's inputs are normalized with
+            (:func:`pfl.models.input_normalization` of ``name`` when the run built it). ``None``: that function's
+            value. Specs saved before the field existed read back the values their runs used (see :meth:`from_dict`).
     """
 
     name: str
@@ -54,18 +57,31 @@ class ModelSpec:
     image_size: int = 32
     width: float = 1.0
     lora: LoraSpec | None = None
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def to_dict(self) -> dict:
         """The spec as JSON-ready values (``lora`` as a mapping, or absent when there is none)."""
         values = asdict(self)
         if self.lora is None:
             del values["lora"]  # as specs saved before adapters existed
+        if self.normalization is None:
+            del values["normalization"]
         return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
-        """The spec :meth:`to_dict` wrote (also those saved before ``lora`` existed)."""
+        """The spec :meth:`to_dict` wrote (also those saved before ``lora`` or ``normalization`` existed: such a
+        VGG or CIFAR ResNet was trained with PFLlib's 0.5 / 0.5, its architecture's normalization until FlexiFed's
+        CIFAR-10 statistics replaced it)."""
         lora = values.get("lora")
         if lora is not None:
             lora = LoraSpec(**{**lora, "target_modules": tuple(lora["target_modules"])})
-        return cls(**{**values, "lora": lora})
+        norm = values.get("normalization")
+        if norm is not None:
+            norm = (tuple(norm[0]), tuple(norm[1]))
+        else:
+            from pfl.models import FLEXIFED_NORMALIZED  # the package imports this module
+
+            if values["name"] in FLEXIFED_NORMALIZED:
+                norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        return cls(**{**values, "lora": lora, "normalization": norm})
