@@ -55,13 +55,10 @@ from pydantic import Field
 from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
 from pfl.algorithms.local import FitIns, FitRes, SGDUpdate
 from pfl.algorithms.state import State, weighted_average
-from pfl.models.resnet_cifar import RESNET_CIFAR_DEPTHS
-from pfl.models.vgg import VGG_CONFIGS
+from pfl.models import FAMILIES
 from pfl.seed import derive_seed
 
 SCHEMES = ("standalone", "clustered_fl", "basic_common", "clustered_common", "max_common")
-# FlexiFed's image architecture families (VGG, CIFAR ResNet); any other architecture is a family of its own.
-FAMILIES = {**{f"vgg{d}": "vgg" for d in VGG_CONFIGS}, **{f"resnet{d}": "resnet" for d in RESNET_CIFAR_DEPTHS}}
 Signature = tuple[tuple[str, tuple[int, ...]], ...]  # an architecture's state entries: (name, shape) in order
 
 
@@ -71,7 +68,7 @@ def signature(state: State) -> Signature:
 
 
 def check_families(models: Sequence[str]) -> None:
-    """Refuse architectures of several families (:data:`FAMILIES`), e.g. ``vgg11,resnet20``.
+    """Refuse architectures of several families (:data:`pfl.models.FAMILIES`; any other architecture is a family of its own), e.g. ``vgg11,resnet20``.
 
     Raises:
         ValueError: one line naming each family and its architectures, and a one-family example.

@@ -27,9 +27,10 @@ _BUILDERS: dict[str, Callable[[ModelSpec], SplitModel]] = {
     **{name: build_vit for name in VITS},
 }
 ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)  # every architecture name build_model takes
-# Normalized with CIFAR-10's statistics as FlexiFed's code does (PFLlib's 0.5 / 0.5 before; ModelSpec.from_dict
-# gives specs saved before then the values their runs used).
-FLEXIFED_NORMALIZED = {*(f"vgg{d}" for d in VGG_CONFIGS), *(f"resnet{d}" for d in RESNET_CIFAR_DEPTHS)}
+# FlexiFed's families of depths (VGG, CIFAR ResNet): architecture -> family. Their inputs are normalized with
+# CIFAR-10's statistics as FlexiFed's code does (PFLlib's 0.5 / 0.5 before; ModelSpec.from_dict gives specs saved
+# before then the values their runs used).
+FAMILIES = {**{f"vgg{d}": "vgg" for d in VGG_CONFIGS}, **{f"resnet{d}": "resnet" for d in RESNET_CIFAR_DEPTHS}}
 log = logging.getLogger(__name__)
 
 
@@ -67,10 +68,10 @@ def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]
     code's) and for FlexiFed's families, VGG-11..19 and the CIFAR ResNets (FlexiFed's official ``utils.py``,
     ``get_dataset``: ``Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))``), both on every dataset;
     PFLlib's 0.5 / 0.5 for the others."""
-    if name.startswith("resnet18_sfl") or name in FLEXIFED_NORMALIZED:
+    if name.startswith("resnet18_sfl") or name in FAMILIES:
         return CIFAR10_MEAN, CIFAR10_STD
     return vit_normalization(name) if name in VITS else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-__all__ = ["ARCHITECTURES", "CNN", "VITS", "CifarResNet", "LoraSpec", "ResNet18", "VGG", "ModelSpec", "SplitModel",
+__all__ = ["ARCHITECTURES", "CNN", "FAMILIES", "VITS", "CifarResNet", "LoraSpec", "ResNet18", "VGG", "ModelSpec", "SplitModel",
            "build_model", "input_normalization"]

@@ -80,8 +80,8 @@ class ModelSpec:
         if norm is not None:
             norm = (tuple(norm[0]), tuple(norm[1]))
         else:
-            from pfl.models import FLEXIFED_NORMALIZED  # the package imports this module
+            from pfl.models import FAMILIES  # the package imports this module
 
-            if values["name"] in FLEXIFED_NORMALIZED:
+            if values["name"] in FAMILIES:
                 norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         return cls(**{**values, "lora": lora, "normalization": norm})
