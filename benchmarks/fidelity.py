@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from pfl.algorithms.engine import Callback, Evaluation
+from pfl.federated.engine import Callback, Evaluation
 
 
 class _Accuracy(Callback):

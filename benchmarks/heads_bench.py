@@ -25,7 +25,7 @@ from torch import nn
 
 from pfl import tracking
 from pfl.config import load_head_config
-from pfl.data.loader import DeviceImages
+from pfl.data.loader import DeviceData
 from pfl.heads.members import MemberHeads, linear_layers
 from pfl.heads.rearrange import build_members, rearrange_client
 from pfl.heads.prior import sample_learning_rates
@@ -44,7 +44,7 @@ def _load_member(model: nn.Module, members: MemberHeads, j: int) -> nn.Module:
     return single
 
 
-def naive_client(model, data: DeviceImages, train, test, hc, client_id: int) -> float:
+def naive_client(model, data: DeviceData, train, test, hc, client_id: int) -> float:
     """Seconds of the naive loop for one client: S sequential heads, full model forward every step."""
     start = time.perf_counter()
     members = build_members(model, hc, torch.Generator().manual_seed(derive_seed(hc.seed, "head_members", client_id)))
@@ -79,7 +79,7 @@ def main() -> None:
     tracking.configure_tracking(args.tracking_uri)
     inputs = tracking.fl_run_inputs(args.run_id)
     prepared = prepare(fl_config(inputs.config, hc))
-    data = DeviceImages(prepared.dataset, prepared.device)
+    data = DeviceData(prepared.dataset, prepared.device)
     clients = range(args.clients or inputs.num_clients)
     print(f"APH, {hc.sampling_num} heads x {hc.global_epoch} epochs, batch {hc.batch_size}, "
           f"{len(clients)} clients, {torch.get_num_threads()} threads, device {prepared.device}")

@@ -27,17 +27,17 @@ import torch
 
 from pfl._torchvision import import_torchvision
 from pfl.data.datasets import load_dataset
-from pfl.data.loader import DeviceImages
+from pfl.data.loader import DeviceData
 from pfl.data.transforms import ImageTransform
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
 
-def pfl_path(images: DeviceImages, samples: int, batch_size: int) -> float:
+def pfl_path(images: DeviceData, samples: int, batch_size: int) -> float:
     """Samples/s of ``images.batch`` over ``samples`` random training samples (after one warm-up batch, which
     makes the normalization constants; nothing else is prepared ahead)."""
     gen = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(images.images), generator=gen)[:samples].to(images.device)
+    order = torch.randperm(len(images.inputs), generator=gen)[:samples].to(images.device)
     images.batch(order[:batch_size], gen)
     sync(images.device)
     start = time.perf_counter()
@@ -51,15 +51,15 @@ class _PILDataset(torch.utils.data.Dataset):
     """CIFAR images as PIL images through a torchvision transform (the per-sample path)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
-        self.images, self.labels, self.transform = images, labels, transform
+        self.inputs, self.targets, self.transform = images, labels, transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.inputs)
 
     def __getitem__(self, i: int):
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+        return self.transform(Image.fromarray(self.inputs[i])), int(self.targets[i])
 
 
 def dataloader_path(images: np.ndarray, labels: np.ndarray, size: int, samples: int, batch_size: int, workers: int,
@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 8])
     args = parser.parse_args()
     dataset = load_dataset("cifar10", args.data_dir)
-    hwc = dataset.images.permute(0, 2, 3, 1).contiguous().numpy()
-    labels = dataset.labels.numpy()
+    hwc = dataset.inputs.permute(0, 2, 3, 1).contiguous().numpy()
+    labels = dataset.targets.numpy()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     transform = ImageTransform(args.size, MEAN, STD, random_crop=4, hflip=True)
     print(f"CIFAR-10 training batches at {args.size}x{args.size}: {args.samples} samples, batch {args.batch_size}, "
@@ -108,7 +108,7 @@ def main() -> None:
     for device in devices:
         rows = {f"dataloader-{w}": dataloader_path(hwc, labels, args.size, args.samples, args.batch_size, w, device)
                 for w in args.workers}
-        rows["pfl on-device"] = pfl_path(DeviceImages(dataset, device, transform), args.samples, args.batch_size)
+        rows["pfl on-device"] = pfl_path(DeviceData(dataset, device, transform), args.samples, args.batch_size)
         best = max(v for k, v in rows.items() if k.startswith("dataloader"))
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         for path, rate in rows.items():

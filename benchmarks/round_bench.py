@@ -22,7 +22,7 @@ import statistics
 
 import torch
 
-from pfl.algorithms.engine import Callback, Evaluation
+from pfl.federated.engine import Callback, Evaluation
 from pfl.benchmarking import measure_in_subprocess, parse_args
 
 MODES = ("sequential", "vectorized")

@@ -16,11 +16,11 @@ import cProfile
 import pstats
 
 PARTS = {  # (file suffix, function) -> label
-    ("algorithms/local.py", "fit"): "local SGD (SGDUpdate.fit)",
+    ("federated/local.py", "fit"): "local SGD (SGDUpdate.fit)",
     ("algorithms/fedfomo.py", "score"): "FedFomo scoring of received models",
-    ("algorithms/engine.py", "evaluate"): "evaluation of all clients",
-    ("algorithms/engine.py", "_score"): "  of which running changed models",
-    ("algorithms/engine.py", "run_round"): "round without evaluation",
+    ("federated/engine.py", "evaluate"): "evaluation of all clients",
+    ("federated/engine.py", "_score"): "  of which running changed models",
+    ("federated/engine.py", "run_round"): "round without evaluation",
     ("algorithms/fedfomo.py", "aggregate_fit"): "aggregation",
 }
 

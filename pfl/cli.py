@@ -19,7 +19,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from pfl.algorithms.engine import DivergenceError
+from pfl.federated.engine import DivergenceError
 from pfl.config import DATASETS, ConfigError, RunConfig, load_config, load_head_config
 from pfl.data.datasets import DatasetFormatError, DatasetNotFoundError
 from pfl.data.pfllib import PfllibImportError
@@ -133,9 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--dataset", default=None, help="dataset (overrides the config)")
     tune.add_argument("--n-trials", type=_count, default=20, help="trials this command runs (default 20; with "
                       "--workers, split over the workers)")
-    tune.add_argument("--metric", default="val/acc", help="validation metric: val/acc (maximized); val/nll, "
-                      "val/f_ece, val/ece_mean, val/global_ece, val/brier (minimized); val_acc, val_nll, val_ece "
-                      "accepted")
+    tune.add_argument("--metric", default=None, help="validation metric: val/acc (maximized; the default for "
+                      "classification); val/nll, val/f_ece, val/ece_mean, val/global_ece, val/brier (minimized); "
+                      "val_acc, val_nll, val_ece accepted; regression: val/orthodromic_deg (the default), val/mse")
     tune.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///optuna.db; a shared "
                       "PostgreSQL URL lets several machines work on one study)")
     tune.add_argument("--study", default=None, help="study name (default <algo>-<dataset>-<partition>-jr<ratio>)")
@@ -154,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
                       "(with --backend ray; default 1)")
     tune.add_argument("overrides", nargs="*", help="key=value run config overrides, e.g. global_rounds=5")
     tune.set_defaults(handler=_tune)
-    report = sub.add_parser("report", help="results table and ECE plots from the tracking store")
+    report = sub.add_parser("report", help="results tables and plots from the tracking store (ECE, OOD; regression "
+                                           "arms and per-step error)")
     report.add_argument("--experiment", action="append", default=None, help="experiment name (repeatable; "
                         "default all)")
     report.add_argument("--filter", default="", help="MLflow filter on FL run params, e.g. \"params.dataset = "
@@ -265,7 +266,7 @@ def _stop_on_signals() -> Iterator[Callable[[], int | None]]:
 
 def _train(args: argparse.Namespace) -> int:
     from pfl import tracking
-    from pfl.algorithms.engine import RunInterrupted
+    from pfl.federated.engine import RunInterrupted
     from pfl.train import resume_training, run_training
 
     if args.resume and (args.config or args.overrides or args.pfllib_args):
@@ -421,6 +422,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     from pfl import tracking
     from tuning.spaces import load_space, search_space
+    from tuning.objective import task_metric
     from tuning.study import DEFAULT_STORAGE, StudySettings, dataset_fallback_note, run_study, summary_lines
 
     ray = _ray_options(args, {"--cpus-per-task": args.cpus_per_task, "--workers": args.workers})
@@ -432,7 +434,8 @@ def _tune(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     space = search_space(cfg.algo, args.tune_lr, load_space(args.space, cfg.algo) if args.space else None)
-    settings = StudySettings(n_trials=args.n_trials, metric=args.metric, storage=args.storage or DEFAULT_STORAGE,
+    settings = StudySettings(n_trials=args.n_trials, metric=task_metric(cfg, args.metric),
+                             storage=args.storage or DEFAULT_STORAGE,
                              study_name=args.study or None, pruner=args.pruner, final_repeats=args.final_repeats,
                              out_dir=Path(args.out), progress=not args.no_progress, register=args.register)
     uri = tracking.configure_tracking(args.tracking_uri)
@@ -512,9 +515,11 @@ def _data_partition(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     json_file = out / Path(LABEL_COUNTS_FILE).name
     json_file.write_text(json.dumps(counts, indent=2, default=str))  # as mlflow.log_dict writes the run's copy
-    figure = label_distribution_figure(counts, prepared.dataset.class_names)
     print("\n".join(_partition_lines(cfg, counts)))
-    files = [json_file, *save_figure(figure, out / "label_distribution")]
+    files = [json_file]
+    if prepared.dataset.num_classes is not None:  # a regression has sizes, no labels to plot
+        figure = label_distribution_figure(counts, prepared.dataset.class_names)
+        files += save_figure(figure, out / "label_distribution")
     print(f"wrote {', '.join(str(f) for f in files)}")
     return 0
 
@@ -522,12 +527,12 @@ def _data_partition(args: argparse.Namespace) -> int:
 def _partition_lines(cfg: RunConfig, counts: dict) -> list[str]:
     """Each client's train / test sizes and its labels with their counts in each split (of ``counts``: a
     partition's label counts, :attr:`pfl.train.Prepared.label_counts`), as PFLlib's ``separate_data`` prints them
-    when it generates a dataset; then the totals."""
+    when it generates a dataset (a regression: sizes only); then the totals."""
     clients = counts["clients"]
     lines = [f"{cfg.dataset}, partition {cfg.partition_label}: {len(clients)} clients",
              "client  train   test  train labels (label:count) | test labels"]
     for c in clients:
-        train, test = (" ".join(f"{label}:{n}" for label, n in c[split].items()) for split in ("train", "test"))
+        train, test = (" ".join(f"{label}:{n}" for label, n in c.get(split, {}).items()) for split in ("train", "test"))
         lines.append(f"{c['client']:6d} {c['num_train']:6d} {c['num_test']:6d}  {train} | {test}")
     train, test = sum(c["num_train"] for c in clients), sum(c["num_test"] for c in clients)
     lines.append(f" total {train:6d} {test:6d}  ({train + test} samples)")

@@ -24,10 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from pfl.algorithms import REGISTRY as _ALGORITHM_REGISTRY
 from pfl.algorithms.flexifed import check_families
-from pfl.models import ARCHITECTURES
+from pfl.data.datasets import CATALOG, DATASET_OPTIONS
+from pfl.federated.downlink import Downlink
+from pfl.models import ARCHITECTURES, MODEL_OPTIONS, SEQUENCE_MODELS
 
 ALGORITHMS = tuple(_ALGORITHM_REGISTRY)
-DATASETS = ("cifar10", "cifar100", "tinyimagenet")
+DATASETS = tuple(CATALOG)
 # PFLlib's classes-per-client defaults for the pathological partition.
 DEFAULT_CLASSES_PER_CLIENT = {"cifar10": 2, "cifar100": 10, "tinyimagenet": 20}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200}  # at most, for Tiny-ImageNet
@@ -37,11 +39,13 @@ _INIT_FROM = re.compile(r"runs:/[0-9a-f]{32}(/clients/client_\d+)?")
 
 
 _CHOICES = {"algo": ("algorithm", ALGORITHMS), "dataset": ("dataset", DATASETS)}
-PARTITIONS = ("pathological", "dirichlet", "iid", "exdir", "shards", "pfllib")
+PARTITIONS = ("pathological", "dirichlet", "iid", "exdir", "shards", "pfllib", "natural")
 PARTITION_ALIASES = {"pat": "pathological", "dir": "dirichlet"}  # PFLlib's names (its -partition / niid flags)
 # Fields of one partition scheme: logged (and shown in run names) only for a run of that scheme.
 PARTITION_FIELDS = {"alpha": ("dirichlet", "exdir"), "classes_per_client": ("pathological", "exdir"),
-                    "balance": ("pathological",), "partition_name": ("pfllib",), "shards_per_client": ("shards",)}
+                    "balance": ("pathological",), "partition_name": ("pfllib",), "shards_per_client": ("shards",),
+                    "split_by": ("natural",), "num_test_keys": ("natural",), "sample_groups": ("natural",)}
+IMAGE_FIELDS = {"image_size": None, "random_crop": 0, "hflip": False}  # image-only knobs and their neutral values
 # Range rules: field -> (predicate, message naming the fix).
 _POSITIVE_INT = (lambda v: v >= 1, "must be a positive integer (>= 1)")
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -70,7 +74,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_batch_size": (lambda v: v is None or v >= 1,
                         "must be a positive integer, or left unset for the device's default"),
     **{name: _POSITIVE_INT for name in ("num_clients", "global_rounds", "local_epochs", "batch_size",
-                                         "eval_gap", "repeats", "ece_bins", "shards_per_client")},
+                                         "eval_gap", "repeats", "ece_bins", "shards_per_client", "history",
+                                         "horizon", "num_test_keys")},
 }
 
 
@@ -243,8 +248,21 @@ class RunConfig(_Checked):
     shards_per_client: int = 2  # partition=shards: label-sorted shards per client (McMahan et al.; MocoSFL)
     num_clients: int = 20
     num_partitions: int | None = None  # split into this many shares; the first num_clients take part (unset: all)
-    train_ratio: float = 0.75  # unused with official_split
+    train_ratio: float = 0.75  # unused with official_split; partition=natural split_by=time: each trace's train part
     official_split: bool = False  # partition the dataset's own train and test sets separately (false: pool, as PFLlib)
+    # partition=natural: one client per natural group (viewer); split by time within each trace, or by a key (video)
+    split_by: str = "time"
+    num_test_keys: int = 4  # split_by=<key>: how many of its values (videos) are every client's test content
+    sample_groups: bool = False  # a seeded sample of num_clients groups (false: the first num_clients)
+    # the dataset's own knobs (pfl.data.datasets.DATASET_OPTIONS), e.g. David MMSys'18's sliding windows
+    history: int = 10  # past positions in a window (10 at 5 Hz: 2 s)
+    horizon: int = 5  # steps ahead predicted (5 at 5 Hz: 1 s)
+    predict: Literal["point", "sequence"] = "point"  # the position horizon steps ahead, or all horizon positions
+    # a model's own knobs (pfl.models.MODEL_OPTIONS)
+    embedding: bool = True  # vp_transformer: a learned input embedding of the positions (false: a linear projection)
+    # the downlink of algorithms with one global model (pfl.federated.downlink)
+    downlink: str = "full"  # full | none | head_layers:K
+    downlink_blend: float = 1.0  # the client's new model: blend * global + (1 - blend) * own
     # federated schedule
     join_ratio: float = 0.2
     global_rounds: int = 100
@@ -401,6 +419,44 @@ class RunConfig(_Checked):
                 raise ValueError(f"{field}={getattr(self, field)}: {why}")
         if self.algo == "flexifed":
             check_families(self.models)
+        algo = _ALGORITHM_REGISTRY[self.algo]
+        if (self.downlink, self.downlink_blend) != ("full", 1.0):
+            if not algo.takes_downlink:
+                takers = ", ".join(n for n, cls in _ALGORITHM_REGISTRY.items() if cls.takes_downlink)
+                raise ValueError(f"downlink={self.downlink} downlink_blend={self.downlink_blend:g}: {self.algo} has no "
+                                 f"one global model to send down; use algo={takers}, or drop the downlink knobs")
+            Downlink.parse(self.downlink, self.downlink_blend)
+        return self
+
+    @model_validator(mode="after")
+    def _task_takes_the_run(self) -> RunConfig:
+        """The dataset's task and modality decide which algorithms, partitions, models and input knobs apply."""
+        from pfl.tasks import task_of
+
+        task, modality = CATALOG[self.dataset].task, CATALOG[self.dataset].modality
+        what = f"{self.dataset} is {task_of(task).title}"
+        algo = _ALGORITHM_REGISTRY[self.algo]
+        if task not in algo.tasks:
+            takers = ", ".join(n for n, cls in _ALGORITHM_REGISTRY.items() if task in cls.tasks)
+            raise ValueError(f"algo={self.algo} trains {' and '.join(algo.tasks)} only; {what}: use algo={takers}")
+        if self.partition not in task_of(task).partitions:
+            why = "needs class labels" if self.partition != "natural" else "needs natural groups"
+            raise ValueError(f"partition={self.partition} {why}; {what}: use partition="
+                             f"{' or '.join(task_of(task).partitions)}")
+        if self.partition == "natural" and not CATALOG[self.dataset].groups:
+            grouped = ", ".join(n for n, info in CATALOG.items() if info.groups)
+            raise ValueError(f"partition=natural makes one client per natural group (viewer, speaker), and "
+                             f"{self.dataset} has none; use another partition, or dataset={grouped}")
+        wrong = [m for m in self.models if (m in SEQUENCE_MODELS) != (modality == "sequence")]
+        if wrong:
+            fits = [m for m in ARCHITECTURES if (m in SEQUENCE_MODELS) == (modality == "sequence")]
+            raise ValueError(f"model={wrong[0]} takes {'sequences' if wrong[0] in SEQUENCE_MODELS else 'images'}, "
+                             f"{self.dataset}'s inputs are {modality}s; use model={' | '.join(fits)}")
+        if modality != "image":
+            knobs = [k for k, neutral in IMAGE_FIELDS.items() if getattr(self, k) != neutral]
+            if knobs:
+                raise ValueError(f"{knobs[0]}={getattr(self, knobs[0])} is an image knob and {self.dataset}'s inputs "
+                                 f"are {modality}s; remove {', '.join(knobs)}")
         return self
 
     @model_validator(mode="after")
@@ -417,6 +473,8 @@ class RunConfig(_Checked):
             raise ValueError(f"num_partitions={self.num_partitions} is below num_clients={self.num_clients}: the "
                              f"first num_clients of num_partitions shares take part; set num_partitions >= "
                              f"{self.num_clients}, or leave it unset")
+        if self.dataset not in NUM_CLASSES:  # a regression: no classes to deal
+            return self
         if self.classes_per_client is None:
             object.__setattr__(self, "classes_per_client", DEFAULT_CLASSES_PER_CLIENT[self.dataset])
         classes, cpc = NUM_CLASSES[self.dataset], self.classes_per_client
@@ -433,23 +491,48 @@ class RunConfig(_Checked):
 
     def flat_params(self) -> dict[str, Any]:
         """Flat, searchable run parameters for tracking: the shared run fields (paths as strings), the
-        partition's own fields (:data:`PARTITION_FIELDS`: ``alpha`` only for a Dirichlet partition, ...) and
-        the selected algorithm's hyperparameters by bare name; nothing of another algorithm or partition."""
+        partition's own fields (:data:`PARTITION_FIELDS`: ``alpha`` only for a Dirichlet partition, ...), the
+        dataset's (:data:`pfl.data.datasets.DATASET_OPTIONS`: ``history`` only for David MMSys'18), the models'
+        (:data:`pfl.models.MODEL_OPTIONS`: ``embedding`` only with ``vp_transformer``), the downlink knobs only for
+        an algorithm that takes them, the image knobs only for images, and the selected algorithm's hyperparameters
+        by bare name; nothing of another algorithm, partition, dataset or model."""
         values = self.model_dump(exclude={"hparams"})
-        values = {k: v for k, v in values.items() if self.partition in PARTITION_FIELDS.get(k, (self.partition,))}
+        values = {k: v for k, v in values.items() if self._applies(k)}
         return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}, **self.hparams}
+
+    def _applies(self, name: str) -> bool:
+        """Whether run field ``name`` applies to this run (see :meth:`flat_params`)."""
+        if name in PARTITION_FIELDS:
+            return self.partition in PARTITION_FIELDS[name]
+        if name in DATASET_OPTIONS:
+            return self.dataset in DATASET_OPTIONS[name]
+        if name in {o for options in MODEL_OPTIONS.values() for o in options} - set(DATASET_OPTIONS):
+            return any(name in MODEL_OPTIONS.get(m, ()) for m in self.models)
+        if name in ("downlink", "downlink_blend"):
+            return _ALGORITHM_REGISTRY[self.algo].takes_downlink
+        if name in IMAGE_FIELDS:
+            return CATALOG[self.dataset].modality == "image"
+        return True
 
     @property
     def algo_label(self) -> str:
-        """The algorithm in run names (:meth:`pfl.algorithms.Algorithm.run_label`), e.g. ``flexifed-max_common``."""
-        return _ALGORITHM_REGISTRY[self.algo].run_label(self.hparams)
+        """The algorithm in run names (:meth:`pfl.algorithms.Algorithm.run_label`), e.g. ``flexifed-max_common``, with
+        the downlink when it is not FedAvg's (:attr:`pfl.federated.downlink.Downlink.label`:
+        ``fedavg-head2-blend0.5``)."""
+        label = _ALGORITHM_REGISTRY[self.algo].run_label(self.hparams)
+        if _ALGORITHM_REGISTRY[self.algo].takes_downlink:
+            label += Downlink.parse(self.downlink, self.downlink_blend).label
+        return label
 
     @property
     def partition_label(self) -> str:
         """The partition in run names: ``dir0.1``, ``pat2`` (classes per client), ``exdir0.1c2``, ``iid``,
-        ``shards2`` (shards per client), or the PFLlib import's name."""
+        ``shards2`` (shards per client), ``natural`` (split by time) or ``natural_video4`` (4 test videos), or the
+        PFLlib import's name."""
         if self.partition == "pfllib":
             return str(self.partition_name)
+        if self.partition == "natural":
+            return "natural" if self.split_by == "time" else f"natural_{self.split_by}{self.num_test_keys}"
         return {"dirichlet": f"dir{self.alpha:g}", "pathological": f"pat{self.classes_per_client}",
                 "exdir": f"exdir{self.alpha:g}c{self.classes_per_client}",
                 "shards": f"shards{self.shards_per_client}"}.get(self.partition, self.partition)
@@ -463,7 +546,11 @@ class RunConfig(_Checked):
                 "exdir": f"extended Dirichlet partition (alpha {alpha}, {self.classes_per_client} classes "
                          "per client)", "iid": "IID partition",
                 "shards": f"sort-and-shard partition ({self.shards_per_client} shards per client)",
-                "pfllib": f"PFLlib partition {self.partition_name}"}[self.partition]
+                "pfllib": f"PFLlib partition {self.partition_name}",
+                "natural": "natural partition (one client per " + ("group, split by time within each trace)"
+                                                                   if self.split_by == "time" else
+                                                                   f"group, {self.num_test_keys} test values of "
+                                                                   f"{self.split_by})")}[self.partition]
         if self.official_split:
             part += " of the official train and test sets"
         if self.num_partitions is not None:

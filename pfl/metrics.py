@@ -1,4 +1,4 @@
-"""Classification and reliability metrics, shared by FL evaluation and head methods.
+"""Classification, reliability and regression metrics, shared by FL evaluation and head methods.
 
 All functions take predicted class probabilities ``probs`` (N, K) (rows sum to 1;
 softmax outputs or an ensemble's mean of softmaxes) and integer ``labels`` (N,).
@@ -264,3 +264,60 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
     pred = knn_predict(queries, bank.T.contiguous(), bank_labels, num_classes, knn_k=min(k, len(bank)),
                        knn_t=temperature)
     return (pred[:, 0] == labels).float().mean().item()
+
+
+# ---------------------------------------------------------------- regression: viewport prediction
+# Positions are 3-D head directions (unit vectors); the domain error is the great-circle (orthodromic) angle, as
+# TRACK (Romero Rondon et al., PAMI 2021) and the viewport-prediction literature report it.
+
+
+def orthodromic_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Great-circle angle between directions, in radians in [0, pi]: (..., 3), (..., 3) -> (...).
+
+    Both are normalized first, then the angle is ``atan2(|u x v|, u . v)``. TRACK computes the same angle as
+    ``arccos(clip(u . v, -1, 1))`` (``Utils.py:160-170``, ``compute_orthodromic_distance``; ``models_utils.py:4-18``,
+    ``metric_orth_dist``, in github.com/MiguelFRomeroR/Analysis-of-head-motion-prediction-in-VR at 6364a558); the
+    values agree up to rounding, but arccos loses precision near 0 and pi (in float32 it cannot resolve angles
+    below about 0.02 degrees) where the atan2 form stays accurate. As in TRACK, a zero vector has no direction: its
+    distance is NaN. Differentiable (a usable loss) except at exactly equal or opposite directions.
+
+    Raises:
+        ValueError: the shapes differ or their last dimension is not 3.
+    """
+    if pred.shape != target.shape or pred.shape[-1:] != (3,):
+        raise ValueError(f"orthodromic_distance needs two (..., 3) tensors of one shape, got {tuple(pred.shape)} "
+                         f"and {tuple(target.shape)}")
+    u = pred / torch.linalg.vector_norm(pred, dim=-1, keepdim=True)
+    v = target / torch.linalg.vector_norm(target, dim=-1, keepdim=True)
+    return torch.atan2(torch.linalg.vector_norm(torch.linalg.cross(u, v), dim=-1), (u * v).sum(dim=-1))
+
+
+def regression_metrics(pred: torch.Tensor, target: torch.Tensor, positions: bool) -> dict[str, float]:
+    """Metrics of one set of regression predictions (N, D) against targets (N, D), computed in float64.
+
+    Returns:
+        ``mse``: the mean squared error over all N x D elements (torch's ``MSELoss``, reduction ``mean``). When
+        ``positions`` (targets are H flattened 3-D positions, D = 3 H, step-major as ``predict=sequence`` windows),
+        also ``orthodromic_deg``: the mean great-circle error (:func:`orthodromic_distance`) in degrees over all N x H
+        predicted positions, and, when H > 1, ``orthodromic_deg_h1`` .. ``orthodromic_deg_hH``: its mean over the N
+        samples at each horizon step. TRACK reports these per-step means, in radians
+        (``training_procedure.py``, ``errors_per_timestep``); pfl reports degrees.
+
+    Raises:
+        ValueError: the shapes differ, no sample, or ``positions`` with D not a multiple of 3.
+    """
+    if pred.shape != target.shape or pred.dim() != 2 or len(pred) == 0:
+        raise ValueError(f"regression_metrics needs predictions and targets of one shape (N, D), N >= 1, got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    pred, target = pred.detach().double().cpu(), target.detach().double().cpu()
+    out = {"mse": torch.nn.functional.mse_loss(pred, target).item()}
+    if not positions:
+        return out
+    if pred.shape[1] % 3:
+        raise ValueError(f"positions need D = 3 x horizon outputs, got D = {pred.shape[1]}")
+    steps = pred.shape[1] // 3
+    degrees = torch.rad2deg(orthodromic_distance(pred.view(-1, steps, 3), target.view(-1, steps, 3)))  # (N, H)
+    out["orthodromic_deg"] = degrees.mean().item()
+    if steps > 1:
+        out.update({f"orthodromic_deg_h{k + 1}": step.item() for k, step in enumerate(degrees.mean(dim=0))})
+    return out

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from pfl.algorithms.engine import Callback, Evaluation
-from pfl.vocabulary import headline
+from pfl.federated.engine import Callback, Evaluation
+from pfl.vocabulary import headline_name, headline_score
 
 
 class ProgressBar(Callback):
@@ -29,10 +29,12 @@ class ProgressBar(Callback):
         self.bar.update(1)
 
     def on_evaluate(self, evaluation: Evaluation) -> None:
-        acc = headline(evaluation.metrics)
-        self.best = max(self.best, acc)
-        self.postfix["acc"] = f"{acc:.4f}"
-        self.postfix["best"] = f"{self.best:.4f}"
+        name = headline_name(evaluation.metrics)
+        score = headline_score(evaluation.metrics)
+        self.best = max(self.best, score)
+        short = name.partition("/")[2].removesuffix("_deg")  # acc, knn_acc, orthodromic, mse
+        self.postfix[short] = f"{evaluation.metrics[name]:.4f}"
+        self.postfix["best"] = f"{abs(self.best):.4f}"  # an error's best score is its negated value
         self.bar.set_postfix(self.postfix)
 
     def on_run_end(self, final: Evaluation) -> None:

@@ -24,7 +24,10 @@ from pfl.vocabulary import QUALITY, flat
 _CLASSIFICATION = (("test/acc", "acc (%)", 100), ("test/nll", "NLL (nats)", 1), ("test/f_ece", "F-ECE (%)", 100),
                    ("test/ece_mean", "ECE mean (%)", 100), ("test/global_ece", "global ECE (%)", 100))
 _SELF_SUPERVISED = (("test/knn_acc", "kNN acc (%)", 100), ("test/linear_acc", "linear acc (%)", 100))
-_SHOWN = _CLASSIFICATION + _SELF_SUPERVISED
+_REGRESSION = (("test/mse", "MSE", 1), ("test/orthodromic_deg", "orthodromic error (deg)", 1))
+_SHOWN = _CLASSIFICATION + _SELF_SUPERVISED + _REGRESSION
+_BEST = (("best/test_acc", "best acc (%)", 100), ("best/test_knn_acc", "best kNN acc (%)", 100),
+         ("best/test_orthodromic_deg", "best orthodromic error (deg)", 1), ("best/test_mse", "best MSE", 1))
 
 
 def _summarized(name: str) -> bool:
@@ -57,11 +60,21 @@ def seed_summary(runs: Sequence[Mapping[str, float]], cell: str | None = None) -
 
 
 def _pct(value: float | None, std: float | None = None, scale: float = 100) -> str:
-    """``value * scale`` with 2 decimals and ``± std`` when given; an em dash for a missing value."""
+    """``value * scale`` with 2 decimals (4 significant digits for a value below 0.1, an MSE) and ``± std`` when
+    given; an em dash for a missing value."""
     if value is None:
         return "—"
-    text = f"{value * scale:.2f}"
-    return text if std is None else f"{text} ± {std * scale:.2f}"
+    fmt = (lambda v: f"{v:.2f}") if abs(value * scale) >= 0.1 or value == 0 else (lambda v: f"{v:.4g}")
+    text = fmt(value * scale)
+    return text if std is None else f"{text} ± {fmt(std * scale)}"
+
+
+def _best_item(metrics: Mapping[str, float]) -> str | None:
+    """``- best acc (%): 81.20 at round 7`` for the run's headline's best round (accuracy, else an error)."""
+    for key, label, scale in _BEST:
+        if key in metrics:
+            return f"- {label}: {_pct(metrics[key], None, scale)} at round {int(metrics.get('best/round', 0))}"
+    return None
 
 
 def _metric_items(metrics: Mapping[str, float]) -> list[str]:
@@ -77,13 +90,17 @@ def fl_description(name: str, setting: str, metrics: Mapping[str, float], run_id
     """Markdown description of a finished FL run: setting, final and best metrics, loading snippet."""
     lines = [f"**{name}**: {setting}", "", "Final evaluation, test-sample-weighted mean over clients (± std across "
              "clients):", "", *_metric_items(metrics)]
-    if "best/test_acc" in metrics:
-        lines.append(f"- best acc (%): {_pct(metrics['best/test_acc'])} at round {int(metrics.get('best/round', 0))}")
+    best = _best_item(metrics)
+    lines += [best] if best else []
+    regression = "test/mse" in metrics
+    what = ("float histories (N, T, F) -> (N, D) predictions (positions)" if regression else
+            "uint8 images (N, C, H, W) -> (N, K) probabilities")
+    call = "predictions = ...predict(histories)" if regression else "probs = ...predict(images)"
     lines += ["", "Load a client's personalized model (`model.base`, `model.head`):", "", "```python",
               "from pfl.tracking import configure_tracking, load_client_model",
               f'configure_tracking("{tracking_uri}")', f'model = load_client_model("{run_id}", client_id=0)', "",
-              "import mlflow  # or as an MLflow model: uint8 images (N, C, H, W) -> (N, K) probabilities",
-              f'probs = mlflow.pyfunc.load_model("runs:/{run_id}/clients/client_000").predict(images)', "```"]
+              f"import mlflow  # or as an MLflow model: {what}",
+              call.replace("...", f'mlflow.pyfunc.load_model("runs:/{run_id}/clients/client_000").'), "```"]
     if "test/acc" in metrics:
         lines += ["", f"Head ensembles on it: `pfl heads --run-id {run_id} --method aph` (or `loraph`)."]
     return "\n".join(lines)
@@ -108,7 +125,7 @@ def launch_description(name: str, setting: str, summary: Mapping[str, float], ru
     """Markdown description of a launch run: setting, mean ± std over seeds (the value alone for one seed), its
     FL runs."""
     several = len(run_names) > 1
-    shown = [*_SHOWN, ("best/test_acc", "best acc (%)", 100)]
+    shown = [*_SHOWN, *_BEST]
     items = [f"- {label}: {_pct(summary[k], summary.get(k + '_seed_std') if several else None, scale)}"
              for k, label, scale in shown if k in summary]
     title = f"mean ± std over {len(run_names)} seeds" if several else "1 seed"
@@ -135,6 +152,8 @@ def summary_table(rows: Sequence[Mapping]) -> str:
         across clients, global ECE (%), and, where any run has them, self-supervised runs' kNN and linear-probe
         accuracies (%) ± std across clients (best acc: their kNN accuracy's), wall time.
     """
+    if rows and all("test/mse" in row["metrics"] for row in rows):
+        return _regression_table(rows)
     table = []
     extra = [(k, label) for k, label, _ in _SELF_SUPERVISED if any(k in row["metrics"] for row in rows)]
     for row in rows:
@@ -149,6 +168,22 @@ def summary_table(rows: Sequence[Mapping]) -> str:
                       "time": _duration(row.get("seconds"))})
     import pandas as pd  # here, not at import: pandas (and pyarrow) add 65 MB to every training process's RSS
 
+    return pd.DataFrame(table).to_string(index=False)
+
+
+def _regression_table(rows: Sequence[Mapping]) -> str:
+    """:func:`summary_table` of regression runs: run, MSE and orthodromic error (deg) ± std across clients, the best
+    round's orthodromic error (its headline), wall time."""
+    import pandas as pd
+
+    table = []
+    for row in rows:
+        m = row["metrics"]
+        best = m.get("best/test_orthodromic_deg", m.get("best/test_mse"))
+        table.append({"run": row["name"], "MSE": _pct(m.get("test/mse"), m.get("test/mse_std"), 1),
+                      "orthodromic (deg)": _pct(m.get("test/orthodromic_deg"), m.get("test/orthodromic_deg_std"), 1),
+                      "best (deg)": "—" if best is None else f"{_pct(best, None, 1)} (r{int(m.get('best/round', 0))})",
+                      "time": _duration(row.get("seconds"))})
     return pd.DataFrame(table).to_string(index=False)
 
 

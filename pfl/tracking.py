@@ -38,12 +38,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pfl.algorithms.checkpoint import CHECKPOINT_FILE, STATES_DIR
-from pfl.algorithms.engine import Callback, Evaluation, RunInterrupted
-from pfl.algorithms.state import State
+from pfl.federated.checkpoint import CHECKPOINT_FILE, STATES_DIR
+from pfl.federated.engine import Callback, Evaluation, RunInterrupted
+from pfl.federated.state import State
 from pfl.config import ConfigError
 from pfl.models import ModelSpec, SplitModel, build_model
-from pfl.vocabulary import QUALITY, best_name, headline
+from pfl.vocabulary import QUALITY, best_name, headline_score
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CLIENT_DIR = "clients"
@@ -208,7 +208,8 @@ def _is_quality(name: str) -> bool:
 
 
 def best_metrics(best: Evaluation) -> dict[str, float]:
-    """``best/<split>_<metric>`` and ``best/round`` of the evaluation with the highest accuracy.
+    """``best/<split>_<metric>`` and ``best/round`` of the evaluation with the best headline (the highest accuracy, the
+    lowest regression error: :func:`pfl.vocabulary.headline_score`).
 
     PFLlib reports the best round's accuracy (``max(rs_test_acc)``), so runs log it beside
     the final metrics: ``best/test_acc`` and the other quality metrics of that same round
@@ -219,8 +220,8 @@ def best_metrics(best: Evaluation) -> dict[str, float]:
     return {**quality, "best/round": float(best.round)}
 
 
-def _accuracy(evaluation: Evaluation) -> float:
-    return headline(evaluation.metrics)
+def _score(evaluation: Evaluation) -> float:
+    return headline_score(evaluation.metrics)
 
 
 class MLflowCallback(Callback):
@@ -246,7 +247,7 @@ class MLflowCallback(Callback):
 
     def on_evaluate(self, evaluation: Evaluation) -> None:
         self._log(evaluation.metrics, evaluation.round)
-        if self.best is None or _accuracy(evaluation) > _accuracy(self.best):
+        if self.best is None or _score(evaluation) > _score(self.best):
             self.best = evaluation
 
     def on_run_end(self, final: Evaluation) -> None:
@@ -292,14 +293,15 @@ def _requirements() -> tuple[str, ...]:
 
 
 def _signature(spec: ModelSpec, example: np.ndarray, output: str) -> mlflow.models.ModelSignature:
-    """Input: uint8 images (-1, C, H, W) at ``example``'s stored size; output: float32 (-1, K) probabilities, or
-    (-1, D) embeddings for a self-supervised model. Marked as checked by the model (MLmodel
+    """Input: ``example``'s dtype and shape per sample (uint8 images (-1, C, H, W) at the stored size; float32
+    sequences (-1, T, F)); output: float32 (-1, K) probabilities, (-1, D) regression values (a viewport predictor's
+    positions), or (-1, D) embeddings for a self-supervised model. Marked as checked by the model (MLmodel
     ``is_signature_from_type_hint: true``): MLflow then passes inputs to :mod:`pfl.pyfunc` as given, which checks
     them itself, instead of casting a JSON payload to uint8 (see :func:`pfl.pyfunc.as_images`)."""
     from mlflow.types.schema import Schema, TensorSpec
 
-    width = spec.num_classes if output == "probabilities" else -1
-    signature = mlflow.models.ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))]),
+    width = spec.num_classes if output in ("probabilities", "values") else -1
+    signature = mlflow.models.ModelSignature(Schema([TensorSpec(example.dtype, (-1, *example.shape[1:]))]),
                                              Schema([TensorSpec(np.dtype(np.float32), (-1, width))]))
     signature._is_signature_from_type_hint = True
     return signature
@@ -311,7 +313,8 @@ def save_mlflow_model(folder: Path, spec: ModelSpec, example: np.ndarray, artifa
 
     Args:
         spec: the client's architecture (the signature's class count).
-        example: uint8 images (n, C, H, W) as stored: the input example and the signature's input shape.
+        example: samples (n, ...) as stored (uint8 images (n, C, H, W), float32 sequences (n, T, F)): the input
+            example and the signature's input dtype and shape.
         artifacts: files copied into the directory's ``artifacts/`` (``weights``, ``members``).
         config: the model config (``output``, ``backbone``, ``base``: :mod:`pfl.pyfunc`).
     """
@@ -325,11 +328,11 @@ def save_mlflow_model(folder: Path, spec: ModelSpec, example: np.ndarray, artifa
 
 
 def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], backbone: State | None = None,
-                      example_of: Callable[[int], torch.Tensor] | None = None, classifier: bool = True) -> None:
+                      example_of: Callable[[int], torch.Tensor] | None = None, output: str = "probabilities") -> None:
     """Save every client's personalized model as an MLflow Model directory ``clients/client_XXX/``.
 
     Each holds the ``pyfunc`` flavor from code (:mod:`pfl.pyfunc`), the signature (uint8 images (-1, C, H, W) ->
-    float32 probabilities (-1, K)), an input example, and ``artifacts/model.safetensors``: the client's named
+    float32 probabilities (-1, K); float32 sequences (-1, T, F) -> float32 values (-1, D)), an input example, and ``artifacts/model.safetensors``: the client's named
     state with its architecture in the file's metadata. Nothing is pickled.
 
     Args:
@@ -338,12 +341,13 @@ def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], 
         backbone: entries every client shares (FedLoRA's frozen backbone), logged once as
             ``server/backbone.safetensors``; each client file then holds only its other entries and names the
             backbone file in its metadata (:func:`load_client_state` joins them), the model config its URI.
-        example_of: client id -> uint8 images (n, C, H, W) as the dataset stores them (the input example: a
-            test image of the client); ``None``: one black image at the model's input size.
-        classifier: the models end in a classifier (``False``: self-supervised, the model outputs embeddings).
+        example_of: client id -> samples (n, ...) as the dataset stores them (the input example: a test sample of
+            the client); ``None``: one zero sample of the model's input shape (images: uint8).
+        output: what ``predict`` returns (:mod:`pfl.pyfunc`): ``probabilities`` (a classifier), ``values`` (a
+            regression's outputs), or ``embeddings`` (self-supervised).
     """
     shared = {}
-    config: dict[str, Any] = {"output": "probabilities" if classifier else "embeddings"}
+    config: dict[str, Any] = {"output": output}
     if backbone:
         log_state(backbone, BACKBONE_FILE)
         shared = {"backbone": BACKBONE_FILE}
@@ -356,8 +360,8 @@ def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], 
             weights = Path(tmp) / "weights" / _client_name(cid) / MODEL_WEIGHTS
             weights.parent.mkdir(parents=True)
             save_file(state, weights, metadata={CLIENT_METADATA: json.dumps(meta)})
-            example = example_of(cid) if example_of else torch.zeros(1, spec.in_channels, spec.image_size,
-                                                                       spec.image_size, dtype=torch.uint8)
+            example = example_of(cid) if example_of else \
+                torch.zeros(1, *spec.sample_shape, dtype=torch.float32 if spec.input_shape else torch.uint8)
             save_mlflow_model(folder / _client_name(cid), spec, example.cpu().numpy(), {"weights": str(weights)},
                               config)
         mlflow.log_artifacts(str(folder), CLIENT_DIR)
@@ -583,7 +587,7 @@ def resumable_fl_run(run_id: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def log_checkpoint(path: Path) -> None:
-    """Log the checkpoint whose manifest is ``path`` (:mod:`pfl.algorithms.checkpoint`: the manifest and its
+    """Log the checkpoint whose manifest is ``path`` (:mod:`pfl.federated.checkpoint`: the manifest and its
     ``states/``) as the active run's ``checkpoint/``, in place of one logged before."""
     run_id = mlflow.active_run().info.run_id
     delete_logged_checkpoint(run_id)

@@ -16,18 +16,21 @@ from pathlib import Path
 import torch
 
 from pfl.algorithms import REGISTRY, Algorithm, FederatedContext
-from pfl.algorithms.checkpoint import CHECKPOINT_FILE, Checkpointer, delete_checkpoint, load_checkpoint
-from pfl.algorithms.engine import Callback, Engine, Evaluation, RunInterrupted, Schedule
-from pfl.algorithms.local import ModelRunner, SGDUpdate
-from pfl.algorithms.state import State, model_state
+from pfl.federated.checkpoint import CHECKPOINT_FILE, Checkpointer, delete_checkpoint, load_checkpoint
+from pfl.federated.engine import Callback, Engine, Evaluation, RunInterrupted, Schedule
+from pfl.federated.local import ModelRunner, SGDUpdate
+from pfl.federated.state import State, model_state
 from pfl.config import DATASETS, ConfigError, RunConfig, algorithm_fields
-from pfl.data.datasets import ImageDataset, load_dataset
-from pfl.data.loader import DeviceImages, client_data, inference_batch_size
+from pfl.data.datasets import DATASET_OPTIONS, Dataset, DatasetFormatError, DatasetNotFoundError, load_dataset
+from pfl.data.loader import DeviceData, Transform, client_data, inference_batch_size
+from pfl.data.sequences import SequenceTransform
 from pfl.data.transforms import ImageTransform
-from pfl.data.partition import Partition, PartitionError, PartitionSpec, load_or_make_partition
+from pfl.data.partition import Partition, PartitionError, PartitionSpec, load_or_make_partition, natural
+from pfl.federated.downlink import Downlink
 from pfl.data.pfllib import PfllibImportError, load_imported
-from pfl.metrics import classification_metrics
-from pfl.models import ModelSpec, build_model, input_normalization
+from pfl.metrics import classification_metrics, regression_metrics
+from pfl.models import MODEL_OPTIONS, ModelSpec, build_model, input_normalization
+from pfl.tasks import Task, task_of
 from pfl.seed import seed_everything
 from pfl.summary import fl_description, launch_description, seed_summary
 
@@ -40,28 +43,45 @@ class Prepared:
     """Validated inputs of a federated run, shared by all its repeats."""
 
     cfg: RunConfig
-    dataset: ImageDataset
+    dataset: Dataset
     fingerprint: str
     partition: Partition
     device: torch.device
 
     @property
+    def task(self) -> Task:
+        """The dataset's task (:mod:`pfl.tasks`): the loss, the evaluator, what applies."""
+        return task_of(self.dataset.task)
+
+    @property
     def model_specs(self) -> list[ModelSpec]:
-        """Every client's architecture: ``cfg.models`` assigned round-robin (client k gets entry k mod len), at the
-        input size ``image_size`` (default: the dataset's), as the algorithm adapts it (FedLoRA adds adapters)."""
-        _, c, h, _ = self.dataset.images.shape
+        """Every client's architecture: ``cfg.models`` assigned round-robin (client k gets entry k mod len), with
+        :meth:`spec`, as the algorithm adapts it (FedLoRA adds adapters)."""
         names = self.cfg.models
         algo = REGISTRY[self.cfg.algo]
         hp = algo.Params(**self.cfg.hparams)
-        return [algo.model_spec(ModelSpec(names[k % len(names)], self.dataset.num_classes, in_channels=c,
-                                          image_size=self.cfg.image_size or h, width=self.cfg.model_width,
-                                          normalization=input_normalization(names[k % len(names)])), hp)
-                for k in range(self.cfg.num_clients)]
+        return [algo.model_spec(self.spec(names[k % len(names)]), hp) for k in range(self.cfg.num_clients)]
+
+    def spec(self, name: str) -> ModelSpec:
+        """Architecture ``name`` for this dataset: outputs :attr:`~pfl.data.datasets.Dataset.num_outputs`; for images
+        the input size ``image_size`` (default: the dataset's) and the architecture's normalization; for other
+        inputs one sample's shape and the architecture's own knobs (:data:`pfl.models.MODEL_OPTIONS`)."""
+        data, cfg = self.dataset, self.cfg
+        if data.modality == "image":
+            _, c, h, _ = data.inputs.shape
+            return ModelSpec(name, data.num_outputs, in_channels=c, image_size=cfg.image_size or h,
+                             width=cfg.model_width, normalization=input_normalization(name))
+        options = tuple(sorted((k, getattr(cfg, k)) for k in MODEL_OPTIONS.get(name, ())))
+        return ModelSpec(name, data.num_outputs, width=cfg.model_width, input_shape=tuple(data.inputs.shape[1:]),
+                         options=options)
 
     @property
-    def transform(self) -> ImageTransform:
-        """The run's on-device input path: the first architecture's normalization, resizing to ``image_size``,
-        ``random_crop`` and ``hflip`` (:mod:`pfl.data.transforms`)."""
+    def transform(self) -> Transform:
+        """The run's on-device input path: for images the first architecture's normalization, resizing to
+        ``image_size``, ``random_crop`` and ``hflip`` (:mod:`pfl.data.transforms`); for sequences
+        :class:`~pfl.data.sequences.SequenceTransform`."""
+        if self.dataset.modality != "image":
+            return SequenceTransform()
         mean, std = input_normalization(self.cfg.models[0])
         return ImageTransform(self.cfg.image_size, mean, std, self.cfg.random_crop, self.cfg.hflip)
 
@@ -69,17 +89,17 @@ class Prepared:
     def label_counts(self) -> dict:
         """Every client's train and test sizes and label counts (:meth:`Partition.label_counts`, JSON-ready): what
         an FL run logs as :data:`LABEL_COUNTS_FILE` and ``pfl data partition`` writes."""
-        return self.partition.label_counts(self.dataset.labels, self.dataset.num_classes)
+        return self.partition.label_counts(self.dataset.targets, self.dataset.num_classes)
 
     def input_example(self, client_id: int) -> torch.Tensor:
-        """uint8 (1, C, H, W): the first image of the client's test split (else its train split), as stored: the
-        input example of its MLflow model."""
+        """(1, ...): the first sample of the client's test split (else its train split), as stored (uint8 (1, C, H, W)
+        for images): the input example of its MLflow model."""
         split = self.partition.clients[client_id]
-        return self.dataset.images[(split.test if len(split.test) else split.train)[:1]]
+        return self.dataset.inputs[(split.test if len(split.test) else split.train)[:1]]
 
-    def device_images(self) -> DeviceImages:
+    def device_images(self) -> DeviceData:
         """The pool on the run's device, batched through :attr:`transform`."""
-        return DeviceImages(self.dataset, self.device, self.transform)
+        return DeviceData(self.dataset, self.device, self.transform)
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -113,12 +133,18 @@ def use_deterministic_algorithms() -> None:
 def partition_spec(cfg: RunConfig) -> PartitionSpec:
     """The partition settings of a run config (seeded by the run's base seed, shared by repeats)."""
     return PartitionSpec(scheme=cfg.partition, num_clients=cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha,
-                         classes_per_client=cfg.classes_per_client, balance=cfg.balance,
+                         classes_per_client=cfg.classes_per_client or 0, balance=cfg.balance,
                          train_ratio=cfg.train_ratio, shards_per_client=cfg.shards_per_client,
-                         official_split=cfg.official_split, num_partitions=cfg.num_partitions)
+                         official_split=cfg.official_split, num_partitions=cfg.num_partitions,
+                         split_by=cfg.split_by, num_test_keys=cfg.num_test_keys, sample_groups=cfg.sample_groups)
 
 
-def load_pfllib_import(cfg: RunConfig) -> tuple[ImageDataset, Partition]:
+def dataset_options(cfg: RunConfig) -> dict:
+    """The dataset's own knobs of ``cfg`` (:data:`pfl.data.datasets.DATASET_OPTIONS`), e.g. David's ``history``."""
+    return {k: getattr(cfg, k) for k, datasets in DATASET_OPTIONS.items() if cfg.dataset in datasets}
+
+
+def load_pfllib_import(cfg: RunConfig) -> tuple[Dataset, Partition]:
     """The pool and fixed partition imported as ``cfg.partition_name`` (``partition=pfllib``).
 
     Raises:
@@ -160,24 +186,35 @@ def prepare(cfg: RunConfig, like: Prepared | None = None) -> Prepared:
     if cfg.partition == "pfllib":
         dataset, partition = load_pfllib_import(cfg)
         return _prepared(cfg, dataset, dataset.fingerprint(), partition, device)
-    same = like is not None and (like.cfg.dataset, like.cfg.data_dir) == (cfg.dataset, cfg.data_dir)
-    dataset = like.dataset if same else load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    same = like is not None and (like.cfg.dataset, like.cfg.data_dir, dataset_options(like.cfg)) == \
+        (cfg.dataset, cfg.data_dir, dataset_options(cfg))
+    try:
+        dataset = like.dataset if same else load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download,
+                                                         **dataset_options(cfg))
+    except (DatasetNotFoundError, DatasetFormatError):
+        raise
+    except ValueError as err:  # a dataset knob the files cannot serve (a history longer than the traces)
+        raise ConfigError(str(err)) from None
     if cfg.num_clients > len(dataset):
         raise ConfigError(f"num_clients: {cfg.num_clients} clients but only {len(dataset)} samples; "
                           "lower num_clients")
     fingerprint = like.fingerprint if same else dataset.fingerprint()
     try:
-        partition, _ = load_or_make_partition(dataset.labels, dataset.num_classes, partition_spec(cfg),
-                                              fingerprint, cfg.cache_dir, dataset.num_train)
+        if cfg.partition == "natural":
+            partition = natural(dataset.groups, dataset.keys, partition_spec(cfg))
+        else:
+            partition, _ = load_or_make_partition(dataset.targets, dataset.num_classes, partition_spec(cfg),
+                                                  fingerprint, cfg.cache_dir, dataset.num_train)
     except PartitionError as err:
         raise ConfigError(f"partition: {err}") from None
     return _prepared(cfg, dataset, fingerprint, partition, device)
 
 
-def _prepared(cfg: RunConfig, dataset: ImageDataset, fingerprint: str, partition: Partition,
+def _prepared(cfg: RunConfig, dataset: Dataset, fingerprint: str, partition: Partition,
               device: torch.device) -> Prepared:
     """A :class:`Prepared` whose config has ``eval_batch_size`` set (the device's default when unset)."""
-    size = ImageTransform(cfg.image_size).output_shape(tuple(dataset.images.shape[1:]))
+    stored = tuple(dataset.inputs.shape[1:])
+    size = ImageTransform(cfg.image_size).output_shape(stored) if dataset.modality == "image" else stored
     batch = inference_batch_size(cfg.eval_batch_size, device, size)
     return Prepared(cfg.model_copy(update={"eval_batch_size": batch}), dataset, fingerprint, partition, device)
 
@@ -214,8 +251,9 @@ def initial_weights(cfg: RunConfig, spec: ModelSpec) -> tuple[State | None, str]
 
 
 def check_input_fits(model: torch.nn.Module, spec: ModelSpec, device: torch.device) -> None:
-    """A dry forward pass of one zero image (1, C, image_size, image_size) through ``model`` in eval mode, without
-    gradients; every module's train / eval mode is restored and no random number is drawn.
+    """A dry forward pass of one zero input (1, *spec.sample_shape): an image (1, C, image_size, image_size)) through
+    ``model`` in eval mode, without gradients; every module's train / eval mode is restored and no random number is
+    drawn.
 
     Raises:
         ValueError: the architecture cannot take inputs of that size (e.g. the CNN below 16x16 pixels: its
@@ -225,7 +263,7 @@ def check_input_fits(model: torch.nn.Module, spec: ModelSpec, device: torch.devi
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size, device=device))
+            model(torch.zeros(1, *spec.sample_shape, device=device))
     except (RuntimeError, AssertionError) as err:
         detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise ValueError(f"image_size={spec.image_size}: model {spec.name} cannot take {spec.image_size}x"
@@ -261,11 +299,13 @@ def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Alg
                               cfg.tuning_val_ratio if holdout else None)
         runner = ModelRunner(models, prepared.device_images(), cfg.eval_batch_size, prepared.autocast)
         budget = cfg.client_state_budget_mb * 2**20 or None
+        task = prepared.task
         update = SGDUpdate(cfg.batch_size, cfg.lr, cfg.local_epochs, cfg.optimizer, prepared.autocast,
-                           cfg.weight_decay, cfg.lr_schedule, cfg.max_grad_norm, drop_last=cfg.drop_last)
+                           cfg.weight_decay, cfg.lr_schedule, cfg.max_grad_norm, drop_last=cfg.drop_last,
+                           loss_fn=task.loss())
         ctx = FederatedContext(clients, specs, runner, update, {spec: model_state(m) for spec, m in models.items()},
                                cfg.num_join_clients, seed, budget, cfg.client_parallelism,
-                               cfg.global_rounds)
+                               cfg.global_rounds, task, Downlink.parse(cfg.downlink, cfg.downlink_blend))
         return cls(ctx, **cfg.hparams)
     except ValueError as err:  # PartitionError, model sizes and the algorithms' hyperparameter checks
         raise ConfigError(f"{cfg.algo} with model={cfg.model}: {err}") from None
@@ -295,7 +335,7 @@ def run_params(prepared: Prepared, algorithm: Algorithm) -> dict:
 
 def checkpoint_path(cfg: RunConfig, run_id: str) -> Path:
     """The manifest of FL run ``run_id``'s latest checkpoint: ``checkpoint.safetensors`` in
-    ``<cache_dir>/checkpoints/<run id>/``, its tensors in ``states/`` beside it (:mod:`pfl.algorithms.checkpoint`)."""
+    ``<cache_dir>/checkpoints/<run id>/``, its tensors in ``states/`` beside it (:mod:`pfl.federated.checkpoint`)."""
     return Path(cfg.cache_dir) / "checkpoints" / run_id / CHECKPOINT_FILE
 
 
@@ -337,8 +377,9 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
         tracking.log_json(tensor.tolist(), f"server/{key}.json")
     for name, state in algorithm.server_models().items():
         tracking.log_state(state, f"server/{name}.safetensors")
+    output = "embeddings" if not algorithm.classifier else "probabilities" if prepared.task.classifier else "values"
     tracking.log_client_models(algorithm.ctx.specs, algorithm.personalized_state, algorithm.shared_backbone(),
-                               prepared.input_example, algorithm.classifier)
+                               prepared.input_example, output)
     if checkpointer.sizes:
         tracking.log_metrics({"checkpoint/mb": checkpointer.sizes[-1] / 2**20,
                               "time/checkpoint": sum(checkpointer.seconds) / len(checkpointer.seconds)})
@@ -450,7 +491,8 @@ def evaluate_client_model(run_id: str, client_id: int, data_dir: str | Path | No
 
     Rebuilds the run's data and partition from its config (``data_dir`` replaces the data folder)
     and runs the model the way the engine does, so the result equals the run's
-    ``client_metrics.json`` entry: ``acc``, ``nll``, ``ece``, ``brier`` and ``num_test``.
+    ``client_metrics.json`` entry: ``acc``, ``nll``, ``ece``, ``brier`` and ``num_test`` (a regression: ``mse``,
+    ``orthodromic_deg`` and its per-step values, ``num_test``).
 
     Raises:
         FLRunError: unknown run, not an FL run, or a bad client id; FileNotFoundError: no such client model.
@@ -466,8 +508,11 @@ def evaluate_client_model(run_id: str, client_id: int, data_dir: str | Path | No
     spec = prepared.model_specs[int(client_id)]
     runner = ModelRunner({spec: model}, prepared.device_images(), prepared.cfg.eval_batch_size)
     test = prepared.partition.clients[int(client_id)].test.to(prepared.device)
-    probs = torch.softmax(runner.logits(spec, model_state(model), test).float(), dim=1).cpu()
-    metrics = classification_metrics(probs, runner.data.labels[test].cpu(), prepared.cfg.ece_bins)
+    outputs, targets = runner.logits(spec, model_state(model), test).float().cpu(), runner.data.targets[test].cpu()
+    if prepared.task.classifier:
+        metrics = classification_metrics(torch.softmax(outputs, dim=1), targets, prepared.cfg.ece_bins)
+    else:
+        metrics = regression_metrics(outputs, targets.float(), positions=prepared.task.name == "viewport")
     return {**metrics, "num_test": len(test)}
 
 

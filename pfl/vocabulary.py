@@ -12,7 +12,10 @@ column then ranks FL runs and head runs together (``test/f_ece``).
   - ``ece_mean``: the unweighted mean of per-client ECE;
   - ``global_ece``: ECE of all clients' predictions pooled (uniform bins);
   - ``brier``: test-sample-weighted mean Brier score;
-  - ``knn_acc``, ``linear_acc``: self-supervised runs' weighted kNN accuracy and linear-probe accuracy (fraction).
+  - ``knn_acc``, ``linear_acc``: self-supervised runs' weighted kNN accuracy and linear-probe accuracy (fraction);
+  - ``mse``: a regression's test-sample-weighted mean squared error (over the outputs' elements);
+  - ``orthodromic_deg``: viewport prediction's mean great-circle error in degrees, ``orthodromic_deg_h<k>`` at
+    horizon step k (1-based).
 
   ``test/<metric>_std`` is the unweighted std across clients; ``test/<metric>_<arch>`` the
   weighted mean over one architecture's clients (runs that mix architectures).
@@ -24,8 +27,8 @@ column then ranks FL runs and head runs together (``test/f_ece``).
 * ``train/loss``, ``train/samples``: the round's local training.
 * ``time/<part>``: seconds (``time/round``, ``time/local``, ``time/aggregate``, ``time/eval``,
   ``time/checkpoint``, ``time/heads``, ``time/total``).
-* ``best/<split>_<metric>``: the evaluation at the round of best accuracy (``best/test_acc``,
-  ``best/round``), :func:`best_name`.
+* ``best/<split>_<metric>``: the evaluation at the round of the best headline (:func:`headline`: highest accuracy,
+  lowest error; ``best/test_acc``, ``best/round``), :func:`best_name`.
 * ``comm/bytes_down``, ``comm/bytes_up``: bytes of the model states in the round's payloads, summed over its clients.
 * ``memory/peak_mb``: the round's peak memory (CUDA: allocated by torch; CPU: the process's peak RSS so far);
   split learning's ``memory/client_param_bytes`` and ``memory/client_activation_bytes``: one client's per step.
@@ -42,8 +45,11 @@ before this vocabulary, so reports read old runs too.
 
 from __future__ import annotations
 
-QUALITY = ("acc", "nll", "f_ece", "ece_mean", "global_ece", "brier", "knn_acc", "linear_acc")
-HEADLINE = ("test/acc", "val/acc", "test/knn_acc", "val/knn_acc")  # an evaluation's accuracy, by preference
+QUALITY = ("acc", "nll", "f_ece", "ece_mean", "global_ece", "brier", "knn_acc", "linear_acc", "mse", "orthodromic_deg")
+# an evaluation's headline, by preference: accuracy, else a regression's error
+HEADLINE = ("test/acc", "val/acc", "test/knn_acc", "val/knn_acc", "test/orthodromic_deg", "val/orthodromic_deg",
+            "test/mse", "val/mse")
+LOWER_IS_BETTER = ("orthodromic_deg", "mse")  # headline metrics that are errors
 OOD_SCORES = ("auroc_msp", "aupr_msp", "auroc_entropy", "aupr_entropy")
 SEP = "/"
 
@@ -53,17 +59,38 @@ def metric(group: str, name: str) -> str:
     return f"{group}{SEP}{name}"
 
 
-def headline(metrics: dict[str, float]) -> float:
-    """An evaluation's accuracy: classification's ``test/acc`` (``val/acc`` in tuning), else a self-supervised
-    run's kNN accuracy (``test/knn_acc``).
+def headline_name(metrics: dict[str, float]) -> str:
+    """The name of an evaluation's headline metric: classification's ``test/acc`` (``val/acc`` in tuning), else a
+    self-supervised run's kNN accuracy (``test/knn_acc``), else a regression's error (``test/orthodromic_deg`` for
+    viewport prediction, else ``test/mse``).
 
     Raises:
         KeyError: the metrics hold none of :data:`HEADLINE`.
     """
     for name in HEADLINE:
         if name in metrics:
-            return metrics[name]
-    raise KeyError(f"no accuracy among the metrics ({', '.join(sorted(metrics))}); expected one of {HEADLINE}")
+            return name
+    raise KeyError(f"no headline among the metrics ({', '.join(sorted(metrics))}); expected one of {HEADLINE}")
+
+
+def headline(metrics: dict[str, float]) -> float:
+    """The value of an evaluation's headline metric (:func:`headline_name`).
+
+    Raises:
+        KeyError: the metrics hold none of :data:`HEADLINE`.
+    """
+    return metrics[headline_name(metrics)]
+
+
+def headline_score(metrics: dict[str, float]) -> float:
+    """The headline as a score where larger is better: an accuracy as it is, an error (:data:`LOWER_IS_BETTER`)
+    negated; what picks a run's best round.
+
+    Raises:
+        KeyError: the metrics hold none of :data:`HEADLINE`.
+    """
+    name = headline_name(metrics)
+    return -metrics[name] if name.partition(SEP)[2] in LOWER_IS_BETTER else metrics[name]
 
 
 def best_name(name: str) -> str:

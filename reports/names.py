@@ -1,7 +1,7 @@
 """Display names for tables, captions and figure titles, and the ASCII stems of file names.
 
-Algorithms and datasets by their papers' spelling (``fedfomo`` -> FedFomo, ``cifar10`` ->
-CIFAR-10); ids without an entry are shown unchanged. A partition setting reads ``Dir(α=0.1)``,
+Algorithms, datasets and models by their papers' spelling (``fedfomo`` -> FedFomo, ``cifar10`` ->
+CIFAR-10, ``vp_lstm`` -> LSTM); ids without an entry are shown unchanged. A partition setting reads ``Dir(α=0.1)``,
 ``Pat(2 classes/client)``, ``ExDir(α=0.1, 2 classes/client)``, ``IID`` or ``PFLlib(<name>)``; its
 file stem ``dir0.1``, ``pat2``, ``exdir0.1c2``, ``iid`` or the import's name (as in FL run names).
 Numbers print in shortest form (``0.1``, ``1``); a parameter not logged (NaN) is left out.
@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import re
 
-ALGORITHMS = {"fedavg": "FedAvg", "fedfomo": "FedFomo", "fedala": "FedALA", "flexifed": "FlexiFed"}
-DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet"}
+ALGORITHMS = {"fedavg": "FedAvg", "fedfomo": "FedFomo", "fedala": "FedALA", "flexifed": "FlexiFed", "fedgen": "FedGen"}
+DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet", "david": "David MMSys'18"}
+MODELS = {"vp_lstm": "LSTM", "vp_transformer": "Transformer"}  # in table column order
 
 
 def algo_name(algo: str) -> str:
@@ -22,11 +23,18 @@ def algo_name(algo: str) -> str:
 
 
 def dataset_name(dataset: str) -> str:
-    """``cifar10`` -> ``CIFAR-10``, ``cifar100`` -> ``CIFAR-100``, ``tinyimagenet`` -> ``Tiny-ImageNet``."""
+    """``cifar10`` -> ``CIFAR-10``, ``cifar100`` -> ``CIFAR-100``, ``tinyimagenet`` -> ``Tiny-ImageNet``, ``david`` ->
+    ``David MMSys'18``."""
     return DATASETS.get(dataset, str(dataset))
 
 
-def _given(value) -> bool:
+def model_name(model: str) -> str:
+    """``vp_lstm`` -> ``LSTM`` (TRACK's position-only baseline), ``vp_transformer`` -> ``Transformer``."""
+    return MODELS.get(model, str(model))
+
+
+def given(value) -> bool:
+    """Whether a param was logged: not None, not NaN."""
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
@@ -48,14 +56,14 @@ def partition_name(partition: str, alpha: float = math.nan, classes_per_client: 
             another value is shown unchanged.
         alpha, classes_per_client, name: that partition's params (NaN / None where not logged).
     """
-    parts = [f"α={number(alpha)}" if _given(alpha) else "", _classes(classes_per_client)
-             if _given(classes_per_client) else ""]
+    parts = [f"α={number(alpha)}" if given(alpha) else "", _classes(classes_per_client)
+             if given(classes_per_client) else ""]
     inner = ", ".join(p for p in parts if p)
     label = {"dirichlet": "Dir", "pathological": "Pat", "exdir": "ExDir"}.get(partition)
     if label is not None:
         return f"{label}({inner})" if inner else label
     if partition == "pfllib":
-        return f"PFLlib({name})" if _given(name) else "PFLlib"
+        return f"PFLlib({name})" if given(name) else "PFLlib"
     return "IID" if partition == "iid" else str(partition)
 
 
@@ -65,10 +73,10 @@ def partition_stem(partition: str, alpha: float = math.nan, classes_per_client: 
 
     Characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``.
     """
-    alpha_part = number(alpha) if _given(alpha) else ""
-    classes_part = number(classes_per_client) if _given(classes_per_client) else ""
+    alpha_part = number(alpha) if given(alpha) else ""
+    classes_part = number(classes_per_client) if given(classes_per_client) else ""
     stem = {"dirichlet": f"dir{alpha_part}", "pathological": f"pat{classes_part}",
             "exdir": f"exdir{alpha_part}c{classes_part}"}.get(partition, str(partition))
-    if partition == "pfllib" and _given(name):
+    if partition == "pfllib" and given(name):
         stem = str(name)
     return re.sub(r"[^A-Za-z0-9._-]", "_", stem)

@@ -23,6 +23,11 @@ logged ``alpha`` for every partition. Group these frames with ``dropna=False``.
 :func:`architecture_results` reads runs that mix client architectures (FlexiFed): one row per
 (FL run, architecture group) with that group's ``test/acc_<arch>`` (``pfl report --by architecture``).
 
+Regression FL runs (viewport prediction; :func:`is_regression`: they log ``test/mse``) have neither accuracy nor
+ECE: :func:`results` and :func:`architecture_results` leave them out, and :func:`regression_results` reads them,
+one row per FL run with its ``mse``, ``orthodromic_deg`` and per-horizon-step ``orthodromic_deg_h<k>``
+(:mod:`reports.regression` tabulates and plots them).
+
 ``stat`` picks the FL runs' numbers: ``final`` reads the last evaluation (``test/*``),
 ``best`` the evaluation at the round of best test accuracy (``best/test_*``). Head runs are
 post-hoc on the final client models, so APH / LoRAPH rows, and the w/o ``ood_auroc`` (the
@@ -31,6 +36,8 @@ unmodified final models, scored by the latest head run of the FL run), are the s
 """
 
 from __future__ import annotations
+
+import re
 
 import mlflow
 import numpy as np
@@ -51,6 +58,12 @@ MEAN_ARCH = "mean"  # the arch label of a run's accuracy over all its clients (t
 _HEAD_METRICS = {"acc": "test/acc", "nll": "test/nll", "ece": "test/f_ece", "ood_auroc": "ood/auroc_msp"}
 _WO_OOD_METRIC = "wo/ood_auroc_msp"
 _NUMERIC = ("alpha", "classes_per_client", "join_ratio", *INFO)
+# Regression runs: the setting params beyond SETTING, the row params, and the metrics (final names; best: best_name)
+REGRESSION_SETTING = ("split_by", "num_test_keys", "history", "horizon", "predict")
+REGRESSION_ROW = ("model", "downlink", "downlink_blend")
+REGRESSION_METRICS = {"mse": "test/mse", "orthodromic_deg": "test/orthodromic_deg"}
+STEP_METRIC = "test/orthodromic_deg_h"  # + k: the error at horizon step k (1-based)
+_STEP = re.compile(re.escape(f"metrics.{STEP_METRIC}") + r"(\d+)")
 
 
 def search(kind: str, experiments: list[str] | None = None, filter_string: str = "") -> pd.DataFrame:
@@ -64,6 +77,18 @@ def search(kind: str, experiments: list[str] | None = None, filter_string: str =
     clauses += [filter_string] if filter_string else []
     return mlflow.search_runs(experiment_names=experiments, search_all_experiments=experiments is None,
                               filter_string=" and ".join(clauses), output_format="pandas")
+
+
+def is_regression(fl: pd.DataFrame) -> pd.Series:
+    """Which FL runs of a search frame are regressions (viewport prediction, ...): those that logged ``test/mse``,
+    the metric every regression task logs and no classification does."""
+    return _column(fl, f"metrics.{REGRESSION_METRICS['mse']}").notna()
+
+
+def _fl_runs(experiments: list[str] | None, filter_string: str, regression: bool) -> pd.DataFrame:
+    """The finished FL runs of a selection that are regressions (``regression=True``) or not."""
+    fl = search("fl", experiments, filter_string)
+    return fl[is_regression(fl) == regression] if not fl.empty else fl
 
 
 def _column(runs: pd.DataFrame, column: str, dtype=float) -> pd.Series:
@@ -150,7 +175,8 @@ def _method_rows(base: pd.DataFrame, heads: pd.DataFrame) -> pd.DataFrame:
 def results(experiments: list[str] | None = None, filter_string: str = "", stat: str = "final") -> pd.DataFrame:
     """Long frame of FL runs x methods: ``fl_run_id``, SETTING, ``seed``, INFO, ``method``, METRICS, ``ood_dataset``.
 
-    ``filter_string`` selects FL runs (their params); head runs follow their FL run. ``stat``
+    ``filter_string`` selects FL runs (their params), regressions left out (:func:`is_regression`); head runs
+    follow their FL run. ``stat``
     (``final`` or ``best``) picks the FL runs' numbers (module docstring). Metrics are fractions
     (NLL in nats); ``alpha``, ``classes_per_client``, ``join_ratio``, ``seed`` and INFO are numeric
     (NaN where not logged or not used by the run's partition).
@@ -160,7 +186,7 @@ def results(experiments: list[str] | None = None, filter_string: str = "", stat:
     """
     if stat not in STATS:
         raise ValueError(f"unknown stat {stat!r}; use --stat final or --stat best")
-    fl = search("fl", experiments, filter_string)
+    fl = _fl_runs(experiments, filter_string, regression=False)
     columns = ["fl_run_id", *SETTING, "seed", *INFO, "method", *METRICS, "ood_dataset"]
     if fl.empty:
         return pd.DataFrame(columns=columns)
@@ -203,7 +229,7 @@ def architecture_results(experiments: list[str] | None = None, filter_string: st
     """
     if stat not in STATS:
         raise ValueError(f"unknown stat {stat!r}; use --stat final or --stat best")
-    fl = search("fl", experiments, filter_string)
+    fl = _fl_runs(experiments, filter_string, regression=False)
     if fl.empty:
         raise ValueError("no finished FL runs match the selection; check --experiment and the filters")
     archs = _architectures(fl)
@@ -224,6 +250,43 @@ def architecture_results(experiments: list[str] | None = None, filter_string: st
                              f"best/test_acc_{arch}; use --stat final")
         frames.append(base[logged].assign(arch=arch, acc=values[logged]))
     return pd.concat(frames, ignore_index=True)[list(ARCH_COLUMNS)]
+
+
+def _steps(fl: pd.DataFrame) -> list[int]:
+    """The horizon steps k, ascending, of which a search frame holds a ``test/orthodromic_deg_h<k>`` value."""
+    return sorted({int(m[1]) for c in fl.columns if (m := _STEP.fullmatch(c)) and fl[c].notna().any()})
+
+
+def regression_results(experiments: list[str] | None = None, filter_string: str = "",
+                       stat: str = "final") -> pd.DataFrame:
+    """One row per regression FL run (:func:`is_regression`) of the selection, with its setting and metrics.
+
+    Columns: ``fl_run_id``, SETTING, REGRESSION_SETTING (``split_by``, ``num_test_keys``, ``history``, ``horizon``,
+    ``predict``), ``seed``, INFO, REGRESSION_ROW (``model``, ``downlink``, ``downlink_blend``; the downlink
+    params are None / NaN for algorithms that download nothing, e.g. ``local``), then the metrics of ``stat``:
+    ``mse`` (test MSE over the outputs' elements), ``orthodromic_deg`` (mean great-circle error in degrees; NaN
+    for a regression without it) and ``orthodromic_deg_h<k>`` for every horizon step k any selected run logged
+    (NaN for runs that predict one position). ``final`` reads ``test/*``, ``best`` ``best/test_*``: the round of
+    lowest error (``best/round``). Numeric params are numbers; no legacy metric names (regressions are newer).
+
+    Raises:
+        ValueError: unknown ``stat``, or ``best`` on runs that did not log ``best/test_mse``.
+    """
+    if stat not in STATS:
+        raise ValueError(f"unknown stat {stat!r}; use --stat final or --stat best")
+    fl = _fl_runs(experiments, filter_string, regression=True)
+    names = {**REGRESSION_METRICS, **{f"orthodromic_deg_h{k}": f"{STEP_METRIC}{k}" for k in _steps(fl)}}
+    columns = ["fl_run_id", *SETTING, *REGRESSION_SETTING, "seed", *INFO, *REGRESSION_ROW, *names]
+    if fl.empty:
+        return pd.DataFrame(columns=columns)
+    frame = _settings(fl).assign(**{k: _param(fl, k) for k in (*REGRESSION_SETTING, *REGRESSION_ROW)})
+    for col in ("num_test_keys", "history", "horizon", "downlink_blend"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    values = {m: _column(fl, f"metrics.{best_name(n) if stat == 'best' else n}") for m, n in names.items()}
+    lacking = fl["run_id"][values["mse"].isna()].tolist()
+    if lacking:
+        raise ValueError(f"--stat best: FL run(s) {', '.join(lacking[:3])} did not log best/test_mse; use --stat final")
+    return frame.assign(**values)[columns]
 
 
 def aggregate(long: pd.DataFrame) -> pd.DataFrame:

@@ -26,6 +26,11 @@ filter, narrowed to its ``partition``, ``datasets``, ``alpha`` and ``join_ratio`
 * ``reliability_<fl run id>.{png,pdf}``: reliability diagrams of one FL run's methods (pooled test
   predictions, global ECE in %), over the samples per bin, titled with the run's setting.
 
+Regression FL runs (viewport prediction; :func:`reports.query.is_regression`) get their own outputs beside these
+(:mod:`reports.regression`): ``table_regression_<dataset>.{md,csv,tex}`` (arms x model x {MSE, orthodromic
+error}) and ``orthodromic_per_step_<dataset>_<model>.{png,pdf}``; the selection narrows them alike (``alpha``
+selects none of them). A store of regression runs only writes only these.
+
 With ``by="architecture"`` (``pfl report --by architecture``) it writes only
 ``table_architectures.md``, ``.csv``, ``.tex``: :mod:`reports.architectures`, one row per FlexiFed
 scheme and one column per architecture group of mixed-architecture FL runs, for one setting.
@@ -43,8 +48,9 @@ from pfl.heads import METHOD_LABELS
 from reports.architectures import architecture_caption, build_architecture_table
 from reports.names import algo_name, dataset_name, number, partition_stem
 from reports.plots import bar_line_figure, reliability_figure, save_figure
-from reports.query import aggregate, architecture_results, reliability_bins, results
-from reports.settings import (PARTITION_SETTING, at, narrow, partition_label, run_title, table_caption,
+from reports.query import aggregate, architecture_results, regression_results, reliability_bins, results
+from reports.regression import regression_outputs
+from reports.settings import (PARTITION_SETTING, at, narrow, partition_label, run_title, select, table_caption,
                               table_groups, table_stem)
 from reports.table import ResultsTable, build_table
 
@@ -90,6 +96,12 @@ class Report:
     files: list[Path] = field(default_factory=list)
     table_markdown: str = ""
     caption: str = ""
+
+    def add(self, other: Report) -> None:
+        """Append ``other``'s files, tables and captions to this report's."""
+        self.files += other.files
+        self.table_markdown = "\n\n".join(t for t in (self.table_markdown, other.table_markdown) if t)
+        self.caption = "\n".join(c for c in (self.caption, other.caption) if c)
 
 
 # Swept figures: (aggregated metric, file stem prefix, y label); values in percent.
@@ -178,6 +190,18 @@ def _method_tables(long: pd.DataFrame, stat: str, out_dir: Path) -> Report:
     return report
 
 
+def _regression_report(long: pd.DataFrame, stat: str, out_dir: Path) -> Report:
+    """The tables and per-step figures of regression runs (:func:`reports.regression.regression_outputs`)."""
+    report = Report()
+    tables, figures = regression_outputs(long, stat)
+    for stem, table in tables.items():
+        report.add(Report(_write_table(table, table.to_latex(label=f"tab:{stem}"), out_dir, stem),
+                          table.to_markdown(), table.full_caption()))
+    for stem, fig in figures.items():
+        report.files += save_figure(fig, out_dir / stem)
+    return report
+
+
 def build_architecture_report(sel: Selection, out_dir: Path) -> Report:
     """The per-architecture table of mixed-architecture FL runs as ``table_architectures.{md,tex,csv}``.
 
@@ -202,18 +226,25 @@ def build_report(sel: Selection, out_dir: Path) -> Report:
 
     Raises:
         ValueError: unknown ``sel.by``, no matching runs, a selected partition, dataset, alpha or
-            join ratio without runs (the message lists those the runs hold), or ``stat="best"`` on
-            FL runs without best-round metrics.
+            join ratio without runs (classification and regression runs together; the message lists those the
+            runs hold), or ``stat="best"`` on FL runs without best-round metrics.
     """
     if sel.by not in BY:
         raise ValueError(f"unknown --by {sel.by!r}; use --by method or --by architecture")
     if sel.by == "architecture":
         return build_architecture_report(sel, out_dir)
     long = results(sel.experiments, sel.filter_string, sel.stat)
-    scope = narrow(long, sel.partition, sel.datasets)
-    chosen = narrow(scope, alpha=sel.alpha, join_ratio=sel.join_ratio)
-    report = _method_tables(chosen, sel.stat, out_dir)
-    for stem, fig in sweep_figures(aggregate(scope), sel).items():
-        report.files += save_figure(fig, out_dir / stem)
+    regression = regression_results(sel.experiments, sel.filter_string, sel.stat)
+    every = pd.concat([frame[["partition", "dataset", "alpha", "join_ratio"]] for frame in (long, regression)])
+    narrow(every, sel.partition, sel.datasets, sel.alpha, sel.join_ratio)  # refuses a selection no run matches
+    scope = select(long, sel.partition, sel.datasets)
+    chosen = select(scope, alpha=sel.alpha, join_ratio=sel.join_ratio)
+    report = _method_tables(chosen, sel.stat, out_dir) if not chosen.empty else Report()
+    if not scope.empty:
+        for stem, fig in sweep_figures(aggregate(scope), sel).items():
+            report.files += save_figure(fig, out_dir / stem)
     report.files += _reliability(chosen, long, sel, out_dir)
+    regression = select(regression, sel.partition, sel.datasets, sel.alpha, sel.join_ratio)
+    if not regression.empty:
+        report.add(_regression_report(regression, sel.stat, out_dir))
     return report

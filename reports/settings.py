@@ -40,6 +40,16 @@ def _at_value(long: pd.DataFrame, column: str, value: float | None) -> pd.DataFr
     return rows
 
 
+def select(long: pd.DataFrame, partition: str | None = None, datasets: list[str] | None = None,
+           alpha: float | None = None, join_ratio: float | None = None) -> pd.DataFrame:
+    """The rows of a long frame in the selection, as :func:`narrow` but without its checks (possibly none)."""
+    if partition is not None:
+        long = long[long["partition"] == PARTITION_ALIASES.get(partition, partition)]
+    if datasets:
+        long = long[long["dataset"].isin(datasets)]
+    return at(at(long, "alpha", alpha), "join_ratio", join_ratio)
+
+
 def narrow(long: pd.DataFrame, partition: str | None = None, datasets: list[str] | None = None,
            alpha: float | None = None, join_ratio: float | None = None) -> pd.DataFrame:
     """The rows of a long frame (:func:`reports.query.results`) in the selection; ``None`` selects everything.
@@ -62,13 +72,11 @@ def narrow(long: pd.DataFrame, partition: str | None = None, datasets: list[str]
         wanted = PARTITION_ALIASES.get(partition, partition)
         if not (long["partition"] == wanted).any():
             raise ValueError(f"no runs with partition {wanted!r}; the runs hold {sorted(long['partition'].unique())}")
-        long = long[long["partition"] == wanted]
-    if datasets:
-        missing = sorted(set(datasets) - set(long["dataset"]))
-        if missing:
-            raise ValueError(f"no runs on dataset(s) {missing}; the runs hold {sorted(long['dataset'].unique())}")
-        long = long[long["dataset"].isin(datasets)]
-    return _at_value(_at_value(long, "alpha", alpha), "join_ratio", join_ratio)
+    long = select(long, partition)
+    missing = sorted(set(datasets or ()) - set(long["dataset"]))
+    if missing:
+        raise ValueError(f"no runs on dataset(s) {missing}; the runs hold {sorted(long['dataset'].unique())}")
+    return _at_value(_at_value(select(long, datasets=datasets), "alpha", alpha), "join_ratio", join_ratio)
 
 
 def table_groups(long: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:

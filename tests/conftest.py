@@ -142,7 +142,7 @@ def cifar10_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cifar10(cifar10_dir):
-    """The loaded CIFAR-10 slice (:class:`pfl.data.datasets.ImageDataset`, 3,600 images)."""
+    """The loaded CIFAR-10 slice (:class:`pfl.data.datasets.Dataset`, 3,600 images)."""
     return load_cifar10(cifar10_dir)
 
 
@@ -155,7 +155,7 @@ def cifar100_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cifar100(cifar100_dir):
-    """The loaded CIFAR-100 slice (:class:`pfl.data.datasets.ImageDataset`, 4,000 images)."""
+    """The loaded CIFAR-100 slice (:class:`pfl.data.datasets.Dataset`, 4,000 images)."""
     return load_cifar100(cifar100_dir)
 
 
@@ -190,8 +190,14 @@ def tinyimagenet_classes(tinyimagenet_dir: Path, out: Path, num_classes: int) ->
 
 @pytest.fixture(scope="session")
 def tinyimagenet(tinyimagenet_dir):
-    """The loaded reduced Tiny-ImageNet (:class:`pfl.data.datasets.ImageDataset`, 20,000 images)."""
+    """The loaded reduced Tiny-ImageNet (:class:`pfl.data.datasets.Dataset`, 20,000 images)."""
     return load_tinyimagenet(tinyimagenet_dir)
+
+
+@pytest.fixture(scope="session")
+def david_dir(tmp_path_factory) -> Path:
+    """A data dir holding the real David MMSys'18 head traces (both layouts, all 19 videos x 57 viewers)."""
+    return _extract_shared("david-mmsys18.tar.xz", "David", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -217,7 +223,7 @@ def check_exact_resumption(cifar10_dir: Path, tmp_path: Path, algo: str, *overri
     """
     from safetensors.torch import load_file, save_file
 
-    from pfl.algorithms.engine import Engine, Schedule
+    from pfl.federated.engine import Engine, Schedule
     from pfl.config import load_config
     from pfl.train import build_algorithm, prepare
 

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from conftest import check_exact_resumption
-from pfl.algorithms.base import FederatedContext
+from pfl.federated.base import FederatedContext
 from pfl.algorithms.fedfomo import FedFomo, fomo_weights, normalize_weights
-from pfl.algorithms.local import FitRes
-from pfl.algorithms.state import (State, flatten, float_keys, load_state, model_state, param_keys, unflatten,
+from pfl.federated.local import FitRes
+from pfl.federated.state import (State, flatten, float_keys, load_state, model_state, param_keys, unflatten,
                                   state_digest, weighted_average)
-from pfl.algorithms.store import ClientStore
+from pfl.federated.store import ClientStore
 from pfl.data.loader import ClientData
 from pfl.models import ModelSpec
 
@@ -306,7 +306,7 @@ def test_validation_loss_is_pfllibs_mean_of_batch_means():
     # with batch 2 averages the batch means of [l0, l1], [l2, l3], [l4] (or drops [l4] with drop_last)
     logits = torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [0.0, -2.0]])
     labels = torch.tensor([0, 0, 1, 0, 1])
-    runner = SimpleNamespace(data=SimpleNamespace(labels=labels),
+    runner = SimpleNamespace(data=SimpleNamespace(targets=labels),
                              logits=lambda spec, state, idx: logits[idx] * state["v"][0])
     clients = [ClientData(fit=torch.arange(5), val=torch.arange(5), test=torch.arange(5))]
     one = {"v": torch.ones(1)}

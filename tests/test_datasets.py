@@ -18,7 +18,7 @@ import torch
 from conftest import tinyimagenet_classes
 
 from pfl.data.datasets import (CIFAR100_FOLDER, TINYIMAGENET_FOLDER, TINYIMAGENET_URL, DatasetFormatError,
-                               DatasetNotFoundError, ImageDataset, load_cifar100, load_dataset, load_tinyimagenet,
+                               DatasetNotFoundError, Dataset, load_cifar100, load_dataset, load_tinyimagenet,
                                tinyimagenet_cache_path)
 
 
@@ -65,15 +65,15 @@ def test_cifar100_pools_train_then_test_with_fine_labels(cifar100, cifar100_dir)
     train, test, meta = (_pickle(root / f) for f in ("train", "test", "meta"))
     n_train, n_test = len(train[b"data"]), len(test[b"data"])
     assert cifar100.name == "cifar100" and cifar100.num_classes == 100
-    assert cifar100.images.shape == (n_train + n_test, 3, 32, 32) and cifar100.images.dtype == torch.uint8
-    assert cifar100.labels.dtype == torch.int64
-    assert 0 <= cifar100.labels.min() and cifar100.labels.max() < 100
+    assert cifar100.inputs.shape == (n_train + n_test, 3, 32, 32) and cifar100.inputs.dtype == torch.uint8
+    assert cifar100.targets.dtype == torch.int64
+    assert 0 <= cifar100.targets.min() and cifar100.targets.max() < 100
     assert cifar100.class_names == tuple(n.decode() for n in meta[b"fine_label_names"])
     for i, (batch, row) in {0: (train, 0), n_train - 1: (train, n_train - 1), n_train: (test, 0),
                             n_train + n_test - 1: (test, n_test - 1)}.items():
-        assert torch.equal(cifar100.images[i].flatten(), torch.from_numpy(batch[b"data"][row]))
-        assert cifar100.labels[i] == batch[b"fine_labels"][row]
-    assert torch.equal(cifar100.labels, torch.tensor(train[b"fine_labels"] + test[b"fine_labels"]))
+        assert torch.equal(cifar100.inputs[i].flatten(), torch.from_numpy(batch[b"data"][row]))
+        assert cifar100.targets[i] == batch[b"fine_labels"][row]
+    assert torch.equal(cifar100.targets, torch.tensor(train[b"fine_labels"] + test[b"fine_labels"]))
 
 
 def test_cifar100_wrong_shape_names_the_file(cifar100_dir, tmp_path):
@@ -100,10 +100,10 @@ def test_tinyimagenet_counts_and_shapes_come_from_the_folder(tinyimagenet, tinyi
     n_val = len(list((root / "val" / "images").glob("*.JPEG")))
     assert (n_train, n_val) == (16_000, 4_000)  # the shared reduced archive
     assert tinyimagenet.name == "tinyimagenet" and tinyimagenet.num_classes == len(wnids) == 200
-    assert tinyimagenet.images.shape == (n_train + n_val, 3, 64, 64) and tinyimagenet.images.dtype == torch.uint8
-    assert tinyimagenet.labels.dtype == torch.int64
-    assert 0 <= tinyimagenet.labels.min() and tinyimagenet.labels.max() < 200
-    assert torch.equal(tinyimagenet.labels[:n_train], torch.tensor(
+    assert tinyimagenet.inputs.shape == (n_train + n_val, 3, 64, 64) and tinyimagenet.inputs.dtype == torch.uint8
+    assert tinyimagenet.targets.dtype == torch.int64
+    assert 0 <= tinyimagenet.targets.min() and tinyimagenet.targets.max() < 200
+    assert torch.equal(tinyimagenet.targets[:n_train], torch.tensor(
         [i for i, w in enumerate(wnids) for _ in _train_files(root, w)]))
     words = dict(line.split("\t", 1) for line in (root / "words.txt").read_text().splitlines())
     assert tinyimagenet.class_names == tuple(words[w] for w in wnids)
@@ -115,8 +115,8 @@ def test_tinyimagenet_train_class_id_is_sorted_wnid_index(tinyimagenet, tinyimag
     assert _sorted_wnids(root).index(wnid) != 0
     file = _train_files(root, wnid)[7]
     i = _train_index(root, wnid, file)
-    assert tinyimagenet.labels[i] == _sorted_wnids(root).index(wnid)
-    assert torch.equal(tinyimagenet.images[i], _pil_chw(file))
+    assert tinyimagenet.targets[i] == _sorted_wnids(root).index(wnid)
+    assert torch.equal(tinyimagenet.inputs[i], _pil_chw(file))
 
 
 def test_tinyimagenet_val_labels_come_from_annotations(tinyimagenet, tinyimagenet_dir):
@@ -125,9 +125,9 @@ def test_tinyimagenet_val_labels_come_from_annotations(tinyimagenet, tinyimagene
     val = sorted((root / "val" / "images").glob("*.JPEG"))
     n_train = len(tinyimagenet) - len(val)
     for k in range(0, len(val), 397):
-        assert tinyimagenet.labels[n_train + k] == wnids.index(annotations[val[k].name]), val[k].name
+        assert tinyimagenet.targets[n_train + k] == wnids.index(annotations[val[k].name]), val[k].name
     for k in (0, len(val) - 1):
-        assert torch.equal(tinyimagenet.images[n_train + k], _pil_chw(val[k]))
+        assert torch.equal(tinyimagenet.inputs[n_train + k], _pil_chw(val[k]))
 
 
 def test_tinyimagenet_greyscale_becomes_three_equal_channels(tinyimagenet, tinyimagenet_dir):
@@ -137,7 +137,7 @@ def test_tinyimagenet_greyscale_becomes_three_equal_channels(tinyimagenet, tinyi
         if grey is not None:
             break
     assert grey is not None, "the reduced archive should hold greyscale JPEGs"
-    image = tinyimagenet.images[_train_index(root, wnid, grey)]
+    image = tinyimagenet.inputs[_train_index(root, wnid, grey)]
     with PIL.Image.open(grey) as img:
         expected = torch.from_numpy(np.asarray(img).copy())
     for c in range(3):
@@ -152,7 +152,7 @@ def test_tinyimagenet_second_load_reads_the_cache_without_decoding(tinyimagenet,
 
     monkeypatch.setattr(PIL.Image, "open", no_decode)
     again = load_tinyimagenet(tinyimagenet_dir)
-    assert torch.equal(again.images, tinyimagenet.images) and torch.equal(again.labels, tinyimagenet.labels)
+    assert torch.equal(again.inputs, tinyimagenet.inputs) and torch.equal(again.targets, tinyimagenet.targets)
     assert again.class_names == tinyimagenet.class_names and again.num_classes == tinyimagenet.num_classes
 
 
@@ -173,7 +173,7 @@ def test_cache_path_changes_when_a_source_file_changes(tiny_small):
     os.utime(jpeg, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     cache2 = tinyimagenet_cache_path(tiny_small)
     assert cache2 != cache1
-    assert torch.equal(load_tinyimagenet(tiny_small).images, first.images)
+    assert torch.equal(load_tinyimagenet(tiny_small).inputs, first.inputs)
     assert cache2.is_file() and not cache1.exists()  # the stale cache is dropped
 
     shutil.copy2(jpeg, jpeg.with_name("zzz_extra.JPEG"))
@@ -225,9 +225,9 @@ def test_tinyimagenet_missing_folder_names_the_path_and_url(tmp_path, download):
 
 def test_load_dataset_dispatches(cifar100, cifar100_dir, tinyimagenet, tinyimagenet_dir):
     c = load_dataset("cifar100", cifar100_dir)
-    assert c.name == "cifar100" and torch.equal(c.images, cifar100.images)
+    assert c.name == "cifar100" and torch.equal(c.inputs, cifar100.inputs)
     t = load_dataset("tinyimagenet", tinyimagenet_dir)
-    assert t.name == "tinyimagenet" and torch.equal(t.labels, tinyimagenet.labels)
+    assert t.name == "tinyimagenet" and torch.equal(t.targets, tinyimagenet.targets)
 
 
 # ------------------------------------------------------------ fingerprint
@@ -235,8 +235,8 @@ def test_load_dataset_dispatches(cifar100, cifar100_dir, tinyimagenet, tinyimage
 def _fingerprint_by_copy(dataset) -> str:
     """The fingerprint as pfl computed it before hashing in place: BLAKE2b over ``tobytes()`` copies."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(dataset.images.contiguous().numpy().tobytes())
-    h.update(dataset.labels.numpy().tobytes())
+    h.update(dataset.inputs.contiguous().numpy().tobytes())
+    h.update(dataset.targets.numpy().tobytes())
     h.update(str(dataset.num_classes).encode())
     return h.hexdigest()
 
@@ -245,19 +245,19 @@ def test_fingerprint_is_unchanged_so_partition_caches_stay_valid(cifar100, tinyi
     for dataset in (cifar100, tinyimagenet):
         assert dataset.fingerprint() == _fingerprint_by_copy(dataset)
     # a non-contiguous view of the same pixels hashes like its contiguous copy
-    strided = dataclasses.replace(cifar100, images=cifar100.images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
-    assert not strided.images.is_contiguous()
+    strided = dataclasses.replace(cifar100, inputs=cifar100.inputs.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
+    assert not strided.inputs.is_contiguous()
     assert strided.fingerprint() == cifar100.fingerprint()
     # and it still depends on pixels, labels and class count
     assert dataclasses.replace(cifar100, num_classes=99).fingerprint() != cifar100.fingerprint()
-    flipped = cifar100.images.clone()
+    flipped = cifar100.inputs.clone()
     flipped[-1, -1, -1, -1] ^= 1
-    assert dataclasses.replace(cifar100, images=flipped).fingerprint() != cifar100.fingerprint()
+    assert dataclasses.replace(cifar100, inputs=flipped).fingerprint() != cifar100.fingerprint()
 
 
 def test_fingerprint_does_not_copy_the_images():
     images = np.random.default_rng(0).integers(0, 256, (16_384, 3, 32, 32), dtype=np.uint8)  # 50 MB
-    dataset = ImageDataset("cifar10", torch.from_numpy(images), torch.zeros(len(images), dtype=torch.int64), 10,
+    dataset = Dataset("cifar10", torch.from_numpy(images), torch.zeros(len(images), dtype=torch.int64), 10,
                            tuple("abcdefghij"))
 
     def peak_traced_bytes(fingerprint) -> tuple[str, int]:

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from pfl import tracking
-from pfl.algorithms.checkpoint import STATES_DIR, Checkpointer, load_checkpoint, save_checkpoint
-from pfl.algorithms.engine import Callback, RunInterrupted
+from pfl.federated.checkpoint import STATES_DIR, Checkpointer, load_checkpoint, save_checkpoint
+from pfl.federated.engine import Callback, RunInterrupted
 from pfl.config import load_config
 from pfl.train import checkpoint_path, resume_training, run_training
 

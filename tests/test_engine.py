@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pfl.algorithms.engine import Engine, Schedule
+from pfl.federated.engine import Engine, Schedule
 from pfl.config import ConfigError, load_config
 from pfl.data.loader import inference_batch_size
 from pfl.train import build_algorithm, prepare

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 import pfl.algorithms.fedala as fedala_module
-from pfl.algorithms.base import FederatedContext
-from pfl.algorithms.engine import Engine, Schedule
+from pfl.federated.base import FederatedContext
+from pfl.federated.engine import Engine, Schedule
 from pfl.algorithms.fedala import FedALA, blend, learn_weights
-from pfl.algorithms.local import FitRes, ModelRunner, SGDUpdate
-from pfl.algorithms.state import State, flatten, float_keys, model_state, unflatten
-from pfl.data.loader import ClientData, DeviceImages
+from pfl.federated.local import FitRes, ModelRunner, SGDUpdate
+from pfl.federated.state import State, flatten, float_keys, model_state, unflatten
+from pfl.data.loader import ClientData, DeviceData
 from pfl.models.split import ModelSpec, SplitModel
 
 # ---------------------------------------------------------------- pure functions
@@ -96,7 +96,7 @@ def _fedala(cifar10, num_clients: int = 3, layer_idx: int = 2, eta: float = 1.0,
     model = _Tiny()
     clients = [ClientData(fit=torch.arange(c * 100, c * 100 + 60), val=None,
                           test=torch.arange(c * 100 + 60, c * 100 + 80)) for c in range(num_clients)]
-    runner = ModelRunner({_SPEC: model}, DeviceImages(cifar10, torch.device("cpu")))
+    runner = ModelRunner({_SPEC: model}, DeviceData(cifar10, torch.device("cpu")))
     update = SGDUpdate(batch_size=10, lr=0.05, local_epochs=1)
     ctx = FederatedContext(clients, [_SPEC] * num_clients, runner, update, {_SPEC: model_state(model)},
                            num_join_clients=num_join, seed=0)
@@ -227,7 +227,7 @@ def test_evaluation_scores_and_saves_the_ala_initialized_models_as_pfllib(cifar1
         assert not _equal(scored, upload)
         assert torch.equal(scored[lower], alg.global_state[lower])
         probs = torch.softmax(alg.ctx.runner.logits(_SPEC, scored, alg.ctx.clients[cid].test), 1)
-        acc = (probs.argmax(1) == cifar10.labels[alg.ctx.clients[cid].test]).double().mean().item()
+        acc = (probs.argmax(1) == cifar10.targets[alg.ctx.clients[cid].test]).double().mean().item()
         assert evaluation.per_client[cid]["acc"] == pytest.approx(acc)
     assert _equal(alg.configure_fit(0, 2).state, alg.personalized_state(0))  # round 2 starts from it
 

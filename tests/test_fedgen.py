@@ -12,11 +12,11 @@ from torch import nn
 from torch.func import functional_call
 
 from conftest import check_exact_resumption
-from pfl.algorithms.engine import Engine, Schedule
+from pfl.federated.engine import Engine, Schedule
 from pfl.algorithms.fedgen import (FedGenParams, FedGenUpdate, Generator, diversity_loss, label_weights,
                                    layer_params, teacher_loss)
-from pfl.algorithms.local import FitIns, FitRes, SGDUpdate
-from pfl.algorithms.state import load_state, state_digest, weighted_average
+from pfl.federated.local import FitIns, FitRes, SGDUpdate
+from pfl.federated.state import load_state, state_digest, weighted_average
 from pfl.models.split import SplitModel
 
 

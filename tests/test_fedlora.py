@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pfl import tracking
-from pfl.algorithms.engine import Engine, Schedule
+from pfl.federated.engine import Engine, Schedule
 from pfl.algorithms.fedlora import LoraUpdate
-from pfl.algorithms.local import FitRes
-from pfl.algorithms.state import state_bytes
+from pfl.federated.local import FitRes
+from pfl.federated.state import state_bytes
 from pfl.cli import main
 from pfl.config import load_config
 from pfl.models import ModelSpec, build_model
@@ -215,7 +215,7 @@ def test_a_lora_adapted_model_starts_equal_to_its_backbone(freeze_a, cifar10):
     adapters = {k: v for k, v in adapted.state_dict().items() if is_adapter_entry(k)}
     assert adapters and all(torch.all(v == 0) for k, v in adapters.items() if ".lora_B." in k)
     assert all(v.abs().sum() > 0 for k, v in adapters.items() if ".lora_A." in k)
-    x = (cifar10.images[:8].float() / 255 - 0.5) / 0.5
+    x = (cifar10.inputs[:8].float() / 255 - 0.5) / 0.5
     with torch.no_grad():
         assert torch.equal(adapted(x), backbone(x))
         qkv = adapted.base.blocks[0].attn.qkv

@@ -14,7 +14,7 @@ from pfl import tracking
 from pfl.tracking import FLRunError
 from pfl.algorithms.flexifed import SCHEMES, aggregate, common_prefix, signature
 from pfl.config import ConfigError, load_config, load_head_config
-from pfl.data.loader import DeviceImages
+from pfl.data.loader import DeviceData
 from pfl.heads.run import run_heads
 from pfl.metrics import accuracy
 from pfl.models import ModelSpec, build_model
@@ -124,7 +124,7 @@ def test_mixed_run_saves_each_clients_architecture_and_reloads_its_accuracy(mixe
     logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=fl_id, artifact_path="client_metrics.json",
                                                                  dst_path=str(tmp_path / "m"))).read_text())
     prepared = prepare(cfg)
-    data = DeviceImages(prepared.dataset, torch.device("cpu"))
+    data = DeviceData(prepared.dataset, torch.device("cpu"))
     for cid in range(4):
         model = tracking.load_client_model(fl_id, cid)
         assert [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)].__len__() == (8 if cid % 2 == 0 else 13)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pfl.data.loader import DeviceImages
+from pfl.data.loader import DeviceData
 from pfl.heads.members import (MemberHeads, aph_members, ensemble_probs, linear_layers, loraph_members,
                                train_members)
 from pfl.heads.prior import exponent10, noise_std, perturbed, sample_learning_rates
@@ -188,9 +188,9 @@ def test_sgd_step_matches_torch_sgd_with_weight_decay():
 def test_cached_feature_training_equals_per_member_full_model_training(cifar10):
     torch.manual_seed(0)
     model = build_model(ModelSpec("cnn", 10)).eval()
-    data = DeviceImages(cifar10, torch.device("cpu"))
+    data = DeviceData(cifar10, torch.device("cpu"))
     train = torch.arange(0, 150)
-    labels = data.labels[train]
+    labels = data.targets[train]
     lrs = sample_learning_rates(3, 0.01, 0.1, 0)
     seeds = [11, 12, 13]
     together = aph_members(model.head, 3, 0.1, torch.Generator().manual_seed(5))

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pfl import tracking
-from pfl.algorithms.engine import Callback
+from pfl.federated.engine import Callback
 from pfl.config import ConfigError, load_config, load_head_config
 from pfl.data.datasets import CIFAR100_FOLDER
 from pfl.heads.run import run_heads
@@ -192,13 +192,13 @@ def test_cli_heads_exit_2_on_bad_run_id(fl_run, capsys):
 @pytest.fixture(scope="module")
 def scopes(cifar10):
     """One client's rearrangement in both scopes, on a random CNN and a real CIFAR-10 slice."""
-    from pfl.data.loader import DeviceImages
+    from pfl.data.loader import DeviceData
     from pfl.heads.rearrange import rearrange_client
     from pfl.models import ModelSpec, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelSpec("cnn", 10)).eval()
-    data = DeviceImages(cifar10, torch.device("cpu"))
+    data = DeviceData(cifar10, torch.device("cpu"))
     train, test = torch.arange(0, 120), torch.arange(120, 160)
     results = {scope: rearrange_client(model, data, train, test,
                                        load_head_config([f"perturb_scope={scope}", "sampling_num=2",

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pfl import tracking
-from pfl.algorithms.engine import Callback
+from pfl.federated.engine import Callback
 from pfl.config import load_config
 from pfl.metrics import accuracy
 from pfl.models import ModelSpec, build_model
@@ -84,10 +84,10 @@ def test_fedfomo_run_tree_metrics_and_client_models(cifar10_dir, tmp_path, store
     model = tracking.load_client_model(fl_id, cid)
     prepared = prepare(cfg)
     test_idx = prepared.partition.clients[cid].test
-    x = prepared.dataset.images[test_idx].float() / 127.5 - 1.0
+    x = prepared.dataset.inputs[test_idx].float() / 127.5 - 1.0
     with torch.inference_mode():
         probs = torch.softmax(model(x), dim=1)
-    assert accuracy(probs, prepared.dataset.labels[test_idx]) == pytest.approx(per_client[cid]["acc"], abs=1e-9)
+    assert accuracy(probs, prepared.dataset.targets[test_idx]) == pytest.approx(per_client[cid]["acc"], abs=1e-9)
     assert fl.data.metrics["test/acc"] == pytest.approx(
         sum(c["acc"] * c["num_test"] for c in per_client) / sum(c["num_test"] for c in per_client))
 

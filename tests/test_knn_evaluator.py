@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pfl.algorithms.evaluation import KNNEvaluator, base_features
+from pfl.federated.evaluation import KNNEvaluator, base_features
 from pfl.config import load_config
 from pfl.metrics import knn_accuracy
 from pfl.train import build_algorithm, prepare
@@ -20,7 +20,7 @@ def test_knn_evaluator_scores_each_model_on_its_own_split_against_the_shared_ban
     tests = [c.test[:50] for c in ctx.clients]
     scores = KNNEvaluator(k=20).score(ctx, spec, [state] * 3, tests, ece_bins=15)
     bank_idx = torch.cat([c.fit for c in ctx.clients])
-    labels = ctx.runner.data.labels
+    labels = ctx.runner.data.targets
     bank = base_features(ctx, spec, state, bank_idx)
     assert bank.shape == (len(bank_idx), 64)
     for score, idx in zip(scores, tests):
@@ -29,7 +29,7 @@ def test_knn_evaluator_scores_each_model_on_its_own_split_against_the_shared_ban
 
 
 def test_linear_probe_separates_linearly_separable_features():
-    from pfl.algorithms.evaluation import linear_probe
+    from pfl.federated.evaluation import linear_probe
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (300,), generator=gen)

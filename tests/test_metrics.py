@@ -198,7 +198,7 @@ def test_calibration_gaps_sum_over_clients_to_the_pooled_global_ece():
 
 
 def test_classification_evaluator_summary_names_each_ece():
-    from pfl.algorithms.evaluation import POOLED, ClassificationEvaluator
+    from pfl.federated.evaluation import POOLED, ClassificationEvaluator
 
     scores = [{"acc": 1.0, "nll": 0.5, "ece": 0.1, "brier": 0.2, POOLED: {"gaps": [0.0, -0.7]}},
               {"acc": 0.5, "nll": 1.5, "ece": 0.4, "brier": 0.6, POOLED: {"gaps": [0.0, 0.7]}}]

@@ -47,7 +47,7 @@ def runs(cifar10_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(cifar10_dir) -> torch.Tensor:
     """30 real CIFAR-10 images, uint8 (30, 3, 32, 32)."""
-    return load_cifar10(cifar10_dir).images[:30]
+    return load_cifar10(cifar10_dir).inputs[:30]
 
 
 def _reference_probs(run_id: str, client_id: int, images: torch.Tensor) -> np.ndarray:
@@ -211,7 +211,7 @@ def test_python_model_refuses_non_finite_and_out_of_range_floats(runs, values, r
     python_model = mlflow.pyfunc.load_model(f"runs:/{fl_id}/clients/client_001").unwrap_python_model()
     x = np.zeros((2, 3, 32, 32), dtype=np.float32)
     x[1, 0, 5, 7] = values
-    with pytest.raises(mlflow.exceptions.MlflowException) as err:  # pfl.pyfunc.ImagesError, as the model file runs
+    with pytest.raises(mlflow.exceptions.MlflowException) as err:  # pfl.pyfunc.InputError, as the model file runs
         python_model.predict(None, x)
     assert str(err.value).startswith(reason) and isinstance(err.value, ValueError)
     assert err.value.get_http_status_code() == 400

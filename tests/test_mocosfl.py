@@ -264,7 +264,7 @@ def test_a_moco_step_equals_the_official_symmetric_compute_enqueue_and_momentum_
         algo.momentum_stems[cid] = stem
     algo.queue.ptr = 6  # the step's 2 x 4 keys fill rows 6..9, then wrap to 0..3
     pool, cohort = [0, 1], torch.arange(2)
-    images = algo.ctx.runner.data.images[algo._batch_orders(1, pool, 1)[cohort, 0].flatten()]
+    images = algo.ctx.runner.data.inputs[algo._batch_orders(1, pool, 1)[cohort, 0].flatten()]
     v1, v2 = (v.view(2, 2, *v.shape[1:]) for v in algo._draw_views(images, 1, 0))
 
     # the reference, on copies of the modules as they are before the step

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from pfl.algorithms.engine import Callback, Evaluation
+from pfl.federated.engine import Callback, Evaluation
 from pfl.config import load_config
 from pfl.train import prepare, run_federated
 

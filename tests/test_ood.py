@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pfl.config import ConfigError, load_head_config
-from pfl.data.loader import DeviceImages
+from pfl.data.loader import DeviceData
 from pfl.heads.ood import DEFAULT_OOD, OODPool, load_ood_pool, resolve_ood_dataset
 from pfl.metrics import detection_auroc_aupr, max_softmax_probability, negative_entropy, ood_detection
 
@@ -77,14 +77,14 @@ def test_resolve_ood_dataset():
 
 
 def test_pool_batches_are_normalized_like_id_batches_and_resized_on_device(cifar100):
-    data = DeviceImages(cifar100, torch.device("cpu"))
+    data = DeviceData(cifar100, torch.device("cpu"))
     idx = torch.tensor([0, 5, 3999])
     same = OODPool("cifar100", data, (32, 32))
     assert torch.equal(same.batch(idx), data.batch(idx)[0])
     up = OODPool("cifar100", data, (64, 64)).batch(idx)  # cifar100 as OOD for Tiny-ImageNet models
     assert up.shape == (3, 3, 64, 64) and up.is_contiguous(memory_format=torch.channels_last)
     # Resizing after normalizing equals normalizing the resized raw images (bilinear weights sum to 1).
-    raw = F.interpolate(cifar100.images[idx].float(), size=(64, 64), mode="bilinear", align_corners=False)
+    raw = F.interpolate(cifar100.inputs[idx].float(), size=(64, 64), mode="bilinear", align_corners=False)
     assert torch.allclose(up, raw / 127.5 - 1, atol=1e-5)
     down = OODPool("cifar100", data, (16, 16)).batch(idx)
     ref = F.interpolate(data.batch(idx)[0], size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
@@ -92,7 +92,7 @@ def test_pool_batches_are_normalized_like_id_batches_and_resized_on_device(cifar
 
 
 def test_client_samples_are_seeded_distinct_and_per_client(cifar100):
-    pool = OODPool("cifar100", DeviceImages(cifar100, torch.device("cpu")), (32, 32))
+    pool = OODPool("cifar100", DeviceData(cifar100, torch.device("cpu")), (32, 32))
     a = pool.sample(500, seed=0, client_id=3)
     assert len(a) == 500 and len(a.unique()) == 500 and a.max() < len(cifar100)
     assert torch.equal(a, pool.sample(500, seed=0, client_id=3))
@@ -110,4 +110,4 @@ def test_missing_ood_folder_names_the_folder_and_the_fix(tmp_path, cifar100_dir)
     with pytest.raises(ConfigError, match="fewer than the 5000 test samples"):
         load_ood_pool("cifar100", cifar100_dir, torch.device("cpu"), (32, 32), 5000)
     pool = load_ood_pool("cifar100", cifar100_dir, torch.device("cpu"), (32, 32), 100)
-    assert pool.name == "cifar100" and len(pool) == 4000 and pool.data.images.dtype == torch.uint8
+    assert pool.name == "cifar100" and len(pool) == 4000 and pool.data.inputs.dtype == torch.uint8

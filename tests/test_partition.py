@@ -38,7 +38,7 @@ SCHEMES = {
 
 @pytest.fixture(scope="module")
 def partitions(cifar10) -> dict[str, Partition]:
-    return {name: make_partition(cifar10.labels, cifar10.num_classes, spec) for name, spec in SCHEMES.items()}
+    return {name: make_partition(cifar10.targets, cifar10.num_classes, spec) for name, spec in SCHEMES.items()}
 
 
 def _share(client) -> torch.Tensor:
@@ -53,10 +53,10 @@ def _same(a: Partition, b: Partition) -> bool:
 def test_fixture_holds_real_cifar10(cifar10_dir, cifar10):
     # the partition tests run on real labels: loading the fixture folder gives the same pool
     again = load_cifar10(cifar10_dir)
-    assert torch.equal(again.labels, cifar10.labels)
+    assert torch.equal(again.targets, cifar10.targets)
     assert cifar10.num_classes == 10
-    assert cifar10.labels.dtype == torch.int64
-    assert set(cifar10.labels.unique().tolist()) == set(range(10))
+    assert cifar10.targets.dtype == torch.int64
+    assert set(cifar10.targets.unique().tolist()) == set(range(10))
 
 
 # ---------------------------------------------------------------- properties of every scheme
@@ -64,14 +64,14 @@ def test_fixture_holds_real_cifar10(cifar10_dir, cifar10):
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_deterministic_for_same_spec_and_seed(cifar10, partitions, scheme):
-    again = make_partition(cifar10.labels, cifar10.num_classes, SCHEMES[scheme])
+    again = make_partition(cifar10.targets, cifar10.num_classes, SCHEMES[scheme])
     assert _same(again, partitions[scheme])
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_different_seed_gives_different_partition(cifar10, partitions, scheme):
     spec = SCHEMES[scheme]
-    other = make_partition(cifar10.labels, cifar10.num_classes,
+    other = make_partition(cifar10.targets, cifar10.num_classes,
                            PartitionSpec(**{**spec.__dict__, "seed": spec.seed + 1}))
     assert not _same(other, partitions[scheme])
 
@@ -111,7 +111,7 @@ def test_train_test_sizes_match_scikit_learn(train_ratio):
 
 def test_partition_split_sizes_at_07(cifar10):
     spec = PartitionSpec("dirichlet", num_clients=10, seed=0, alpha=0.5, train_ratio=0.7)
-    for c in make_partition(cifar10.labels, cifar10.num_classes, spec).clients:
+    for c in make_partition(cifar10.targets, cifar10.num_classes, spec).clients:
         n = len(c.train) + len(c.test)
         assert len(c.train) == math.floor(0.7 * n)
 
@@ -127,7 +127,7 @@ def test_train_ratio_075(partitions, scheme):
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_label_counts_sums_match(cifar10, partitions, scheme):
     p = partitions[scheme]
-    counts = p.label_counts(cifar10.labels, cifar10.num_classes)
+    counts = p.label_counts(cifar10.targets, cifar10.num_classes)
     assert counts["spec"]["scheme"] == scheme
     assert len(counts["clients"]) == len(p.clients)
     total = 0
@@ -136,7 +136,7 @@ def test_label_counts_sums_match(cifar10, partitions, scheme):
         assert entry["num_train"] == len(c.train) == sum(entry["train"].values())
         assert entry["num_test"] == len(c.test) == sum(entry["test"].values())
         for cls, n in entry["train"].items():
-            assert n == int((cifar10.labels[c.train] == int(cls)).sum())
+            assert n == int((cifar10.targets[c.train] == int(cls)).sum())
         total += entry["num_train"] + entry["num_test"]
     assert total == len(cifar10)
 
@@ -146,7 +146,7 @@ def test_label_counts_sums_match(cifar10, partitions, scheme):
 
 def test_pathological_two_classes_per_client(cifar10, partitions):
     for c in partitions["pathological"].clients:
-        classes = cifar10.labels[_share(c)].unique()
+        classes = cifar10.targets[_share(c)].unique()
         assert len(classes) == 2
 
 
@@ -154,16 +154,16 @@ def test_pathological_deals_classes_in_order(cifar10, partitions):
     # ceil(20 / 10 * 2) = 4 clients per class: classes 0 and 1 go to clients 0-3, 2 and 3 to 4-7, ...
     for i, c in enumerate(partitions["pathological"].clients):
         first = 2 * (i // 4)
-        assert cifar10.labels[_share(c)].unique().tolist() == [first, first + 1]
+        assert cifar10.targets[_share(c)].unique().tolist() == [first, first + 1]
 
 
 def test_pathological_class_chunks_respect_pfllib_lower_bound(cifar10, partitions):
     # PFLlib: a class's chunk has at least int(max(num_per / 10, least_samples / K)) samples
     spec = SCHEMES["pathological"]
     least = least_samples(len(cifar10), spec.num_clients, spec.train_ratio)
-    class_sizes = torch.bincount(cifar10.labels, minlength=10)
+    class_sizes = torch.bincount(cifar10.targets, minlength=10)
     for c in partitions["pathological"].clients:
-        hist = torch.bincount(cifar10.labels[_share(c)], minlength=10)
+        hist = torch.bincount(cifar10.targets[_share(c)], minlength=10)
         for cls in hist.nonzero().flatten().tolist():
             num_per = class_sizes[cls].item() / 4
             assert hist[cls].item() >= int(max(num_per / 10, least / 10))
@@ -171,10 +171,10 @@ def test_pathological_class_chunks_respect_pfllib_lower_bound(cifar10, partition
 
 def test_pathological_balance_gives_equal_chunks(cifar10):
     spec = PartitionSpec("pathological", num_clients=20, seed=0, classes_per_client=2, balance=True)
-    p = make_partition(cifar10.labels, 10, spec)
-    class_sizes = torch.bincount(cifar10.labels, minlength=10)
+    p = make_partition(cifar10.targets, 10, spec)
+    class_sizes = torch.bincount(cifar10.targets, minlength=10)
     for i, c in enumerate(p.clients):
-        hist = torch.bincount(cifar10.labels[_share(c)], minlength=10)
+        hist = torch.bincount(cifar10.targets[_share(c)], minlength=10)
         for cls in hist.nonzero().flatten().tolist():
             per = class_sizes[cls].item() / 4
             if i % 4 < 3:   # the first 3 owners get int(n_c / 4); the last one the remainder
@@ -187,21 +187,21 @@ def test_pathological_infeasible_raises(cifar10):
     # 4 clients * 2 classes = 8 slots < 10 classes
     spec = PartitionSpec("pathological", num_clients=4, seed=0, classes_per_client=2)
     with pytest.raises(PartitionError, match="classes_per_client") as info:
-        make_partition(cifar10.labels, 10, spec)
+        make_partition(cifar10.targets, 10, spec)
     assert "num_clients" in str(info.value)
 
 
 def test_pathological_too_many_classes_per_client_raises(cifar10):
     spec = PartitionSpec("pathological", num_clients=20, seed=0, classes_per_client=11)
     with pytest.raises(PartitionError, match="classes_per_client=11"):
-        make_partition(cifar10.labels, 10, spec)
+        make_partition(cifar10.targets, 10, spec)
 
 
 def test_unknown_scheme_and_too_many_clients_raise(cifar10):
     with pytest.raises(PartitionError, match="unknown partition"):
-        make_partition(cifar10.labels, 10, PartitionSpec("uniform", num_clients=5, seed=0))
+        make_partition(cifar10.targets, 10, PartitionSpec("uniform", num_clients=5, seed=0))
     with pytest.raises(PartitionError, match="num_clients"):
-        make_partition(cifar10.labels[:10], 10, PartitionSpec("dirichlet", num_clients=11, seed=0))
+        make_partition(cifar10.targets[:10], 10, PartitionSpec("dirichlet", num_clients=11, seed=0))
 
 
 # ---------------------------------------------------------------- Dirichlet
@@ -210,9 +210,9 @@ def test_unknown_scheme_and_too_many_clients_raise(cifar10):
 def _mean_max_class_fraction(cifar10, alpha: float, seeds=(0, 1, 2)) -> float:
     fractions = []
     for seed in seeds:
-        p = make_partition(cifar10.labels, 10, PartitionSpec("dirichlet", num_clients=10, seed=seed, alpha=alpha))
+        p = make_partition(cifar10.targets, 10, PartitionSpec("dirichlet", num_clients=10, seed=seed, alpha=alpha))
         for c in p.clients:
-            hist = torch.bincount(cifar10.labels[_share(c)], minlength=10).double()
+            hist = torch.bincount(cifar10.targets[_share(c)], minlength=10).double()
             fractions.append((hist.max() / hist.sum()).item())
     return float(np.mean(fractions))
 
@@ -229,7 +229,7 @@ def test_dirichlet_skew_decreases_with_alpha(cifar10):
 @pytest.mark.parametrize("alpha", [0.1, 0.5])
 def test_dirichlet_pfllib_minimum_samples(cifar10, alpha):
     spec = PartitionSpec("dirichlet", num_clients=20, seed=0, alpha=alpha)
-    p = make_partition(cifar10.labels, 10, spec)
+    p = make_partition(cifar10.targets, 10, spec)
     least = least_samples(len(cifar10), 20, 0.75)
     # PFLlib: int(min(10 / (1 - 0.75), N / 20 / 2)) = int(min(40, N / 40))
     assert least == int(min(40, len(cifar10) / 40))
@@ -249,7 +249,7 @@ def test_dirichlet_infeasible_raises(cifar10):
     # sample, impossible to guarantee in a draw at alpha = 1e-3 where each class goes to one client
     spec = PartitionSpec("dirichlet", num_clients=20, seed=0, alpha=1e-3)
     with pytest.raises(PartitionError, match="raise alpha"):
-        make_partition(cifar10.labels[:40], 10, spec)
+        make_partition(cifar10.targets[:40], 10, spec)
 
 
 # ---------------------------------------------------------------- extended Dirichlet (exdir)
@@ -308,7 +308,7 @@ def test_exdir_holds_at_most_classes_per_client_and_pfllib_minimum(cifar10, part
     sizes = []
     for c in partitions["exdir"].clients:
         share = _share(c)
-        assert len(cifar10.labels[share].unique()) <= spec.classes_per_client
+        assert len(cifar10.targets[share].unique()) <= spec.classes_per_client
         sizes.append(len(share))
     assert min(sizes) >= 10                            # PFLlib's min_require_size
     assert sum(sizes) == len(cifar10)
@@ -318,8 +318,8 @@ def test_exdir_alpha_sets_the_skew_within_owners(cifar10):
     # at a large alpha the owners of a class split it near evenly; at a small one a single owner takes most
     def largest_owner_share(alpha):
         spec = PartitionSpec("exdir", num_clients=10, seed=0, alpha=alpha, classes_per_client=5)
-        hist = torch.stack([torch.bincount(cifar10.labels[_share(c)], minlength=10)
-                            for c in make_partition(cifar10.labels, 10, spec).clients]).double()
+        hist = torch.stack([torch.bincount(cifar10.targets[_share(c)], minlength=10)
+                            for c in make_partition(cifar10.targets, 10, spec).clients]).double()
         return (hist.max(0).values / hist.sum(0)).mean().item()
 
     assert largest_owner_share(0.1) > 0.6 > largest_owner_share(100.0)
@@ -337,13 +337,13 @@ def test_exdir_key_uses_alpha_and_classes_per_client(cifar10):
 def test_exdir_impossible_class_deal_raises(cifar10, num_clients, cpc, match):
     spec = PartitionSpec("exdir", num_clients=num_clients, seed=0, classes_per_client=cpc)
     with pytest.raises(PartitionError, match=match):
-        make_partition(cifar10.labels, 10, spec)
+        make_partition(cifar10.targets, 10, spec)
 
 
 def test_exdir_gives_up_after_bounded_redraws(cifar10, monkeypatch):
     # 10 clients from 90 samples: nobody can reach 10 samples each
     with pytest.raises(PartitionError, match="at least 10 samples; raise alpha"):
-        make_partition(cifar10.labels[:90], 10, PartitionSpec("exdir", num_clients=10, seed=0, classes_per_client=2))
+        make_partition(cifar10.targets[:90], 10, PartitionSpec("exdir", num_clients=10, seed=0, classes_per_client=2))
     monkeypatch.setattr(partition_module, "_MAX_CLASS_DEALS", 1)
     rng = _ScriptedRng([[[0, 1, 2]] * 3], [], alpha=0.1, num_clients=3)    # class 2 left unowned
     with pytest.raises(PartitionError, match="gave every class 1 owner"):
@@ -356,17 +356,17 @@ def test_exdir_gives_up_after_bounded_redraws(cifar10, monkeypatch):
 def test_disk_cache_round_trip(cifar10, tmp_path):
     spec = SCHEMES["pathological"]
     fp = cifar10.fingerprint()
-    first, hit1 = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)
+    first, hit1 = load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path)
     assert hit1 is False
     assert (tmp_path / "partitions" / f"{spec.key(fp)}.npz").is_file()
-    second, hit2 = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)
+    second, hit2 = load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path)
     assert hit2 is True
     assert second.spec == spec
     assert _same(first, second)
     for c in second.clients:
         assert c.train.dtype == torch.int64 and c.test.dtype == torch.int64
     # and the cached partition is exactly what make_partition computes
-    assert _same(second, make_partition(cifar10.labels, 10, spec))
+    assert _same(second, make_partition(cifar10.targets, 10, spec))
 
 
 def test_cache_key_depends_on_spec_and_data(cifar10, tmp_path):
@@ -379,11 +379,11 @@ def test_cache_key_depends_on_spec_and_data(cifar10, tmp_path):
     # alpha is unused by the pathological scheme, so it does not change the key
     assert base.key(fp) == PartitionSpec(**{**base.__dict__, "alpha": 0.9}).key(fp)
     # a different spec misses the cache and gets its own file
-    load_or_make_partition(cifar10.labels, 10, base, fp, tmp_path)
-    part, hit = load_or_make_partition(cifar10.labels, 10, other, fp, tmp_path)
+    load_or_make_partition(cifar10.targets, 10, base, fp, tmp_path)
+    part, hit = load_or_make_partition(cifar10.targets, 10, other, fp, tmp_path)
     assert hit is False
     assert len(list((tmp_path / "partitions").glob("*.npz"))) == 2
-    assert _same(part, make_partition(cifar10.labels, 10, other))
+    assert _same(part, make_partition(cifar10.targets, 10, other))
 
 
 def _resave(path, **changes) -> None:
@@ -415,17 +415,17 @@ CACHE_DAMAGES = {
 @pytest.mark.parametrize("damage", list(CACHE_DAMAGES))
 def test_unreadable_cache_file_is_rebuilt_with_a_warning(cifar10, tmp_path, caplog, damage):
     spec, fp = SCHEMES["dirichlet"], cifar10.fingerprint()
-    load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)
+    load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path)
     path = tmp_path / "partitions" / f"{spec.key(fp)}.npz"
     CACHE_DAMAGES[damage](path)
     with caplog.at_level(logging.WARNING, logger="pfl.data.partition"):
-        rebuilt, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)
+        rebuilt, hit = load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path)
     assert hit is False
-    assert _same(rebuilt, make_partition(cifar10.labels, 10, spec))
+    assert _same(rebuilt, make_partition(cifar10.targets, 10, spec))
     warnings = [r.getMessage() for r in caplog.records if r.name == "pfl.data.partition"]
     assert len(warnings) == 1 and str(path) in warnings[0] and "rebuilding" in warnings[0], warnings
     assert "\n" not in warnings[0]
-    again, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)  # the rebuilt file is used
+    again, hit = load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path)  # the rebuilt file is used
     assert hit is True and _same(again, rebuilt)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
@@ -439,17 +439,17 @@ def test_two_writers_do_not_collide(cifar10, tmp_path, monkeypatch):
     def interleaved_replace(src, dst):
         renamed.append(os.fspath(src))
         if len(renamed) == 1:
-            assert load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)[1] is False  # writer B
+            assert load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path)[1] is False  # writer B
         real_replace(src, dst)
 
     monkeypatch.setattr(partition_module.os, "replace", interleaved_replace)
-    first, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)  # writer A
+    first, hit = load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path)  # writer A
     monkeypatch.undo()
     assert hit is False and len(renamed) == 2 and renamed[0] != renamed[1]
     assert all(os.path.dirname(t) == str(path.parent) for t in renamed)  # same folder: the rename is atomic
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
-    cached, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)
-    assert hit is True and _same(cached, first) and _same(cached, make_partition(cifar10.labels, 10, spec))
+    cached, hit = load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path)
+    assert hit is True and _same(cached, first) and _same(cached, make_partition(cifar10.targets, 10, spec))
 
 
 @pytest.mark.parametrize("failure", ["disk_full", "folder_in_the_way"])
@@ -464,8 +464,8 @@ def test_unwritable_cache_warns_and_leaves_no_temp_file(cifar10, tmp_path, monke
     else:
         path.mkdir(parents=True)  # the rename onto it fails as on a read-only cache
     with caplog.at_level(logging.WARNING, logger="pfl.data.partition"):
-        part, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path)
-    assert hit is False and _same(part, make_partition(cifar10.labels, 10, spec))
+        part, hit = load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path)
+    assert hit is False and _same(part, make_partition(cifar10.targets, 10, spec))
     warnings = [r.getMessage() for r in caplog.records if r.name == "pfl.data.partition"]
     assert len(warnings) == 1 and f"cannot write partition cache {path}" in warnings[0] and "\n" not in warnings[0]
     assert [p.name for p in path.parent.iterdir()] == ([path.name] if failure == "folder_in_the_way" else [])
@@ -515,22 +515,22 @@ def test_iid_disjoint_cover_and_deterministic(cifar10, partitions):
     shares = [set(_share(c).tolist()) for c in partitions["iid"].clients]
     assert sum(len(s) for s in shares) == len(cifar10)
     assert set().union(*shares) == set(range(len(cifar10)))
-    again = make_partition(cifar10.labels, cifar10.num_classes, SCHEMES["iid"])
+    again = make_partition(cifar10.targets, cifar10.num_classes, SCHEMES["iid"])
     assert _same(again, partitions["iid"])
 
 
 def test_iid_label_histograms_follow_the_pool(cifar10, partitions):
-    pool = torch.bincount(cifar10.labels, minlength=10).double()
+    pool = torch.bincount(cifar10.targets, minlength=10).double()
     pool /= pool.sum()
     for c in partitions["iid"].clients:
-        hist = torch.bincount(cifar10.labels[_share(c)], minlength=10).double()
+        hist = torch.bincount(cifar10.targets[_share(c)], minlength=10).double()
         hist /= hist.sum()
         # ~514 samples: a class fraction's sampling std is about 0.013; every class stays within 0.05
         assert (hist - pool).abs().max().item() < 0.05
         assert 0.5 * (hist - pool).abs().sum().item() < 0.1     # total variation distance
     # against a non-IID scheme, where a client's label mix is far from the pool's
     skewed = partitions["dirichlet"].clients[0]
-    hist = torch.bincount(cifar10.labels[_share(skewed)], minlength=10).double()
+    hist = torch.bincount(cifar10.targets[_share(skewed)], minlength=10).double()
     assert 0.5 * (hist / hist.sum() - pool).abs().sum().item() > 0.1
 
 
@@ -646,7 +646,7 @@ def test_official_split_partitions_train_and_test_sets_apart(cifar10):
     # the fixture's slice: 5 train batches of 600 (3,000 official train images), then 600 test images
     assert cifar10.num_train == 3000
     spec = PartitionSpec("iid", num_clients=8, seed=0, official_split=True, num_partitions=20)
-    part = make_partition(cifar10.labels, 10, spec, num_train=cifar10.num_train)
+    part = make_partition(cifar10.targets, 10, spec, num_train=cifar10.num_train)
     assert [(len(c.train), len(c.test)) for c in part.clients] == [(150, 30)] * 8
     train_idx, test_idx = torch.cat([c.train for c in part.clients]), torch.cat([c.test for c in part.clients])
     assert int(train_idx.max()) < 3000 <= int(test_idx.min())
@@ -665,8 +665,8 @@ def test_flexifed_iid_shares_of_cifar10_shaped_data():
 def test_num_partitions_keeps_the_first_num_clients_shares(cifar10, official):
     # num_partitions=20 with 8 clients is the 20-client partition's first 8 clients, draw for draw
     base = dict(scheme="iid", seed=1, official_split=official)
-    eight = make_partition(cifar10.labels, 10, PartitionSpec(num_clients=8, num_partitions=20, **base), 3000)
-    twenty = make_partition(cifar10.labels, 10, PartitionSpec(num_clients=20, **base), 3000)
+    eight = make_partition(cifar10.targets, 10, PartitionSpec(num_clients=8, num_partitions=20, **base), 3000)
+    twenty = make_partition(cifar10.targets, 10, PartitionSpec(num_clients=20, **base), 3000)
     assert len(eight.clients) == 8
     assert all(torch.equal(a.train, b.train) and torch.equal(a.test, b.test)
                for a, b in zip(eight.clients, twenty.clients))
@@ -675,11 +675,11 @@ def test_num_partitions_keeps_the_first_num_clients_shares(cifar10, official):
 def test_official_split_and_num_partitions_refuse_what_they_cannot_mean(cifar10):
     spec = PartitionSpec("iid", num_clients=8, seed=0, official_split=True)
     with pytest.raises(PartitionError, match="official_split"):
-        make_partition(cifar10.labels, 10, spec)                      # no official train size known
+        make_partition(cifar10.targets, 10, spec)                      # no official train size known
     with pytest.raises(PartitionError, match="num_partitions=4 is below num_clients=8"):
-        make_partition(cifar10.labels, 10, PartitionSpec("iid", num_clients=8, seed=0, num_partitions=4))
+        make_partition(cifar10.targets, 10, PartitionSpec("iid", num_clients=8, seed=0, num_partitions=4))
     with pytest.raises(PartitionError, match="num_partitions=700 exceeds the 600 samples of the official test set"):
-        make_partition(cifar10.labels, 10, PartitionSpec("iid", num_clients=8, seed=0, official_split=True,
+        make_partition(cifar10.targets, 10, PartitionSpec("iid", num_clients=8, seed=0, official_split=True,
                                                          num_partitions=700), cifar10.num_train)
 
 
@@ -702,13 +702,13 @@ def test_pooled_default_is_unchanged_by_the_new_fields(cifar10):
 def test_cached_official_split_is_checked_against_the_boundary(cifar10, tmp_path, caplog):
     spec = PartitionSpec("iid", num_clients=8, seed=0, official_split=True, num_partitions=20)
     fp = cifar10.fingerprint()
-    built, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path, num_train=3000)
+    built, hit = load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path, num_train=3000)
     assert hit is False
-    again, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path, num_train=3000)
+    again, hit = load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path, num_train=3000)
     assert hit is True and _same(again, built)
     # the same file read with another boundary holds train indices past it: rebuilt, with a warning
     with caplog.at_level(logging.WARNING, logger="pfl.data.partition"):
-        moved, hit = load_or_make_partition(cifar10.labels, 10, spec, fp, tmp_path, num_train=2400)
+        moved, hit = load_or_make_partition(cifar10.targets, 10, spec, fp, tmp_path, num_train=2400)
     assert hit is False and "invalid indices" in caplog.text
     assert int(torch.cat([c.train for c in moved.clients]).max()) < 2400
 
@@ -723,7 +723,7 @@ def test_loaders_record_the_official_train_size(cifar10, cifar100, tinyimagenet_
     assert cifar100.num_train == 3000 and len(cifar100) == 4000            # train rows, then test
     tiny = load_tinyimagenet(tinyimagenet_classes(tinyimagenet_dir, tmp_path, 2))
     assert tiny.num_train == 160 and len(tiny) == 200                      # 80 train JPEGs a class, then val
-    assert tiny.labels[:160].tolist() == [0] * 80 + [1] * 80
+    assert tiny.targets[:160].tolist() == [0] * 80 + [1] * 80
     # the fingerprint (the key of partition caches) does not cover the new field
     assert replace(cifar10, num_train=None).fingerprint() == cifar10.fingerprint()
 
@@ -740,3 +740,65 @@ def test_run_config_partition_fields():
         load_config(None, ["num_clients=8", "num_partitions=4"])
     with pytest.raises(ConfigError, match="official_split"):
         load_config(None, ["partition=pfllib", "partition_name=x", "official_split=true"])
+
+
+# ---------------------------------------------------------------- natural
+
+
+def _traces():
+    """2 groups (viewers) x 2 videos x 4 time steps; sample i = 8 * group + 4 * video + time."""
+    groups = torch.arange(16) // 8
+    video = torch.arange(16) // 4 % 2
+    time = torch.arange(16) % 4
+    return groups, {"video": video, "time": time}
+
+
+def test_natural_split_by_time_keeps_each_traces_first_part_for_training():
+    from pfl.data.partition import natural
+
+    groups, keys = _traces()
+    part = natural(groups, keys, PartitionSpec("natural", 2, seed=0, train_ratio=0.75))
+    # each trace of 4 steps: floor(0.75 * 4) = 3 train steps (times 0, 1, 2), time 3 tests
+    assert part.clients[0].train.tolist() == [0, 1, 2, 4, 5, 6] and part.clients[0].test.tolist() == [3, 7]
+    assert part.clients[1].train.tolist() == [8, 9, 10, 12, 13, 14] and part.clients[1].test.tolist() == [11, 15]
+
+
+def test_natural_split_by_a_key_tests_every_client_on_the_same_unseen_values():
+    from pfl.data.partition import natural
+
+    groups, keys = _traces()
+    part = natural(groups, keys, PartitionSpec("natural", 2, seed=3, split_by="video", num_test_keys=1))
+    test_video = keys["video"][part.clients[0].test].unique().tolist()
+    assert len(test_video) == 1
+    for c, client in enumerate(part.clients):
+        assert set(keys["video"][client.test].tolist()) == set(test_video)  # the same video for every client
+        assert test_video[0] not in keys["video"][client.train].tolist()  # never trained on
+        assert set(groups[torch.cat([client.train, client.test])].tolist()) == {c}  # one client per group
+        assert len(client.train) == len(client.test) == 4
+
+
+def test_natural_clients_are_the_first_groups_or_a_seeded_sample():
+    from pfl.data.partition import natural
+
+    groups = torch.arange(40) // 4  # 10 groups of 4 samples
+    keys = {"time": torch.arange(40) % 4}
+    first = natural(groups, keys, PartitionSpec("natural", 3, seed=0, train_ratio=0.5))
+    assert [groups[c.train[0]].item() for c in first.clients] == [0, 1, 2]
+    sampled = natural(groups, keys, PartitionSpec("natural", 3, seed=0, train_ratio=0.5, sample_groups=True))
+    chosen = [groups[c.train[0]].item() for c in sampled.clients]
+    expected = sorted(np.random.default_rng(0).choice(np.arange(10), 3, replace=False).tolist())
+    assert chosen == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(num_clients=11), "num_clients=11 exceeds the dataset's 10 natural groups"),
+    (dict(num_clients=2, split_by="speaker"), "split_by=speaker: the dataset has no such key"),
+    (dict(num_clients=2, split_by="video", num_test_keys=2), "num_test_keys=2: .* of the 2 values of video"),
+])
+def test_natural_refuses_what_it_cannot_build(spec, message):
+    from pfl.data.partition import natural
+
+    groups = torch.arange(40) // 4
+    keys = {"time": torch.arange(40) % 4, "video": torch.arange(40) % 2}
+    with pytest.raises(PartitionError, match=message):
+        natural(groups, keys, PartitionSpec("natural", seed=0, **spec))

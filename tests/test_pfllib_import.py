@@ -36,7 +36,7 @@ def originals(cifar10):
     for n_train, n_test in SIZES:
         client = {}
         for split, n in (("train", n_train), ("test", n_test)):
-            client[split] = (cifar10.images[start:start + n], cifar10.labels[start:start + n])
+            client[split] = (cifar10.inputs[start:start + n], cifar10.targets[start:start + n])
             start += n
         out.append(client)
     return out
@@ -71,15 +71,15 @@ def test_round_trip_keeps_every_clients_images_and_labels(src, tmp_path, origina
     assert path == data_dir / "pfllib" / "Cifar10"
     dataset, partition = load_imported(data_dir, "Cifar10")
     assert dataset.name == "cifar10" and dataset.num_classes == 10 and dataset.class_names[9] == "9"
-    assert dataset.images.dtype == torch.uint8 and dataset.images.shape == (sum(map(sum, SIZES)), 3, 32, 32)
+    assert dataset.inputs.dtype == torch.uint8 and dataset.inputs.shape == (sum(map(sum, SIZES)), 3, 32, 32)
     assert partition.spec.num_clients == 3 and partition.spec.scheme == "pfllib:Cifar10"
     for split_idx, client in zip(partition.clients, originals):
         for split in ("train", "test"):
             idx = getattr(split_idx, split)
             assert idx.dtype == torch.int64
             images, labels = client[split]
-            assert torch.equal(dataset.images[idx], images)
-            assert torch.equal(dataset.labels[idx], labels)
+            assert torch.equal(dataset.inputs[idx], images)
+            assert torch.equal(dataset.targets[idx], labels)
     meta = json.loads((path / "meta.json").read_text())
     assert meta["image_shape"] == [3, 32, 32] and meta["source"] == str(src.resolve())
     assert meta["pfllib_config"]["alpha"] == 0.1
@@ -238,7 +238,7 @@ def test_prepare_uses_the_import_and_checks_dataset_and_clients(src, tmp_path):
     import_pfllib(src, data_dir, name="c10", progress=False)
     prepared = prepare(_cfg(data_dir, tmp_path))
     dataset, partition = load_imported(data_dir, "c10")
-    assert torch.equal(prepared.dataset.images, dataset.images)
+    assert torch.equal(prepared.dataset.inputs, dataset.inputs)
     assert prepared.partition.spec == partition.spec
     for got, want in zip(prepared.partition.clients, partition.clients, strict=True):
         assert torch.equal(got.train, want.train) and torch.equal(got.test, want.test)

@@ -16,8 +16,8 @@ import torch
 
 from pfl import tracking
 from pfl.algorithms import REGISTRY
-from pfl.algorithms.checkpoint import Checkpointer, load_checkpoint
-from pfl.algorithms.engine import Engine, RunInterrupted, Schedule
+from pfl.federated.checkpoint import Checkpointer, load_checkpoint
+from pfl.federated.engine import Engine, RunInterrupted, Schedule
 from pfl.cli import main
 from pfl.config import load_config
 from pfl.train import build_algorithm, prepare, resume_training, run_training
@@ -30,7 +30,8 @@ ALGOS = {"fedavg": [], "fedfomo": ["M=2"], "fedala": [],
                      "linear_epochs=1"],
          "flexifed": ["model=vgg11,vgg13", "model_width=0.125", "partition=iid", "sample_fraction=0.3"],
          "fedgen": ["server_epochs=3", "gen_hidden=[32]"],
-         "fedlora": ["model=vit_cifar", "image_size=8", "batch_size=32", "personal_head=true"]}
+         "fedlora": ["model=vit_cifar", "image_size=8", "batch_size=32", "personal_head=true"],
+         "local": []}
 
 
 def _overrides(data_dir, tmp_path, algo="fedfomo", rounds=6):
@@ -81,7 +82,7 @@ def _fl_run(tmp_path):
 _PAUSING_TRAIN = """
 import sys, time
 import pfl.train
-from pfl.algorithms.engine import Callback
+from pfl.federated.engine import Callback
 from pfl.cli import main
 
 class Pause(Callback):

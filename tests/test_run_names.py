@@ -16,11 +16,13 @@ PARTITION_ONLY = set(PARTITION_FIELDS)
 
 def _config(algo: str, partition: str) -> RunConfig:
     extra = {"partition_name": "imported"} if partition == "pfllib" else {}
+    if partition == "natural":  # one client per viewer: the head traces of David MMSys'18
+        extra = {"dataset": "david", "model": "vp_lstm"}
     return RunConfig(algo=algo, partition=partition, num_clients=10, **extra)
 
 
-@pytest.mark.parametrize("partition", PARTITIONS)
-@pytest.mark.parametrize("algo", list(REGISTRY))
+@pytest.mark.parametrize("algo, partition", [(a, p) for a in REGISTRY for p in PARTITIONS
+                                             if p != "natural" or "viewport" in REGISTRY[a].tasks])
 def test_params_hold_only_the_algorithms_and_the_partitions_own_fields(algo, partition):
     params = _config(algo, partition).flat_params()
     others = set().union(*(k for a, k in KNOBS.items() if a != algo)) - KNOBS[algo] - set(RunConfig.model_fields)
@@ -117,3 +119,26 @@ def test_reading_commands_refuse_a_store_that_does_not_exist(tmp_path, capsys):
     missing = tmp_path / "nowhere.db"
     assert main(["heads", "--run-id", "abc", "--tracking-uri", f"sqlite:///{missing}"]) == 2
     assert "no such store" in capsys.readouterr().err and not missing.exists()
+
+
+def test_dataset_model_and_downlink_fields_are_logged_only_where_they_apply():
+    vp = RunConfig(algo="fedavg", dataset="david", model="vp_transformer", partition="natural",
+                   downlink="head_layers:2", downlink_blend=0.5).flat_params()
+    assert {"history", "horizon", "predict", "embedding", "downlink", "downlink_blend", "split_by"} <= set(vp)
+    assert not {"image_size", "random_crop", "hflip", "alpha"} & set(vp)
+    lstm = RunConfig(algo="local", dataset="david", model="vp_lstm", partition="natural").flat_params()
+    assert not {"embedding", "downlink", "downlink_blend"} & set(lstm)
+    cifar = RunConfig(algo="fedfomo").flat_params()
+    assert not {"history", "embedding", "downlink", "split_by"} & set(cifar) and "random_crop" in cifar
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (["downlink=head_layers:2"], "fedavg-head2-david-natural_video4-jr1-s0"),
+    (["downlink_blend=0.5"], "fedavg-blend0.5-david-natural_video4-jr1-s0"),
+    (["downlink=head_layers:2", "downlink_blend=0.5"], "fedavg-head2-blend0.5-david-natural_video4-jr1-s0"),
+    (["algo=local"], "local-david-natural_video4-jr1-s0"),
+    (["split_by=time"], "fedavg-david-natural-jr1-s0"),
+])
+def test_vp_run_names_name_the_arm(overrides, name):
+    base = ["algo=fedavg", "dataset=david", "model=vp_lstm", "partition=natural", "split_by=video", "join_ratio=1"]
+    assert load_config(None, [*base, *overrides]).run_name(0) == name

@@ -93,9 +93,9 @@ def test_flexifed_template_keeps_the_last_partial_batch(cifar10):
     # 250 images in batches of 64, as DataLoader(batch_size=64) gives them: 64, 64, 64 and 58 (PFLlib's
     # drop_last=True would train on 192); FlexiFed's momentum SGD takes the run's batching
     from pfl.algorithms.flexifed import MomentumSGD
-    from pfl.algorithms.local import FitIns, SGDUpdate
-    from pfl.algorithms.state import model_state
-    from pfl.data.loader import DeviceImages
+    from pfl.federated.local import FitIns, SGDUpdate
+    from pfl.federated.state import model_state
+    from pfl.data.loader import DeviceData
     from pfl.data.transforms import ImageTransform
     from pfl.models import ModelSpec, build_model, input_normalization
 
@@ -109,7 +109,7 @@ def test_flexifed_template_keeps_the_last_partial_batch(cifar10):
             return super().loss(model, x, y, ins)
 
     cfg = template("flexifed_cifar10_vgg_cpu.yaml")
-    data = DeviceImages(cifar10, torch.device("cpu"),
+    data = DeviceData(cifar10, torch.device("cpu"),
                         ImageTransform(None, *input_normalization("vgg11"), cfg.random_crop, cfg.hflip))
     model = build_model(ModelSpec("vgg11", 10, width=0.125))
     update = Recorded(cfg.batch_size, cfg.lr, 1, drop_last=cfg.drop_last)

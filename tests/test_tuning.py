@@ -16,7 +16,7 @@ import yaml
 
 from pfl import tracking
 from pfl.config import ConfigError, load_config
-from pfl.data.loader import DeviceImages
+from pfl.data.loader import DeviceData
 from tuning.objective import validation_score
 from tuning.spaces import load_space, search_space, suggest
 from tuning.study import StudyResult, StudySettings, dataset_fallback_note, run_study, summary_lines
@@ -71,8 +71,8 @@ def test_yaml_space_overrides_and_errors(tmp_path):
 
 def test_objective_reads_validation_splits_never_test(cifar10_dir, tmp_path, monkeypatch):
     touched: list = []
-    real_batch = DeviceImages.batch  # every image read (training, scoring, evaluation) goes through it
-    monkeypatch.setattr(DeviceImages, "batch",
+    real_batch = DeviceData.batch  # every image read (training, scoring, evaluation) goes through it
+    monkeypatch.setattr(DeviceData, "batch",
                         lambda self, idx, *rest: touched.append(idx.clone()) or real_batch(self, idx, *rest))
     for algo in ("fedfomo", "fedavg"):
         cfg = _cfg(cifar10_dir, tmp_path, algo=algo)
@@ -272,7 +272,7 @@ def test_two_workers_share_one_sqlite_study(cifar10_dir, tmp_path, stores):
 
 
 def test_pruning_callback_reports_every_round_and_never_prunes_the_last():
-    from pfl.algorithms.engine import Evaluation
+    from pfl.federated.engine import Evaluation
     from tuning.objective import PruningCallback
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pfl.algorithms.base import FederatedContext
-from pfl.algorithms.inference import batched_logits
-from pfl.algorithms.local import FitIns, ModelRunner, SGDUpdate
-from pfl.algorithms.state import State, flatten, float_keys, model_state
-from pfl.algorithms.vectorized import _orders, can_vectorize, train_vectorized, vectorizable
+from pfl.federated.base import FederatedContext
+from pfl.federated.inference import batched_logits
+from pfl.federated.local import FitIns, ModelRunner, SGDUpdate
+from pfl.federated.state import State, flatten, float_keys, model_state
+from pfl.federated.vectorized import _orders, can_vectorize, train_vectorized, vectorizable
 from pfl.config import load_config
-from pfl.data.loader import DeviceImages
+from pfl.data.loader import DeviceData
 from pfl.models import ModelSpec, build_model
 from pfl.train import prepare, run_federated
 
@@ -21,7 +21,7 @@ SPEC = ModelSpec("cnn", 10)
 def _runner(cifar10, local_epochs=2, eval_batch_size=2000) -> tuple[ModelRunner, SGDUpdate]:
     torch.manual_seed(0)
     model = build_model(SPEC)
-    runner = ModelRunner({SPEC: model}, DeviceImages(cifar10, torch.device("cpu")), eval_batch_size=eval_batch_size)
+    runner = ModelRunner({SPEC: model}, DeviceData(cifar10, torch.device("cpu")), eval_batch_size=eval_batch_size)
     return runner, SGDUpdate(batch_size=10, lr=0.05, local_epochs=local_epochs)
 
 
@@ -148,7 +148,7 @@ def test_context_losses_are_the_same_batched_or_sequential(cifar10):
                                client_parallelism=mode)
         assert ctx.batched(SPEC) == (mode == "vectorized")
         losses[mode] = ctx.losses(SPEC, vectors, val)
-    labels = cifar10.labels[val].long()
+    labels = cifar10.targets[val].long()
     expected = torch.stack([torch.nn.functional.cross_entropy(runner.logits(SPEC, v, val), labels)
                             for v in vectors])
     assert losses["sequential"].shape == (4,) and len(set(losses["sequential"].tolist())) == 4

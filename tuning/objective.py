@@ -16,8 +16,10 @@ from typing import Any
 import optuna
 
 from pfl import vocabulary
-from pfl.algorithms.engine import Callback, Evaluation
+from pfl.federated.engine import Callback, Evaluation
 from pfl.config import ConfigError, RunConfig
+from pfl.data.datasets import CATALOG
+from pfl.tasks import task_of
 from pfl.train import build_algorithm, prepare, run_rounds
 from tuning.spaces import SearchParam, suggest
 
@@ -42,6 +44,22 @@ def validation_metric(name: str) -> str:
         raise ConfigError(f"tuning metric {name!r} is not a validation metric; use val/acc (maximized) or "
                           f"{minimized} (minimized)")
     return name
+
+
+def task_metric(cfg: RunConfig, name: str | None) -> str:
+    """The tuning metric of a study on ``cfg``: ``name`` (:func:`validation_metric`), or the dataset's task's headline
+    (``val/acc``; viewport prediction: ``val/orthodromic_deg``).
+
+    Raises:
+        ConfigError: ``name`` is no validation metric, or one the task does not report (``val/acc`` on a regression);
+            the message lists the task's metrics.
+    """
+    task = task_of(CATALOG[cfg.dataset].task)
+    metric = validation_metric(name or vocabulary.metric("val", task.metrics[0]))
+    if metric.partition("/")[2] not in task.metrics:
+        names = ", ".join(vocabulary.metric("val", m) for m in task.metrics)
+        raise ConfigError(f"metric: {metric} is not reported for {cfg.dataset} ({task.title}); use {names}")
+    return metric
 
 
 class PruningCallback(Callback):

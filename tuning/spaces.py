@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from pfl.algorithms import REGISTRY
-from pfl.algorithms.base import SearchParam
+from pfl.federated.base import SearchParam
 from pfl.config import ConfigError, RunConfig
 
 LR = SearchParam("float", 1e-3, 1e-1, log=True)  # shared option: SGD learning rate, log scale

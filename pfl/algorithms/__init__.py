@@ -1,17 +1,18 @@
 """Federated algorithms (one module each) and their registry: adding an algorithm is one module plus one line here."""
 
-from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams
+from pfl.federated.base import Algorithm, FederatedContext, HyperParams
 from pfl.algorithms.fedala import FedALA
 from pfl.algorithms.fedavg import FedAvg
 from pfl.algorithms.fedfomo import FedFomo
 from pfl.algorithms.fedgen import FedGen
 from pfl.algorithms.fedlora import FedLoRA
 from pfl.algorithms.flexifed import FlexiFed
-from pfl.algorithms.local import FitIns, FitRes
+from pfl.algorithms.local import Local
+from pfl.federated.local import FitIns, FitRes
 from pfl.algorithms.mocosfl import MocoSFL
 
 REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedFomo, FedALA, FlexiFed, FedGen, FedLoRA,
-                                                                   MocoSFL)}
+                                                                   MocoSFL, Local)}
 
 __all__ = ["REGISTRY", "Algorithm", "FederatedContext", "FitIns", "FitRes", "HyperParams", "FedALA", "FedAvg",
-           "FedFomo", "FedGen", "FedLoRA", "FlexiFed", "MocoSFL"]
+           "FedFomo", "FedGen", "FedLoRA", "FlexiFed", "Local", "MocoSFL"]

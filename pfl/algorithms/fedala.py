@@ -49,9 +49,9 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
-from pfl.algorithms.local import FitIns, FitRes
-from pfl.algorithms.state import State, flatten, load_state, param_keys, unflatten, weighted_average
+from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
+from pfl.federated.local import FitIns, FitRes
+from pfl.federated.state import State, flatten, load_state, param_keys, unflatten, weighted_average
 from pfl.seed import derive_seed
 
 MAX_START_EPOCHS = 500

@@ -53,9 +53,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
-from pfl.algorithms.local import FitIns, FitRes
-from pfl.algorithms.state import State, flatten, param_keys, unflatten
+from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
+from pfl.federated.local import FitIns, FitRes
+from pfl.federated.state import State, flatten, param_keys, unflatten
 from pfl.seed import derive_seed
 
 _DIST_EPS = 1e-5  # PFLlib's denominator guard

@@ -69,10 +69,10 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.func import functional_call
 
-from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
-from pfl.algorithms.local import FitIns, FitRes, SGDUpdate
-from pfl.algorithms.state import State, float_keys, load_state, model_state, weighted_average
-from pfl.data.loader import DeviceImages
+from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
+from pfl.federated.local import FitIns, FitRes, SGDUpdate
+from pfl.federated.state import State, float_keys, load_state, model_state, weighted_average
+from pfl.data.loader import DeviceData
 from pfl.seed import derive_seed
 
 COEFFICIENT_FLOOR = 1e-4  # the official exp_lr_scheduler's lower bound of a decayed coefficient
@@ -310,7 +310,7 @@ class FedGenUpdate(SGDUpdate):
         self.generator = generator.requires_grad_(False)
         self.layer = layer
 
-    def fit(self, model: nn.Module, data: DeviceImages, ins: FitIns, indices: torch.Tensor,
+    def fit(self, model: nn.Module, data: DeviceData, ins: FitIns, indices: torch.Tensor,
             seed: int) -> tuple[State, torch.Tensor]:
         if "generator" in ins.extras:
             load_state(self.generator, ins.extras["generator"]).train(ins.extras["gen_train"])
@@ -381,7 +381,7 @@ class FedGen(Algorithm):
         self.generator_opt: State = {}  # Adam's moments and steps, "<param index>.<name>"
         self.generator_lr = self.hp.gen_lr
         self.update = FedGenUpdate(ctx.update, self._new_generator(spec.num_classes), self.layer)
-        labels = ctx.runner.data.labels
+        labels = ctx.runner.data.targets
         self.label_counts = torch.stack([torch.bincount(labels[c.fit], minlength=spec.num_classes).cpu()
                                          for c in ctx.clients])  # (N, K) train-split label counts
         pooled = self.label_counts.sum(dim=0)

@@ -25,7 +25,7 @@ model is the global one. Evaluation scores each client's personalized model on i
 Artifacts: every client's file holds only its adapters and head; the frozen backbone (with FFA's A)
 is logged once as ``server/backbone.safetensors`` (:meth:`FedLoRA.shared_backbone`).
 
-Local training is the run's (:class:`~pfl.algorithms.local.SGDUpdate`). FedIT's official code
+Local training is the run's (:class:`~pfl.federated.local.SGDUpdate`). FedIT's official code
 (JayZhang42/FederatedGPT-Shepherd, ``fed_utils/client.py`` ``build_local_trainer``) builds a fresh HF
 ``Trainer`` per client and round with ``optim="adamw_torch"``, ``warmup_steps=0`` and the Trainer's defaults
 ``weight_decay=0``, ``lr_scheduler_type="linear"`` and ``max_grad_norm=1.0``: AdamW whose rate decays linearly
@@ -55,9 +55,9 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import nn
 
-from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
-from pfl.algorithms.local import FitIns, FitRes, SGDUpdate
-from pfl.algorithms.state import State, weighted_average
+from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
+from pfl.federated.local import FitIns, FitRes, SGDUpdate
+from pfl.federated.state import State, weighted_average
 from pfl.models.adapters import TIMM_VIT_LORA_TARGETS, LoraSpec
 from pfl.models.split import ModelSpec
 

@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
-from pfl.algorithms.local import FitIns, FitRes, SGDUpdate
-from pfl.algorithms.state import State, weighted_average
+from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
+from pfl.federated.local import FitIns, FitRes, SGDUpdate
+from pfl.federated.state import State, weighted_average
 from pfl.models import FAMILIES
 from pfl.seed import derive_seed
 

@@ -68,7 +68,7 @@ Deliberate differences from the official code (also in the README):
 * the kNN monitor reads the trunk's 512-d pooled features, not the projection's output, and scores each
   client's stem on its own test split; the linear probe trains at the last round's models (the official
   reloads the best-kNN checkpoint, chosen on the test set), at a constant Adam rate, and reports the last
-  epoch's accuracy, not the best over epochs (:class:`pfl.algorithms.evaluation.KNNEvaluator`);
+  epoch's accuracy, not the best over epochs (:class:`pfl.federated.evaluation.KNNEvaluator`);
 * the official key batch-shuffle (a no-op without BatchNorm) is left out;
 * the FedAvg is the pool's mean; the official ``average_weights(local_list, pool)`` (``base_funtions.py``)
   starts its sum from client 0's stem instead of the pool's first client's, so with client sampling
@@ -95,10 +95,10 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.func import functional_call, vmap
 
-from pfl.algorithms.base import Algorithm, FederatedContext, HyperParams, SearchParam
-from pfl.algorithms.evaluation import KNNEvaluator
-from pfl.algorithms.local import FitRes, autocast
-from pfl.algorithms.state import State, load_state, model_state, state_bytes
+from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
+from pfl.federated.evaluation import KNNEvaluator
+from pfl.federated.local import FitRes, autocast
+from pfl.federated.state import State, load_state, model_state, state_bytes
 from pfl.data.views import MOCO_V2_JITTER, SWAV_JITTER, ViewAugmentation, parse_crops
 from pfl.models.resnet_sfl import MocoSFLResNet18, client_entries, split
 from pfl.models.split import ModelSpec
@@ -283,7 +283,7 @@ class MocoSFL(Algorithm):
             raise ValueError(f"model={spec.name}: MocoSFL splits MocoSFL's ResNet-18; set model=resnet18_sfl")
         self._check_clients()
         self.batch_size = ctx.update.batch_size
-        self.views = self._views(ctx.runner.data.images.shape[-1])
+        self.views = self._views(ctx.runner.data.inputs.shape[-1])
         device = ctx.runner.data.device
         self.online = copy.deepcopy(model).float().to(device)  # stem: the synchronized stem; the rest: the server's
         self.online.train()  # the SwAV head's BatchNorm normalizes with the step's batch
@@ -460,7 +460,7 @@ class MocoSFL(Algorithm):
         self._spreads = []
         for step in range(steps):
             cohort = self._cohort(rnd, step, len(selected))
-            images = self.ctx.runner.data.images[batches[cohort, step].flatten()]
+            images = self.ctx.runner.data.inputs[batches[cohort, step].flatten()]
             views = self._draw_views(images, rnd, step)
             loss = self._step(clients, cohort, views, lr, rnd, traffic)
             losses.append(loss)

@@ -1,8 +1,8 @@
-"""Image classification datasets loaded once into uint8 tensors.
+"""Datasets loaded once into tensors: the image classification sets, and the container of every modality.
 
-A :class:`ImageDataset` holds the whole labelled pool (train and test files
-together, as PFLlib pools them before partitioning): ``images`` uint8 of shape
-(N, C, H, W) and ``labels`` int64 of shape (N,), the official train set first; ``num_train``
+A :class:`Dataset` holds the whole pool (train and test files
+together, as PFLlib pools them before partitioning): for the image sets ``inputs`` uint8 of shape
+(N, C, H, W) and ``targets`` int64 class labels of shape (N,), the official train set first; ``num_train``
 records where it ends, so a partition can keep the official split (``official_split``). Files are validated by shape
 and label range, not by md5 (copies rebuilt from the originals differ in a few
 pixels; see ``../shared/data/README.md``). Loaders read whatever number of
@@ -30,8 +30,9 @@ import os
 import re
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,42 +52,82 @@ class DatasetFormatError(ValueError):
     """A dataset file exists but is unreadable, refused, or holds data of the wrong shape or label range."""
 
 
+TASKS = ("classification", "viewport")  # what a dataset's targets are for (pfl.tasks)
+
+
 @dataclass(frozen=True)
-class ImageDataset:
-    """A labelled image pool.
+class DatasetInfo:
+    """What is known of a dataset before it is read: its task (:data:`TASKS`), its inputs' modality, whether its
+    samples carry natural groups (``partition=natural``), and for a time series the seconds between its steps
+    (reports put horizon steps in seconds)."""
+
+    task: str
+    modality: str
+    groups: bool = False
+    step_seconds: float | None = None
+
+
+CATALOG = {"cifar10": DatasetInfo("classification", "image"), "cifar100": DatasetInfo("classification", "image"),
+           "tinyimagenet": DatasetInfo("classification", "image"),
+           "david": DatasetInfo("viewport", "sequence", groups=True, step_seconds=0.2)}  # 5 Hz (TRACK's rate)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A pool of samples of any modality: the inputs, their targets and, optionally, a natural group per sample.
 
     Attributes:
         name: dataset name, e.g. ``"cifar10"``.
-        images: uint8 tensor (N, C, H, W), pixel values 0..255.
-        labels: int64 tensor (N,), values in [0, num_classes).
-        num_classes: number of classes.
-        class_names: human-readable class names, length ``num_classes``.
+        inputs: the samples, a tensor of any dtype and shape (N, ...): uint8 images (N, C, H, W) with pixel values
+            0..255, int64 token or character ids (N, L), float sequences (N, T, F).
+        targets: int64 class labels (N,) in [0, num_classes), or float targets (N, D) of a regression.
+        num_classes: number of classes; ``None`` for a regression.
+        class_names: human-readable class names, length ``num_classes`` (empty for a regression).
         num_train: the pool's first ``num_train`` samples are the dataset's official train set and the rest
             its official test set (CIFAR: the train batches, then the test batch; Tiny-ImageNet: train, then
             val); ``None`` when the pool has no such split (a PFLlib import). Not part of :meth:`fingerprint`.
+        modality: how inputs reach a model (:func:`pfl.data.loader.transform_for`): ``"image"`` or ``"sequence"``.
+        task: what the targets are for (:data:`TASKS`, :mod:`pfl.tasks`).
+        groups: int64 (N,): each sample's natural group (the viewer, the speaker, the writer), the client of a
+            natural partition (:func:`pfl.data.partition.natural`); ``None``: the dataset has none.
+        keys: further int64 (N,) per-sample keys a natural partition may split a group's samples by (David
+            MMSys'18: ``"video"``, and ``"time"``, the order within a trace).
     """
 
     name: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_classes: int
-    class_names: tuple[str, ...]
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    num_classes: int | None
+    class_names: tuple[str, ...] = ()
     num_train: int | None = None
+    modality: str = "image"
+    task: str = "classification"
+    groups: torch.Tensor | None = None
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
+
+    @property
+    def num_outputs(self) -> int:
+        """A model's output size: the classes, or the width D of regression targets (N, D)."""
+        return self.num_classes if self.num_classes is not None else int(self.targets.shape[1])
 
     def fingerprint(self) -> str:
-        """Content hash (BLAKE2b, 16 hex chars) of images, labels and class count; logged as a run param.
+        """Content hash (BLAKE2b, 16 hex chars) of inputs, targets and class count, then groups and keys when the
+        dataset has them; logged as a run param.
 
-        Hashes the tensors' memory in place (no copy of a contiguous tensor); the value equals
-        that of hashing ``tobytes()`` of images then labels, as earlier versions did, so
-        partition caches keyed by it stay valid.
+        Hashes the tensors' memory in place (no copy of a contiguous tensor); for an image dataset the value equals
+        that of hashing ``tobytes()`` of images then labels, as earlier versions did, so partition caches keyed by
+        it stay valid.
         """
         h = hashlib.blake2b(digest_size=8)
-        h.update(_bytes_view(self.images))
-        h.update(_bytes_view(self.labels))
+        h.update(_bytes_view(self.inputs))
+        h.update(_bytes_view(self.targets))
         h.update(str(self.num_classes).encode())
+        for name, tensor in ([("groups", self.groups)] if self.groups is not None else []) + sorted(self.keys.items()):
+            h.update(name.encode())
+            h.update(_bytes_view(tensor))
         return h.hexdigest()
 
 
@@ -207,11 +248,11 @@ def _read_label_names(path: Path, key: bytes, count: int, archive: str) -> tuple
                              f"{_reextract(path, archive)}")
 
 
-def load_cifar10(data_dir: str | Path, download: bool = False) -> ImageDataset:
+def load_cifar10(data_dir: str | Path, download: bool = False) -> Dataset:
     """Load CIFAR-10 (train + test pooled) from ``<data_dir>/cifar-10-batches-py``.
 
     Returns:
-        :class:`ImageDataset` with images (N, 3, 32, 32) uint8 and labels (N,) int64 in [0, 10);
+        :class:`Dataset` with images (N, 3, 32, 32) uint8 and labels (N,) int64 in [0, 10);
         N = 60,000 for the full set, the 5 train batches' rows first (``num_train``: 50,000 for the full set).
 
     Raises:
@@ -237,21 +278,21 @@ def load_cifar10(data_dir: str | Path, download: bool = False) -> ImageDataset:
         names = _read_label_names(meta, b"label_names", 10, archive)
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     num_train = sum(len(p[1]) for p in parts[:-1])  # every file but test_batch
-    return ImageDataset("cifar10", images, torch.from_numpy(labels), 10, names, num_train)
+    return Dataset("cifar10", images, torch.from_numpy(labels), 10, names, num_train)
 
 
 CIFAR100_FOLDER = "cifar-100-python"
 _CIFAR100_FILES = ("train", "test")
 
 
-def load_cifar100(data_dir: str | Path, download: bool = False) -> ImageDataset:
+def load_cifar100(data_dir: str | Path, download: bool = False) -> Dataset:
     """Load CIFAR-100 (train + test pooled, fine labels) from ``<data_dir>/cifar-100-python``.
 
     Reads the pickles ``train``, ``test`` (uint8 ``data`` (n, 3072), ``fine_labels``) and
     ``meta`` (``fine_label_names``).
 
     Returns:
-        :class:`ImageDataset` with images (N, 3, 32, 32) uint8 and labels (N,) int64 in [0, 100);
+        :class:`Dataset` with images (N, 3, 32, 32) uint8 and labels (N,) int64 in [0, 100);
         N = rows of ``train`` + rows of ``test`` (60,000 for the full set), train rows first
         (``num_train``: the rows of ``train``, 50,000 for the full set).
 
@@ -274,7 +315,7 @@ def load_cifar100(data_dir: str | Path, download: bool = False) -> ImageDataset:
     labels = np.concatenate([p[1] for p in parts])
     names = _read_label_names(root / "meta", b"fine_label_names", 100, archive)
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return ImageDataset("cifar100", images, torch.from_numpy(labels), 100, names, len(parts[0][1]))
+    return Dataset("cifar100", images, torch.from_numpy(labels), 100, names, len(parts[0][1]))
 
 
 TINYIMAGENET_FOLDER = "tiny-imagenet-200"
@@ -485,7 +526,7 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, wnids: 
                 stale.unlink()
 
 
-def load_tinyimagenet(data_dir: str | Path, download: bool = False) -> ImageDataset:
+def load_tinyimagenet(data_dir: str | Path, download: bool = False) -> Dataset:
     """Load Tiny-ImageNet-200 (train + val pooled) from ``<data_dir>/tiny-imagenet-200``.
 
     Reads the standard layout: ``wnids.txt``, ``words.txt`` (optional, for class names),
@@ -496,7 +537,7 @@ def load_tinyimagenet(data_dir: str | Path, download: bool = False) -> ImageData
     :func:`tinyimagenet_cache_path`; later loads with unchanged files read only the cache.
 
     Returns:
-        :class:`ImageDataset` with images (N, 3, 64, 64) uint8 (greyscale images become 3 equal
+        :class:`Dataset` with images (N, 3, 64, 64) uint8 (greyscale images become 3 equal
         channels) and labels (N,) int64 in [0, number of wnids); N = number of train + val JPEGs
         (110,000 for the full set), train first (``num_train``: the train JPEGs, 100,000 for the full set).
 
@@ -522,17 +563,25 @@ def load_tinyimagenet(data_dir: str | Path, download: bool = False) -> ImageData
     else:
         images, labels, names = cached
     num_train = sum(map(len, sources.train))
-    return ImageDataset("tinyimagenet", images, labels, len(sources.wnids), names, num_train)
+    return Dataset("tinyimagenet", images, labels, len(sources.wnids), names, num_train)
 
 
 _LOADERS = {"cifar10": load_cifar10, "cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet}
 
 
-def load_dataset(name: str, data_dir: str | Path, download: bool = False) -> ImageDataset:
-    """Load a dataset by name (see :data:`pfl.config.DATASETS`).
+def load_dataset(name: str, data_dir: str | Path, download: bool = False, **options: Any) -> Dataset:
+    """Load a dataset by name (see :data:`pfl.config.DATASETS`); ``options`` are the dataset's own knobs
+    (David MMSys'18's ``history``, ``horizon``, ``predict``; :data:`DATASET_OPTIONS`).
 
     Raises:
         KeyError: unknown dataset name.
         DatasetNotFoundError, DatasetFormatError: see the per-dataset loaders.
     """
-    return _LOADERS[name](data_dir, download=download)
+    if name in _LOADERS:
+        return _LOADERS[name](data_dir, download=download)
+    from pfl.data import david  # a module per dataset beyond the image sets
+
+    return {"david": david.load_david}[name](data_dir, **options)
+
+
+DATASET_OPTIONS = {"history": ("david",), "horizon": ("david",), "predict": ("david",)}  # knob -> its datasets

@@ -1,9 +1,9 @@
-"""On-device batching: the uint8 pool lives on the training device, batches are index gathers.
+"""On-device batching: the pool lives on the training device, batches are index gathers.
 
-Replaces per-sample PIL transforms and DataLoader workers (DESIGN: speed). A batch
-is ``images[idx]`` passed through the run's :class:`~pfl.data.transforms.ImageTransform`
-(augmentation for training batches, normalization, resizing to the model's input size), by
-default PFLlib's CIFAR normalization ``(x / 255 - 0.5) / 0.5`` alone.
+Replaces per-sample PIL transforms and DataLoader workers (DESIGN: speed). A batch is ``inputs[idx]`` passed through
+the transform of its modality: images through :class:`~pfl.data.transforms.ImageTransform` (augmentation for
+training batches, normalization, resizing to the model's input size; by default PFLlib's CIFAR normalization
+``(x / 255 - 0.5) / 0.5`` alone), sequences through :class:`~pfl.data.sequences.SequenceTransform`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pfl.data.datasets import ImageDataset
+from pfl.data.datasets import Dataset
 from pfl.data.partition import Partition, split_validation
+from pfl.data.sequences import SequenceTransform
 from pfl.data.transforms import ImageTransform
 
 
@@ -42,40 +43,46 @@ def inference_batch_size(configured: int | None, device: torch.device, sample_sh
     return max(1, CPU_INFERENCE_VALUES // math.prod(sample_shape))
 
 
-class DeviceImages:
-    """A dataset's images and labels resident on one device.
+Transform = ImageTransform | SequenceTransform  # a modality's on-device transform
+
+
+class DeviceData:
+    """A dataset's inputs and targets resident on one device.
 
     Args:
-        dataset: the pool; its uint8 images (N, C, H, W) are copied to ``device`` once.
+        dataset: the pool; its inputs (uint8 images (N, C, H, W), float sequences (N, T, F), ...) and targets are
+            copied to ``device`` once.
         device: training device.
-        transform: what a gathered batch goes through (default: PFLlib's normalization only).
+        transform: what a gathered batch goes through (default: the modality's plain one; for images PFLlib's
+            normalization only).
     """
 
-    def __init__(self, dataset: ImageDataset, device: torch.device, transform: ImageTransform | None = None):
+    def __init__(self, dataset: Dataset, device: torch.device, transform: Transform | None = None):
         self.device = device
-        self.images = dataset.images.to(device)
-        self.labels = dataset.labels.to(device)
+        self.inputs = dataset.inputs.to(device)
+        self.targets = dataset.targets.to(device)
         self.num_classes = dataset.num_classes
-        self.transform = transform or ImageTransform()
+        self.transform = transform or (ImageTransform() if dataset.modality == "image" else SequenceTransform())
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """One model input's (C, H, W) after the transform."""
-        return self.transform.output_shape(tuple(self.images.shape[1:]))
+    def sample_shape(self) -> tuple[int, ...]:
+        """One model input's shape after the transform ((C, H, W) for images, (T, F) for sequences)."""
+        return self.transform.output_shape(tuple(self.inputs.shape[1:]))
 
     def inference_batch_size(self, configured: int | None) -> int:
         """``configured``, or this device's default for these images (:func:`inference_batch_size`)."""
         return inference_batch_size(configured, self.device, self.sample_shape)
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model inputs (B, C, S, S) float32 and int64 labels (B,) for pool indices ``idx`` (B,) on the device.
+        """Model inputs (B, C, S, S) float32 and int64 labels (B,) for pool indices ``idx`` (B,) on the device (for
+        sequences: inputs (B, T, F) and the targets, labels or regression targets (B, D)).
 
         ``generator`` (a CPU generator) draws the training augmentation; without it (evaluation) the
         batch is only normalized and resized. Images come in channels-last memory layout: on CPU,
         convolution and max-pooling run 1.6x faster on it (all-client evaluation of the CNN: 2.6 s ->
         1.6 s per round here).
         """
-        return self.transform(self.images[idx], generator), self.labels[idx]
+        return self.transform(self.inputs[idx], generator), self.targets[idx]
 
 
 @dataclass(frozen=True)

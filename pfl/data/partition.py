@@ -25,6 +25,8 @@ and ``split_data``) so that numbers compare with the literature:
 * **shards** (sort-and-shard, McMahan et al., AISTATS 2017, Sec. 3; MocoSFL's ``noniid_alllabel``):
   the samples sorted by label are cut into ``num_clients * shards_per_client`` equal shards and
   every client gets ``shards_per_client`` of them at random. See :func:`shards`.
+* **natural** (flwr-datasets' ``NaturalIdPartitioner``): one client per natural group of the dataset (the viewer,
+  the speaker), split into train and test by time or by a key such as the video. Needs no labels. See :func:`natural`.
 
 Each client's share is then shuffled and split ``train_ratio`` / rest into train and
 test (PFLlib: 75/25). With ``official_split`` train and test are not pooled: the scheme splits the
@@ -91,6 +93,9 @@ class PartitionSpec:
     shards_per_client: int = 2
     official_split: bool = False
     num_partitions: int | None = None
+    split_by: str = "time"
+    num_test_keys: int = 4
+    sample_groups: bool = False
 
     def key(self, dataset_fingerprint: str) -> str:
         """16-hex-char hash of the spec's used fields, the dataset fingerprint and the cache format version."""
@@ -99,7 +104,9 @@ class PartitionSpec:
                   "shards_per_client": self.scheme != "shards",
                   "official_split": not self.official_split,
                   "train_ratio": self.official_split,
-                  "num_partitions": self.num_partitions is None}
+                  "num_partitions": self.num_partitions is None,
+                  "split_by": self.scheme != "natural", "sample_groups": self.scheme != "natural",
+                  "num_test_keys": self.scheme != "natural" or self.split_by == "time"}
         used = {k: v for k, v in self.__dict__.items() if not unused.get(k, False)}
         blob = json.dumps({"spec": used, "data": dataset_fingerprint, "v": _CACHE_VERSION}, sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
@@ -120,20 +127,18 @@ class Partition:
     spec: PartitionSpec
     clients: tuple[ClientSplit, ...]
 
-    def label_counts(self, labels: torch.Tensor, num_classes: int) -> dict:
-        """Per-client label histograms (JSON-ready): ``{"spec": ..., "clients": [{"client", "train", ...}]}``."""
+    def label_counts(self, labels: torch.Tensor, num_classes: int | None) -> dict:
+        """Per-client split sizes and label histograms (JSON-ready): ``{"spec": ..., "clients": [{"client",
+        "num_train", "num_test", "train", "test"}]}``; a regression (``num_classes`` ``None``) has sizes only."""
         def hist(idx: torch.Tensor) -> dict[str, int]:
             counts = torch.bincount(labels[idx], minlength=num_classes).tolist()
             return {str(c): n for c, n in enumerate(counts) if n}
 
-        return {
-            "spec": self.spec.__dict__,
-            "clients": [
-                {"client": i, "num_train": len(c.train), "num_test": len(c.test),
-                 "train": hist(c.train), "test": hist(c.test)}
-                for i, c in enumerate(self.clients)
-            ],
-        }
+        def client(i: int, c: ClientSplit) -> dict:
+            sizes = {"client": i, "num_train": len(c.train), "num_test": len(c.test)}
+            return sizes if num_classes is None else {**sizes, "train": hist(c.train), "test": hist(c.test)}
+
+        return {"spec": self.spec.__dict__, "clients": [client(i, c) for i, c in enumerate(self.clients)]}
 
 
 def least_samples(num_samples: int, num_clients: int, train_ratio: float) -> int:
@@ -379,7 +384,7 @@ def make_partition(labels: torch.Tensor, num_classes: int, spec: PartitionSpec,
         num_classes: number of classes K.
         spec: partition settings.
         num_train: how many leading samples of the pool form the dataset's official train set
-            (:attr:`pfl.data.datasets.ImageDataset.num_train`); needed with ``official_split``.
+            (:attr:`pfl.data.datasets.Dataset.num_train`); needed with ``official_split``.
 
     Raises:
         PartitionError: the scheme is unknown, ``num_partitions`` is below ``num_clients``, there
@@ -429,7 +434,7 @@ def load_or_make_partition(labels: torch.Tensor, num_classes: int, spec: Partiti
                            num_train: int | None = None) -> tuple[Partition, bool]:
     """Return the partition for ``spec``, from ``<cache_dir>/partitions/<key>.npz`` when present.
 
-    ``num_train``: the dataset's official train size (:attr:`pfl.data.datasets.ImageDataset.num_train`),
+    ``num_train``: the dataset's official train size (:attr:`pfl.data.datasets.Dataset.num_train`),
     used with ``spec.official_split`` (see :func:`make_partition`).
 
     A cache file that cannot be read or does not hold a valid partition of ``labels`` (with
@@ -499,6 +504,75 @@ def _write_cached(path: Path, partition: Partition) -> None:
                     "partition again (set cache_dir=... to a writable folder)", path, err)
     finally:
         tmp.unlink(missing_ok=True)  # gone already after a successful replace
+
+
+def natural(groups: torch.Tensor, keys: dict[str, torch.Tensor], spec: PartitionSpec) -> Partition:
+    """One client per natural group (flwr-datasets' ``NaturalIdPartitioner``: one partition per distinct id), each
+    split into train and test by ``spec.split_by``.
+
+    Clients are the first ``num_clients`` groups in id order, or with ``sample_groups`` a sample of
+    ``num_clients`` groups drawn without replacement (sorted by id). ``split_by``:
+
+    * ``"time"``: each trace (the samples of one group sharing every key but ``time``: one viewer watching one
+      video) is ordered by its ``time`` key and its first ``floor(train_ratio * n)`` samples train, the rest test
+      (a test window's history may overlap the last train window's target; nothing is skipped between them);
+    * a key name (``"video"``): ``num_test_keys`` of the key's values, drawn without replacement, are the test
+      values of every client, the rest the train values, so a client's test split holds content it never trained
+      on and all clients test on the same content.
+
+    Draws come from ``numpy.random.default_rng(seed)``: first the test values, then the sampled groups. Within a
+    split, samples keep the pool's order.
+
+    Args:
+        groups: int64 (N,): the natural group of each sample.
+        keys: int64 (N,) per-sample keys (:attr:`pfl.data.datasets.Dataset.keys`).
+        spec: the partition settings (``scheme`` ``"natural"``).
+
+    Raises:
+        PartitionError: more clients than groups, an unknown ``split_by`` key, ``num_test_keys`` not below the
+            key's number of values, or a client without train or test samples; the message names the field.
+    """
+    ids = torch.unique(groups)
+    if spec.num_clients > len(ids):
+        raise PartitionError(f"num_clients={spec.num_clients} exceeds the dataset's {len(ids)} natural groups; "
+                             f"set num_clients <= {len(ids)}")
+    if spec.split_by not in keys:
+        raise PartitionError(f"split_by={spec.split_by}: the dataset has no such key; choose one of "
+                             f"{', '.join(sorted(keys))}")
+    rng = np.random.default_rng(spec.seed)
+    if spec.split_by == "time":
+        is_test = _later_part(groups, keys, spec.train_ratio)
+    else:
+        values = torch.unique(keys[spec.split_by])
+        if not 0 < spec.num_test_keys < len(values):
+            raise PartitionError(f"num_test_keys={spec.num_test_keys}: the test split takes that many of the "
+                                 f"{len(values)} values of {spec.split_by}; use 1..{len(values) - 1}")
+        test_values = torch.from_numpy(rng.choice(values.numpy(), spec.num_test_keys, replace=False))
+        is_test = torch.isin(keys[spec.split_by], test_values)
+    chosen = np.sort(rng.choice(ids.numpy(), spec.num_clients, replace=False)) if spec.sample_groups else \
+        ids[:spec.num_clients].numpy()
+    clients = []
+    for group in chosen.tolist():
+        mine = groups == group
+        clients.append(ClientSplit(torch.nonzero(mine & ~is_test).flatten(), torch.nonzero(mine & is_test).flatten()))
+    empty = [i for i, c in enumerate(clients) if len(c.train) == 0 or len(c.test) == 0]
+    if empty:
+        raise PartitionError(f"natural partition: clients {empty} got no train or test samples; change split_by "
+                             "or train_ratio")
+    return Partition(spec, tuple(clients))
+
+
+def _later_part(groups: torch.Tensor, keys: dict[str, torch.Tensor], train_ratio: float) -> torch.Tensor:
+    """bool (N,): whether a sample lies after the first ``floor(train_ratio * n)`` samples of its trace by ``time``
+    (a trace: the samples sharing their group and every key but ``time``)."""
+    other = [keys[k] for k in sorted(keys) if k != "time"]
+    _, trace = torch.unique(torch.stack([groups, *other], dim=1), dim=0, return_inverse=True)
+    order = torch.from_numpy(np.lexsort((keys["time"].numpy(), trace.numpy())))  # by trace, then time
+    sizes = torch.bincount(trace)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - starts[trace[order]]  # position of each sample within its trace
+    return rank >= torch.floor(sizes[trace] * train_ratio).long()
 
 
 def split_validation(train: torch.Tensor, val_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:

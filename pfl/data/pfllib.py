@@ -13,7 +13,7 @@ in [-1, 1]. :func:`import_pfllib` validates such a folder and stores it as
     ``meta.json``: name, dataset, client and class counts, image shape, source path
     and PFLlib's ``config.json``.
 
-:func:`load_imported` reads it back as an :class:`ImageDataset` and a :class:`Partition`
+:func:`load_imported` reads it back as an :class:`Dataset` and a :class:`Partition`
 (``partition=pfllib partition_name=<name>`` in a run config). The npz pickles are read
 with :func:`pfl.data.safe_pickle.restricted_load`, which builds only plain data and numpy
 arrays, so a downloaded folder cannot run code.
@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pfl.data.datasets import DatasetFormatError, DatasetNotFoundError, ImageDataset
+from pfl.data.datasets import DatasetFormatError, DatasetNotFoundError, Dataset
 from pfl.data.partition import ClientSplit, Partition, PartitionSpec
 from pfl.data.safe_pickle import restricted_load
 
@@ -301,7 +301,7 @@ def read_meta(data_dir: str | Path, name: str) -> dict:
     return json.loads((root / "meta.json").read_text())
 
 
-def load_imported(data_dir: str | Path, name: str) -> tuple[ImageDataset, Partition]:
+def load_imported(data_dir: str | Path, name: str) -> tuple[Dataset, Partition]:
     """Read back an import written by :func:`import_pfllib`.
 
     Returns:
@@ -326,5 +326,5 @@ def load_imported(data_dir: str | Path, name: str) -> tuple[ImageDataset, Partit
             bool((idx >= len(labels)).any()) for c in clients for idx in (c.train, c.test)):
         raise DatasetFormatError(f"{root}: pool.safetensors, partition.npz and meta.json disagree; re-import "
                                  f"the PFLlib folder with `pfl data import-pfllib DIR --name {name} --overwrite`")
-    dataset = ImageDataset(meta["dataset"], images, labels, k, tuple(str(c) for c in range(k)))
+    dataset = Dataset(meta["dataset"], images, labels, k, tuple(str(c) for c in range(k)))
     return dataset, Partition(PartitionSpec(scheme=f"{IMPORT_FOLDER}:{name}", num_clients=n, seed=0), clients)

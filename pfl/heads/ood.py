@@ -8,8 +8,8 @@ every client's models (w/o and with the method) on the client's test split, as i
 
 * The OOD set (``ood_dataset``; ``auto`` = :data:`DEFAULT_OOD`) is the whole pool pfl loads for
   it (train + test files, :func:`pfl.data.datasets.load_dataset`), from the FL run's data folder.
-  It is loaded once per head run and kept uint8 on the device (:class:`pfl.data.loader.DeviceImages`).
-* Batches go through the same normalization as the ID data (``DeviceImages.batch``), then are
+  It is loaded once per head run and kept uint8 on the device (:class:`pfl.data.loader.DeviceData`).
+* Batches go through the same normalization as the ID data (``DeviceData.batch``), then are
   resized on the device to the ID image size by bilinear interpolation
   (``torch.nn.functional.interpolate``, antialiased when shrinking). Normalization is affine per
   pixel and the interpolation weights sum to 1, so resizing after normalizing equals resizing
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pfl.config import ConfigError
 from pfl.data.datasets import (CIFAR10_FOLDER, CIFAR100_FOLDER, TINYIMAGENET_FOLDER, DatasetNotFoundError,
                                load_dataset)
-from pfl.data.loader import DeviceImages
+from pfl.data.loader import DeviceData
 from pfl.seed import derive_seed
 
 DEFAULT_OOD = {"cifar10": "cifar100", "cifar100": "cifar10", "tinyimagenet": "cifar100"}
@@ -58,11 +58,11 @@ class OODPool:
         size: the in-distribution image size (H, W) batches are resized to.
     """
 
-    def __init__(self, name: str, data: DeviceImages, size: tuple[int, int]):
+    def __init__(self, name: str, data: DeviceData, size: tuple[int, int]):
         self.name, self.data, self.size = name, data, tuple(size)
 
     def __len__(self) -> int:
-        return len(self.data.images)
+        return len(self.data.inputs)
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """Normalized float images (B, C, H, W) of pool indices ``idx`` (B,), resized to ``size`` when they differ."""
@@ -110,4 +110,4 @@ def load_ood_pool(name: str, data_dir: str | Path, device: torch.device, size: t
     if len(dataset) < max_samples:
         raise ConfigError(f"ood_dataset: {folder} holds {len(dataset)} images, fewer than the {max_samples} "
                           "test samples of the largest client; use a bigger OOD set or ood_dataset=none")
-    return OODPool(name, DeviceImages(dataset, device), size)
+    return OODPool(name, DeviceData(dataset, device), size)

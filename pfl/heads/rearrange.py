@@ -22,7 +22,7 @@ import torch
 from torch.func import functional_call
 
 from pfl.config import HeadConfig
-from pfl.data.loader import DeviceImages
+from pfl.data.loader import DeviceData
 from pfl.heads.members import MemberHeads, aph_members, ensemble_probs, loraph_members, train_members
 from pfl.heads.ood import OODPool
 from pfl.heads.prior import perturbed, sample_learning_rates
@@ -60,7 +60,7 @@ def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, chun
     return torch.cat([fn(idx[i:i + chunk]) for i in range(0, len(idx), chunk)])
 
 
-def _images(data: DeviceImages) -> Callable[[torch.Tensor], torch.Tensor]:
+def _images(data: DeviceData) -> Callable[[torch.Tensor], torch.Tensor]:
     """Pool indices (B,) -> normalized images (B, C, H, W) (labels dropped)."""
     return lambda idx: data.batch(idx)[0]
 
@@ -75,7 +75,7 @@ def build_members(model: SplitModel, s: HeadConfig, gen: torch.Generator) -> Mem
 class _Features:
     """Training features of train positions (S, B) -> (S, B, D): the clean base's (cached) or member j's noisy base."""
 
-    def __init__(self, model: SplitModel, data: DeviceImages, train: torch.Tensor, s: HeadConfig,
+    def __init__(self, model: SplitModel, data: DeviceData, train: torch.Tensor, s: HeadConfig,
                  gen: torch.Generator):
         self.model, self.data, self.train = model, data, train
         self.chunk = data.inference_batch_size(s.eval_batch_size)
@@ -117,7 +117,7 @@ def predict(model: SplitModel, members: MemberHeads, features: torch.Tensor) -> 
     return probs_wo.cpu(), ensemble_probs(members, features).cpu()
 
 
-def rearrange_client(model: SplitModel, data: DeviceImages, train: torch.Tensor, test: torch.Tensor,
+def rearrange_client(model: SplitModel, data: DeviceData, train: torch.Tensor, test: torch.Tensor,
                      s: HeadConfig, client_id: int, ood: OODPool | None = None) -> ClientHeads:
     """APH / LoRAPH for one client's personalized model.
 
@@ -141,7 +141,7 @@ def rearrange_client(model: SplitModel, data: DeviceImages, train: torch.Tensor,
     lrs = sample_learning_rates(s.sampling_num, s.lower_lr, s.upper_lr, derive_seed(s.seed, "head_lrs", client_id))
     features = _Features(model, data, train, s, gen)
     member_seeds = [derive_seed(s.seed, "head_batches", client_id, j) for j in range(s.sampling_num)]
-    loss = train_members(members, features.train_batch, data.labels[train], lrs, s.global_epoch, s.batch_size,
+    loss = train_members(members, features.train_batch, data.targets[train], lrs, s.global_epoch, s.batch_size,
                          s.weight_decay, member_seeds)
     probs_wo, probs = predict(model, members, base_features(model, _images(data), test, features.chunk))
     ood_probs_wo = ood_probs = None

@@ -25,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pfl.algorithms import REGISTRY
+from pfl.data.datasets import CATALOG
+from pfl.tasks import task_of
 from pfl.config import ConfigError, HeadConfig, RunConfig, algorithm_fields
 from pfl.heads import METHOD_LABELS
 from pfl.heads.ood import OODPool, load_ood_pool, resolve_ood_dataset
@@ -61,7 +63,7 @@ def ood_pool(hc: HeadConfig, cfg: RunConfig, cells: list[Prepared]) -> OODPool |
         return None
     largest = max(len(c.test) for p in cells for c in p.partition.clients)
     first = cells[0]
-    size = first.transform.output_shape(tuple(first.dataset.images.shape[1:]))[1:]  # the models' input size
+    size = first.transform.output_shape(tuple(first.dataset.inputs.shape[1:]))[1:]  # the models' input size
     return load_ood_pool(name, cfg.data_dir, first.device, size, largest)
 
 
@@ -103,8 +105,9 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
     ``pools``: OOD pools already loaded for it (:func:`ood_pool`), by ``ood_dataset`` setting.
 
     Raises:
-        FLRunError: the run id is unknown, not an FL run, lacks client models, or is self-supervised (its head
-            is a projection, not a classifier) (before any head run is created).
+        FLRunError: the run id is unknown, not an FL run, lacks client models, is self-supervised (its head
+            is a projection, not a classifier) or a regression (viewport prediction) (before any head run is
+            created).
         ConfigError: the data found differ from the FL run's (fingerprint mismatch), or the OOD
             set is missing or unusable (:func:`pfl.heads.ood.load_ood_pool`), also before any
             head run exists.
@@ -117,6 +120,11 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
     if algo is not None and not algo.classifier:
         raise tracking.FLRunError(f"run {fl_run_id} is self-supervised (algo={inputs.config['algo']}): its head is "
                                   "a projection, not a classifier; head methods need a classification FL run")
+    task = CATALOG.get(inputs.config.get("dataset", ""))
+    if task is not None and not task_of(task.task).classifier:
+        raise tracking.FLRunError(f"run {fl_run_id} is {task_of(task.task).title} on {inputs.config['dataset']}: "
+                                  "APH, LoRAPH and OOD detection rearrange a classifier's head; run them on a "
+                                  "classification FL run")
     cfg = fl_config(inputs.config, hc)
     prepared = prepare(cfg, like)
     if prepared.fingerprint != inputs.params.get("dataset_fingerprint"):
@@ -142,7 +150,7 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
                                       ood)
             tracking.log_member_heads(cid, result.members, result.lrs, fl_run_id, specs[cid],
                                       prepared.input_example(cid))
-            y = prepared.dataset.labels[split.test]
+            y = prepared.dataset.targets[split.test]
             wo = classification_metrics(result.probs_wo, y, hc.ece_bins)
             ours = classification_metrics(result.probs, y, hc.ece_bins)
             rows.append({"client": cid, "num_train": len(split.train), "num_test": len(split.test),

@@ -14,6 +14,7 @@ from pfl.models.resnet_cifar import RESNET_CIFAR_DEPTHS, CifarResNet
 from pfl.models.resnet_sfl import CIFAR10_MEAN, CIFAR10_STD, MocoSFLResNet18
 from pfl.models.split import ModelSpec, SplitModel
 from pfl.models.vgg import VGG, VGG_CONFIGS
+from pfl.models.viewport import VPLSTM, VPTransformer, build_vp_lstm, build_vp_transformer
 from pfl.models.vit import VITS, build_vit, vit_normalization
 
 _BUILDERS: dict[str, Callable[[ModelSpec], SplitModel]] = {
@@ -25,12 +26,18 @@ _BUILDERS: dict[str, Callable[[ModelSpec], SplitModel]] = {
     **{f"resnet{d}": (lambda s, d=d: CifarResNet(s.num_classes, s.in_channels, s.image_size, d, s.width))
        for d in RESNET_CIFAR_DEPTHS},
     **{name: build_vit for name in VITS},
+    "vp_lstm": build_vp_lstm,  # viewport prediction: head positions (history, 3) in, positions out
+    "vp_transformer": build_vp_transformer,
 }
 ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)  # every architecture name build_model takes
 # FlexiFed's families of depths (VGG, CIFAR ResNet): architecture -> family. Their inputs are normalized with
 # CIFAR-10's statistics as FlexiFed's code does (PFLlib's 0.5 / 0.5 before; ModelSpec.from_dict gives specs saved
 # before then the values their runs used).
 FAMILIES = {**{f"vgg{d}": "vgg" for d in VGG_CONFIGS}, **{f"resnet{d}": "resnet" for d in RESNET_CIFAR_DEPTHS}}
+# Architectures of sequence inputs (the others take images), and each architecture's own run knobs, passed to its
+# builder as ModelSpec.options (the dataset's horizon: the steps a viewport predictor rolls out).
+SEQUENCE_MODELS = ("vp_lstm", "vp_transformer")
+MODEL_OPTIONS = {"vp_lstm": ("horizon",), "vp_transformer": ("horizon", "embedding")}
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +55,7 @@ def build_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor] | None = No
         ValueError: unknown architecture name, a size the architecture does not take, or weights of
             another architecture.
     """
-    from pfl.algorithms.state import load_state
+    from pfl.federated.state import load_state
     from pfl.models.pretrained import adapt_weights
 
     if spec.name not in _BUILDERS:
@@ -73,5 +80,5 @@ def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]
     return vit_normalization(name) if name in VITS else ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-__all__ = ["ARCHITECTURES", "CNN", "FAMILIES", "VITS", "CifarResNet", "LoraSpec", "ResNet18", "VGG", "ModelSpec", "SplitModel",
-           "build_model", "input_normalization"]
+__all__ = ["ARCHITECTURES", "MODEL_OPTIONS", "SEQUENCE_MODELS", "CNN", "FAMILIES", "VITS", "CifarResNet", "LoraSpec",
+           "ResNet18", "VGG", "VPLSTM", "VPTransformer", "ModelSpec", "SplitModel", "build_model", "input_normalization"]

@@ -1,6 +1,6 @@
 """Pretrained weights for a model's initialization: timm's published weights, a local file, or a pfl run's model.
 
-Whatever the source, the weights become a :data:`~pfl.algorithms.state.State` in pfl's layout
+Whatever the source, the weights become a :data:`~pfl.federated.state.State` in pfl's layout
 (``base.*`` + ``head.*``), adapted to the model by :func:`adapt_weights`:
 
 * a checkpoint in timm's or torchvision's own layout is mapped by a prefix: its classifier
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # at run time pfl.algorithms imports pfl.models
-    from pfl.algorithms.state import State
+    from pfl.federated.state import State
 CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.")  # timm ViTs, torchvision ResNets, VGG-style classifiers
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # torchvision ResNet's modules -> their index in pfl's ResNet-18 base (pfl/models/resnet.py)

@@ -17,11 +17,11 @@ from pfl.models.adapters import LoraSpec
 
 
 class SplitModel(nn.Module):
-    """A classifier written as ``head(base(x))``.
+    """A model written as ``head(base(x))``: a classifier, or a regressor.
 
     Args:
-        base: maps images (B, C, H, W) float to features (B, D).
-        head: maps features (B, D) to logits (B, num_classes).
+        base: maps inputs (images (B, C, H, W) float, sequences (B, T, F)) to features (B, D).
+        head: maps features (B, D) to logits (B, num_classes), or to regression outputs (B, num_classes).
     """
 
     def __init__(self, base: nn.Module, head: nn.Module):
@@ -30,7 +30,7 @@ class SplitModel(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) for normalized images (B, C, H, W)."""
+        """Logits (or regression outputs) (B, num_classes) for model inputs (B, ...)."""
         return self.head(self.base(x))
 
 
@@ -41,9 +41,13 @@ class ModelSpec:
     Attributes:
         name: architecture: family and depth (``"cnn"``, ``"resnet18"``, ``"vgg11"`` .. ``"vgg19"``,
             ``"resnet20"`` .. ``"resnet56"``, the ViTs; :data:`pfl.models.ARCHITECTURES`).
-        num_classes: output classes.
+        num_classes: output classes; a regression model's output values D (e.g. 3 for one 3-D position).
         in_channels: image channels.
         image_size: square side in pixels of the model's input (the images after on-device resizing).
+        input_shape: one input sample's shape for a model of non-image inputs (a viewport predictor's
+            ``(history, 3)``); ``None`` for images, whose input is ``(in_channels, image_size, image_size)``.
+        options: an architecture's own settings as sorted ``(name, value)`` pairs (``vp_transformer``'s
+            ``("embedding", True)``); empty for most.
         width: channel multiplier of the VGG and CIFAR-ResNet families (1.0: the paper's widths).
         lora: LoRA adapters injected into the base (FedLoRA), or ``None``.
         normalization: per-channel ``(mean, std)`` in [0, 1] units the model's inputs are normalized with
@@ -58,14 +62,24 @@ class ModelSpec:
     width: float = 1.0
     lora: LoraSpec | None = None
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    input_shape: tuple[int, ...] | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One model input's shape: :attr:`input_shape`, else ``(in_channels, image_size, image_size)``."""
+        return self.input_shape or (self.in_channels, self.image_size, self.image_size)
 
     def to_dict(self) -> dict:
         """The spec as JSON-ready values (``lora`` as a mapping, or absent when there is none)."""
         values = asdict(self)
         if self.lora is None:
             del values["lora"]  # as specs saved before adapters existed
-        if self.normalization is None:
-            del values["normalization"]
+        for name in ("normalization", "input_shape", "options"):  # absent as in specs saved before they existed
+            if not values[name]:
+                del values[name]
+        if "options" in values:
+            values["options"] = dict(self.options)
         return values
 
     @classmethod
@@ -84,4 +98,7 @@ class ModelSpec:
 
             if values["name"] in FAMILIES:
                 norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-        return cls(**{**values, "lora": lora, "normalization": norm})
+        shape = values.get("input_shape")
+        options = tuple(sorted((values.get("options") or {}).items()))
+        return cls(**{**values, "lora": lora, "normalization": norm, "options": options,
+                      "input_shape": tuple(shape) if shape else None})

@@ -1,4 +1,4 @@
-"""The algorithm contract: a few hooks called by the shared round loop (:mod:`pfl.algorithms.engine`).
+"""The algorithm contract: a few hooks called by the shared round loop (:mod:`pfl.federated.engine`).
 
 Modelled on Flower's ``Strategy`` (``configure_fit`` / ``aggregate_fit`` with ``FitIns`` /
 ``FitRes``) and FL-bench's hyperparameters-beside-the-method: an algorithm never owns the
@@ -8,9 +8,9 @@ loop. Per round the engine asks :meth:`Algorithm.run_round`, whose default is
 
 and which a step-synchronous algorithm (split learning) replaces whole. Evaluation asks
 :meth:`Algorithm.personalized_state` for every client and scores it with the algorithm's
-:attr:`Algorithm.evaluator` (classification by default).
+:attr:`Algorithm.evaluator` (by default the run's task's: :mod:`pfl.tasks`).
 
-Everything travels as named state (:data:`pfl.algorithms.state.State`); each client has its
+Everything travels as named state (:data:`pfl.federated.state.State`); each client has its
 own architecture (:class:`pfl.models.ModelSpec`), and a run may mix them.
 
 An algorithm module declares, beside its class: its hyperparameters (a :class:`HyperParams`
@@ -22,22 +22,25 @@ that make up its state (:attr:`Algorithm.state_attributes`, saved and restored b
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from pfl.algorithms.checkpoint import export_state, import_state
-from pfl.algorithms.evaluation import ClassificationEvaluator, Evaluator
-from pfl.algorithms.inference import batched_logits
-from pfl.algorithms.local import FitIns, FitRes, LocalUpdate, ModelRunner, SGDUpdate
-from pfl.algorithms.state import State
-from pfl.algorithms.store import ClientStore
-from pfl.algorithms.vectorized import can_vectorize
+from pfl.federated.checkpoint import export_state, import_state
+from pfl.federated.downlink import Downlink
+from pfl.federated.evaluation import Evaluator
+from pfl.federated.inference import batched_logits
+from pfl.federated.local import FitIns, FitRes, LocalUpdate, ModelRunner, SGDUpdate
+from pfl.federated.state import State
+from pfl.federated.store import ClientStore
+from pfl.federated.vectorized import can_vectorize
 from pfl.data.loader import ClientData
 from pfl.models.split import ModelSpec
+from pfl.tasks import Task
+from pfl.tasks.classification import Classification
 
 
 @dataclass
@@ -48,7 +51,7 @@ class FederatedContext:
         clients: per-client index tensors on the training device.
         specs: each client's architecture (a run may mix them).
         runner: the device model of every architecture, the data and inference.
-        update: the default local update (plain SGD on cross-entropy).
+        update: the default local update (plain SGD on the task's loss).
         init_states: the initial named state of every architecture.
         num_join_clients: clients sampled per round.
         seed: run seed; algorithms derive their own random streams from it.
@@ -56,6 +59,9 @@ class FederatedContext:
         client_parallelism: ``"sequential"``, or ``"vectorized"``: the round's clients train, and
             several models are scored or evaluated, as one batched computation.
         global_rounds: the run's rounds (learning-rate schedules, MocoSFL's final linear probe).
+        task: the run's task (:mod:`pfl.tasks`): the loss of ``update``, the default evaluator.
+        downlink: what of a server model goes down to a client and how it merges into the client's own model
+            (:class:`pfl.federated.downlink.Downlink`; algorithms with one global model apply it).
     """
 
     clients: list[ClientData]
@@ -68,6 +74,8 @@ class FederatedContext:
     store_budget_bytes: int | None = None
     client_parallelism: str = "sequential"
     global_rounds: int = 1
+    task: Task = field(default_factory=Classification)
+    downlink: Downlink = field(default_factory=Downlink)
 
     def init_state(self, client_id: int) -> State:
         """The initial state of the client's architecture (shared, never to be modified in place)."""
@@ -122,7 +130,7 @@ class FederatedContext:
         ``drop_last`` and at least one full batch exists), as a PyTorch ``DataLoader`` loop that
         sums ``loss.item()`` and divides by ``len(loader)`` computes it.
         """
-        labels = self.runner.data.labels[indices]
+        labels = self.runner.data.targets[indices]
         logits = self.logits(spec, states, [indices] * len(states))
         ce = torch.nn.functional.cross_entropy
         if batch_size is None:
@@ -174,6 +182,10 @@ class Algorithm:
             named states, tensors and JSON values), saved by :meth:`state_dict`.
         classifier: whether the models end in a classifier (False: a self-supervised projection, which head
             methods cannot rearrange).
+        tasks: the tasks (:mod:`pfl.tasks`) it trains (default: classification only; FedFomo's and FedALA's
+            client-side scoring is cross-entropy).
+        takes_downlink: whether it takes the ``downlink`` and ``downlink_blend`` knobs (one global model that clients
+            merge into their own: :class:`pfl.federated.downlink.Downlink`).
 
     Args:
         ctx: the federated context.
@@ -185,6 +197,8 @@ class Algorithm:
     search_space: ClassVar[dict[str, SearchParam]] = {}
     state_attributes: ClassVar[tuple[str, ...]] = ()
     classifier: ClassVar[bool] = True
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    takes_downlink: ClassVar[bool] = False
 
     def __init__(self, ctx: FederatedContext, **hparams: Any):
         self.ctx = ctx
@@ -214,8 +228,8 @@ class Algorithm:
 
     @property
     def evaluator(self) -> Evaluator:
-        """How personalized models are scored (default: classification metrics)."""
-        return ClassificationEvaluator()
+        """How personalized models are scored (default: the run's task's evaluator)."""
+        return self.ctx.task.evaluator()
 
     def configure_fit(self, client_id: int, rnd: int) -> FitIns:
         """What the client starts local training from in round ``rnd`` (1-based)."""
@@ -235,6 +249,11 @@ class Algorithm:
     def personalized_state(self, client_id: int) -> State:
         """The client's personalized model as a named state on the host."""
         raise NotImplementedError
+
+    def upload(self, result: FitRes) -> State:
+        """What of a client's result travelled up (``comm/bytes_up``): by default what the run's downlink sends up
+        (:meth:`pfl.federated.downlink.Downlink.upload`: everything, or the top K layers)."""
+        return self.ctx.downlink.upload(result.state)
 
     def state_for_logging(self) -> dict[str, torch.Tensor]:
         """Extra server state worth saving with the run as JSON (e.g. FedFomo's affinity matrix)."""
@@ -260,7 +279,7 @@ class Algorithm:
         return {}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The algorithm's full state as named tensors plus JSON (:mod:`pfl.algorithms.checkpoint`)."""
+        """The algorithm's full state as named tensors plus JSON (:mod:`pfl.federated.checkpoint`)."""
         return export_state(self, self.state_attributes)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -19,17 +19,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from pfl.algorithms.local import SGDUpdate
-from pfl.algorithms.state import State, stack_states
-from pfl.data.loader import DeviceImages
+from pfl.federated.local import SGDUpdate
+from pfl.federated.state import State, stack_states
+from pfl.data.loader import DeviceData
 
 
 def can_vectorize(model: nn.Module) -> bool:
-    """True when the model's state is parameters only (no BatchNorm-like buffers)."""
-    return len(list(model.buffers())) == 0
+    """True when the model's state is parameters only (no BatchNorm-like buffers) and it has no recurrent layer (an
+    LSTM's fused kernel does not batch under ``vmap``)."""
+    return len(list(model.buffers())) == 0 and not any(isinstance(m, nn.RNNBase) for m in model.modules())
 
 
-def vectorizable(model: nn.Module, update: object, data: DeviceImages, indices: list[torch.Tensor]) -> bool:
+def vectorizable(model: nn.Module, update: object, data: DeviceData, indices: list[torch.Tensor]) -> bool:
     """Whether :func:`train_vectorized` accepts these clients: the default local update (plain fp32
     :class:`SGDUpdate`, not a subclass with its own loss), un-augmented batches, a buffer-free model whose
     parameters all train, and every client holding at least one full batch (so all clients share the batch size)."""
@@ -62,7 +63,7 @@ def _orders(indices: list[torch.Tensor], seeds: list[int], epochs: int, batch_si
     return torch.stack(padded), active
 
 
-def train_vectorized(model: nn.Module, data: DeviceImages, update: SGDUpdate, starts: list[State],
+def train_vectorized(model: nn.Module, data: DeviceData, update: SGDUpdate, starts: list[State],
                      indices: list[torch.Tensor], seeds: list[int]) -> list[tuple[State, torch.Tensor]]:
     """Local SGD of C clients of one architecture at once, equivalent to ``update.fit`` per client.
 
@@ -100,7 +101,7 @@ def train_vectorized(model: nn.Module, data: DeviceImages, update: SGDUpdate, st
     lr = update.lr
     for t in range(t_max):
         x, y = data.batch(batches[:, t].reshape(-1))
-        x, y = x.view(c, b, *x.shape[1:]), y.view(c, b)
+        x, y = x.view(c, b, *x.shape[1:]), y.view(c, b, *y.shape[1:])
         mask = active[:, t].to(x.dtype)
         grads, losses = step_fn(params, x, y)
         with torch.no_grad():

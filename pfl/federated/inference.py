@@ -3,7 +3,7 @@
 Sequentially, each model is copied into its architecture's single device instance in
 turn (:meth:`ModelRunner.logits`). Batched (``client_parallelism=vectorized``), the
 models' parameters are stacked (C, ...) and ``vmap(functional_call)`` runs C
-forward passes as one computation, as :mod:`pfl.algorithms.vectorized` does for
+forward passes as one computation, as :mod:`pfl.federated.vectorized` does for
 training. Work is packed as (model, chunk of its samples) items, so models with
 more samples take more items instead of padding every other model to the largest:
 only each model's last chunk is padded. Models with buffers (BatchNorm) are run
@@ -17,8 +17,8 @@ import math
 import torch
 from torch.func import functional_call, vmap
 
-from pfl.algorithms.local import ModelRunner
-from pfl.algorithms.state import State, stack_states
+from pfl.federated.local import ModelRunner
+from pfl.federated.state import State, stack_states
 from pfl.models.split import ModelSpec
 
 

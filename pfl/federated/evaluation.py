@@ -1,11 +1,12 @@
 """Evaluators: how the engine scores clients' personalized models on their own splits.
 
-:class:`ClassificationEvaluator` (the default) runs each model on its split and computes
-accuracy, NLL, ECE and the Brier score (:func:`pfl.metrics.classification_metrics`), then
-summarizes the clients in the names of :mod:`pfl.vocabulary` (``acc``, ``nll``, ``f_ece``,
-``ece_mean``, ``global_ece``, ``brier`` and their stds across clients). A self-supervised
-algorithm supplies its own :class:`Evaluator` (kNN accuracy, a linear probe) returning its own
-metric names; the default :meth:`Evaluator.summarize` aggregates whatever names it returns.
+The run's task (:mod:`pfl.tasks`) picks the evaluator. :class:`ClassificationEvaluator` runs each model on its
+split and computes accuracy, NLL, ECE and the Brier score (:func:`pfl.metrics.classification_metrics`), then
+summarizes the clients in the names of :mod:`pfl.vocabulary` (``acc``, ``nll``, ``f_ece``, ``ece_mean``,
+``global_ece``, ``brier`` and their stds across clients). :class:`RegressionEvaluator` reports ``mse`` and, for 3-D
+positions, the great-circle error ``orthodromic_deg`` (overall and per horizon step). A self-supervised algorithm
+supplies its own :class:`Evaluator` (kNN accuracy, a linear probe) returning its own metric names; the default
+:meth:`Evaluator.summarize` aggregates whatever names it returns.
 
 A client's score may carry additive statistics under :data:`POOLED` (name -> list of floats),
 which :meth:`Evaluator.summarize` sums over clients for metrics of the pooled predictions (the
@@ -20,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pfl.algorithms.state import State, state_digest
-from pfl.metrics import aggregate_clients, calibration_gaps, classification_metrics, ece_from_gaps, knn_accuracy
+from pfl.federated.state import State, state_digest
+from pfl.metrics import (aggregate_clients, calibration_gaps, classification_metrics, ece_from_gaps, knn_accuracy,
+                         regression_metrics)
 from pfl.models.split import ModelSpec
 
 if TYPE_CHECKING:
-    from pfl.algorithms.base import FederatedContext
+    from pfl.federated.base import FederatedContext
 
 POOLED = "pooled"  # key of a client score's additive statistics (not a metric)
 GLOBAL_ECE_BINS = 15  # uniform bins of the global ECE (Guo et al. 2017), as head runs use by default
@@ -65,7 +67,7 @@ class ClassificationEvaluator(Evaluator):
               ece_bins: int) -> list[dict[str, float]]:
         out = []
         for idx, z in zip(indices, ctx.logits(spec, states, indices)):
-            probs, labels = torch.softmax(z.float(), dim=1).cpu(), ctx.runner.data.labels[idx].cpu()
+            probs, labels = torch.softmax(z.float(), dim=1).cpu(), ctx.runner.data.targets[idx].cpu()
             out.append({**classification_metrics(probs, labels, ece_bins),
                         POOLED: {"gaps": calibration_gaps(probs, labels, GLOBAL_ECE_BINS)}})
         return out
@@ -77,6 +79,27 @@ class ClassificationEvaluator(Evaluator):
         gaps = [sum(g) for g in zip(*(s[POOLED]["gaps"] for s in scores))]
         out["global_ece"] = ece_from_gaps(gaps, sum(weights))
         return out
+
+
+class RegressionEvaluator(Evaluator):
+    """Regression metrics per client (:func:`pfl.metrics.regression_metrics`): ``mse`` (mean over the outputs'
+    elements, as ``torch.nn.MSELoss``), and with ``positions`` (targets are 3-D unit vectors, (n, 3 * H) for H
+    horizon steps) ``orthodromic_deg``, the mean great-circle error in degrees, with ``orthodromic_deg_h1`` ..
+    ``orthodromic_deg_hH`` per step when H > 1. :meth:`summarize` gives each metric's test-sample-weighted mean
+    over clients and its std across clients (``mse_std``, ...).
+
+    Args:
+        positions: the targets are flattened 3-D positions (viewport prediction).
+    """
+
+    def __init__(self, positions: bool = False):
+        self.positions = positions
+
+    def score(self, ctx: FederatedContext, spec: ModelSpec, states: list[State], indices: list[torch.Tensor],
+              ece_bins: int) -> list[dict[str, float]]:
+        targets = ctx.runner.data.targets
+        return [regression_metrics(z.float().cpu(), targets[idx].float().cpu(), self.positions)
+                for idx, z in zip(indices, ctx.logits(spec, states, indices))]
 
 
 class KNNEvaluator(Evaluator):
@@ -115,13 +138,13 @@ class KNNEvaluator(Evaluator):
             digest = state_digest(state)
             if self._bank is None or self._bank[0] != digest or (probe and self._bank[2] is None):
                 bank = base_features(ctx, spec, state, bank_idx)
-                classifier = linear_probe(bank, data.labels[bank_idx], data.num_classes, self.linear_epochs,
+                classifier = linear_probe(bank, data.targets[bank_idx], data.num_classes, self.linear_epochs,
                                           self.linear_lr, self.seed) if probe else None
                 self._bank = (digest, bank, classifier)
             _, bank, classifier = self._bank
             queries = base_features(ctx, spec, state, idx)
-            labels = data.labels[idx]
-            score = {"knn_acc": knn_accuracy(bank, data.labels[bank_idx], queries, labels, data.num_classes,
+            labels = data.targets[idx]
+            score = {"knn_acc": knn_accuracy(bank, data.targets[bank_idx], queries, labels, data.num_classes,
                                              self.k, self.temperature)}
             if probe:
                 with torch.no_grad():

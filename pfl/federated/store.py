@@ -15,11 +15,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from pfl.algorithms.state import State, state_bytes
+from pfl.federated.state import State, state_bytes
 
 
 class ClientStore:
-    """Map client id -> named :data:`~pfl.algorithms.state.State` on the host, with defaults and a memory budget.
+    """Map client id -> named :data:`~pfl.federated.state.State` on the host, with defaults and a memory budget.
 
     Args:
         default: the state of a client never written, as a function of the client id (each client's

@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pfl.algorithms.base import Algorithm
-from pfl.algorithms.evaluation import client_metrics
-from pfl.algorithms.checkpoint import Checkpointer
-from pfl.algorithms.local import FitRes
-from pfl.algorithms.state import State, state_bytes, state_digest
-from pfl.algorithms.vectorized import train_vectorized, vectorizable
+from pfl.federated.base import Algorithm
+from pfl.federated.evaluation import client_metrics
+from pfl.federated.checkpoint import Checkpointer
+from pfl.federated.local import FitRes
+from pfl.federated.state import State, state_bytes, state_digest
+from pfl.federated.vectorized import train_vectorized, vectorizable
 from pfl.models.split import ModelSpec
 from pfl.seed import derive_seed, rng_state, set_rng_state
 
@@ -153,7 +153,7 @@ class Engine:
         """Configure and locally train the selected clients (the default round's client side).
 
         Sequential: one client at a time through the algorithm's local update. Vectorized: the
-        clients of each architecture train as one batched computation (:mod:`pfl.algorithms.vectorized`)
+        clients of each architecture train as one batched computation (:mod:`pfl.federated.vectorized`)
         when it qualifies, else sequentially.
         """
         ins = {cid: self.algorithm.configure_fit(cid, rnd) for cid in selected}
@@ -174,7 +174,8 @@ class Engine:
             if cid not in trained:
                 model = self.ctx.runner.load(self.ctx.specs[cid], ins[cid].state)
                 trained[cid] = update.fit(model, self.ctx.runner.data, ins[cid], indices[cid], seeds[cid])
-        self._bytes_down += sum(state_bytes(ins[cid].state) for cid in selected)
+        self._bytes_down += sum(state_bytes(ins[cid].state if ins[cid].sent is None else ins[cid].sent)
+                                for cid in selected)
         return [FitRes(cid, trained[cid][0], len(indices[cid]), trained[cid][1]) for cid in selected]
 
     def run_round(self, rnd: int) -> dict[str, float]:
@@ -182,8 +183,9 @@ class Engine:
         (the round's clients' training samples), seconds: ``time/round`` = ``time/local`` (round
         starting points and local training) + ``time/aggregate`` (server update, FedALA's ALA), the bytes of
         model state that travelled, summed over the round's clients (``comm/bytes_down``: the states of their
-        :class:`FitIns`; ``comm/bytes_up``: of their :class:`FitRes`), the peak memory (``memory/peak_mb``,
-        :class:`PeakMemory`), and the algorithm's :meth:`~pfl.algorithms.base.Algorithm.round_metrics`."""
+        :class:`FitIns`, or what of them travelled (``FitIns.sent``); ``comm/bytes_up``: what of their :class:`FitRes`
+        travelled, :meth:`~pfl.federated.base.Algorithm.upload`), the peak memory (``memory/peak_mb``,
+        :class:`PeakMemory`), and the algorithm's :meth:`~pfl.federated.base.Algorithm.round_metrics`."""
         start = time.perf_counter()
         local = 0.0
         self._bytes_down = 0
@@ -199,7 +201,7 @@ class Engine:
         results = self.algorithm.run_round(rnd, self.sample_clients(rnd), fit)
         losses = torch.stack([r.loss for r in results]).double().cpu()  # one host sync per round
         samples = torch.tensor([r.num_samples for r in results], dtype=torch.float64)
-        bytes_up = sum(state_bytes(r.state) for r in results)
+        bytes_up = sum(state_bytes(self.algorithm.upload(r)) for r in results)
         end = time.perf_counter()
         return {"train/loss": float((losses * samples).sum() / samples.sum()), "train/samples": float(samples.sum()),
                 "time/round": end - start, "time/local": local, "time/aggregate": end - start - local,
@@ -215,7 +217,7 @@ class Engine:
         ``num_join_clients`` of one architecture at a time as one batched computation when vectorized.
         Adds ``time/eval`` (seconds) and ``eval/reused`` (clients whose scores were kept) to the metrics,
         and in a run that mixes architectures the summary per architecture (``test/acc_vgg11``, ...). The
-        algorithm's :meth:`~pfl.algorithms.base.Algorithm.extra_models` are scored the same way and logged under
+        algorithm's :meth:`~pfl.federated.base.Algorithm.extra_models` are scored the same way and logged under
         their name (``finetuned/acc``; ``finetuned/val_acc`` on the tuning splits), per client as ``finetuned_acc``.
 
         Raises:

@@ -13,7 +13,7 @@ so a crash at any point leaves a whole checkpoint. Nothing is pickled. A checkpo
 
 Each attribute named in ``Algorithm.state_attributes`` is exported by kind:
 
-* a :class:`~pfl.algorithms.store.ClientStore`: every written client's state as tensors
+* a :class:`~pfl.federated.store.ClientStore`: every written client's state as tensors
   ``"<attr>/<client>/<entry>"`` (clients never written keep their defaults);
 * a named state (``dict[str, Tensor]``): tensors ``"<attr>/<entry>"``;
 * a tensor: tensor ``"<attr>"``;
@@ -39,8 +39,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pfl.algorithms.state import State, state_digest
-from pfl.algorithms.store import ClientStore
+from pfl.federated.state import State, state_digest
+from pfl.federated.store import ClientStore
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 STATES_DIR = "states"  # beside the manifest: one file per group of tensors
