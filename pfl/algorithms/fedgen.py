@@ -26,8 +26,9 @@ official variant, the head's last Linear (PFLlib's ``model.fc``) in PFLlib's. Ro
    rounds;
 3. the global model is FedAvg of the uploads (sample-weighted; float buffers averaged, counters kept).
 
-Evaluation scores the global model (as FL-bench and PFLlib do); ``eval_personalized`` also scores each
-client's latest upload, its locally fine-tuned model, as ``finetuned/*``.
+Evaluation scores the global model (as FL-bench and PFLlib do; with a downlink other than ``full``, each client's
+own model with the latest downlink merged in, below); ``eval_personalized`` also scores each client's latest upload,
+its locally fine-tuned model, as ``finetuned/*``.
 
 ``variant="pfllib"`` follows PFLlib's ``servergen.py`` / ``clientgen.py`` instead. PFLlib splits its models
 into ``base`` and ``head = model.fc`` (``main.py``), so D is the head's last Linear and G outputs that Linear's
@@ -55,6 +56,46 @@ regularizers' total weight grows with a client's size; a coefficient set to 0 st
 floors even 0 at 1e-4). The generator sent to every client is not counted in ``comm/bytes_down`` (only model
 states are); with ``localize_feature_extractor`` the ``comm/bytes_*`` still count whole models, the client's own
 layers included (pfl keeps them in its server-side store).
+
+The global model reaches the clients through the run's downlink (:mod:`pfl.federated.downlink`), as FedAvg's does:
+``downlink=full`` (default) is the above; ``head_layers:K`` sends and averages only the last K layers and
+``downlink_blend`` blends the download into each client's own model (its personalized model is its own with the
+latest downlink merged in); ``downlink=none`` sends no model, only the generator: the official code's local mode
+(``serverpFedGen.py``: ``self.local`` skips ``send_parameters``), the viewport researchers' ``localFedGen``. The
+server always receives each sampled client's distilled layers (its teachers; counted in ``comm/bytes_up``).
+
+**Viewport prediction** (a regression on 3-D unit vectors, :mod:`pfl.tasks.viewport`; the official variant only),
+after the viewport researchers' notes (no code of theirs is public). The generator :class:`PositionGenerator` is
+conditioned on a position ``y`` (a unit vector, (B, 3)) instead of a one-hot class: for ``predict=point`` the
+window's target, for ``predict=sequence`` the horizon's last position (the targets' last 3 values; chosen here). Each
+client's label distribution is a heatmap (:mod:`pfl.data.heatmap`): its train split's conditioning positions, binned
+on an equirectangular grid of ``heatmap_grain`` x ``2 heatmap_grain`` cells and Gaussian-blurred with
+``heatmap_sigma`` cells, uploaded once before training (positions without time order: no trajectory leaves the
+client). With a head output ``D(z)`` (B, 3 S), ``D(z)_last`` its last 3 values (the position it predicts ``horizon``
+steps ahead):
+
+* server (:func:`position_teacher_loss`): targets drawn from the union (sum) of the round's clients' heatmaps (a cell
+  by its mass, a point uniform in the cell), each client u's loss the per-sample MSE ``|D_u(z)_last - y|^2 / 3``
+  weighted by u's share of the heatmap mass in the target's cell (:func:`pfl.data.heatmap.shares`, the analogue of
+  the label shares), combined by ``teacher_loss`` as in classification (``official``: ``mean(w_u) * mean(loss_u)``
+  per client; ``per_sample``: ``mean(w_u * loss_u)``), plus ``diversity_weight`` x the diversity loss;
+* client: ``alpha`` x MSE of ``D(G(y', eps))_last`` against ``y'`` (``y'`` drawn from the union of all clients'
+  heatmaps, the analogue of ``available_labels``), times ``gen_ratio``; ``beta`` x MSE between the model's output on
+  the real batch ``model(x)`` and the head's output on generated features ``D(G(y_last, eps))`` (detached), ``y_last``
+  the batch's conditioning positions (the regression analogue of the KL term); decayed as in classification;
+* per round the global head's error on :data:`EVAL_SAMPLES` generated features (targets from the federation's
+  heatmap): ``server/generated_mse`` and ``server/generated_orthodromic_deg`` (the great-circle error of
+  ``D(z)_last`` in degrees); pfl's own signal of whether the generator is any good.
+
+Deliberate differences of the regression from the official classification code, besides the conditioning: targets
+are drawn in proportion to the heatmap mass (the official labels are uniform over the labels some client holds; with
+a blurred heatmap every cell holds some mass, so uniform draws would ignore the distribution); the density weights
+are shares of blurred counts on the cells (label counts in classification); a client's heatmap is built from its
+train split once (the official label counts come from the round's batches; the researchers upload the targets of
+the training batches, in effect the same positions). Not stated in the researchers' notes and chosen here: the grid
+(``heatmap_grain=18``: 10-degree cells), the blur (``heatmap_sigma=1`` cell), the draw within a cell, and what
+conditions a sequence prediction. The researchers' two-phase pretraining is ``generator_warmup_rounds``; their
+``localFedGen`` is ``downlink=none``.
 """
 
 from __future__ import annotations
@@ -72,11 +113,15 @@ from torch.func import functional_call
 from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
 from pfl.federated.state import State, float_keys, load_state, model_state, weighted_average
+from pfl.data import heatmap
 from pfl.data.loader import DeviceData
+from pfl.metrics import orthodromic_distance
 from pfl.seed import derive_seed
 
 COEFFICIENT_FLOOR = 1e-4  # the official exp_lr_scheduler's lower bound of a decayed coefficient
 EVAL_PER_CLASS = 100  # generated features per class scored by the global head each round
+EVAL_SAMPLES = 1000  # generated features scored by the global head each round (viewport prediction)
+POSITION = 3  # a conditioning position's width: a 3-D unit vector
 
 # Per-variant defaults of the fields left unset (None). official: utils/model_config.py (GENERATORCONFIGS
 # ['cifar'] hidden 512, noise 64; RUNCONFIGS['mnist'] ensemble_lr 3e-4, weight_decay 1e-2, ensemble_epochs 50,
@@ -118,6 +163,9 @@ class FedGenParams(HyperParams):
             generator already trains (the official code always skips round 1).
         eval_personalized: also evaluate each client's locally fine-tuned model, the model it uploaded after
             its latest local training (the global model while it has not taken part), as ``finetuned/*``.
+        heatmap_grain: viewport prediction: rows of latitude of the heatmaps' equirectangular grid (columns: twice
+            as many; 18: cells of 10 degrees) (:mod:`pfl.data.heatmap`).
+        heatmap_sigma: viewport prediction: the heatmaps' Gaussian blur in cells (0: none).
 
     Raises:
         ValueError: out-of-range values, ``generative_beta > 0``, ``teacher_loss`` or
@@ -140,6 +188,8 @@ class FedGenParams(HyperParams):
     localize_feature_extractor: bool = False
     generator_warmup_rounds: int = Field(0, ge=0)
     eval_personalized: bool = False
+    heatmap_grain: int = Field(18, ge=1)
+    heatmap_sigma: float = Field(1.0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -196,6 +246,68 @@ class Generator(nn.Module):
         labels = pool[torch.randint(len(pool), (n,), generator=rng)]
         return labels.to(device), torch.rand((n, self.noise_dim), generator=rng).to(device)
 
+    def condition(self, targets: torch.Tensor) -> torch.Tensor:
+        """What of a real batch's targets conditions G: the labels (B,) themselves."""
+        return targets
+
+    def condition_loss(self, outputs: torch.Tensor, conditions: torch.Tensor,
+                       reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
+        """A head's loss on generated features against their conditions: cross-entropy (nats) of logits (B, K)
+        against labels (B,), averaged or per sample (B,)."""
+        return F.cross_entropy(outputs, conditions, reduction=reduction)
+
+    def output_distance(self, outputs: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        """The client's beta term: ``KL(softmax(generated) || softmax(outputs))`` (nats), summed over the K classes
+        and averaged over the B samples (``nn.KLDivLoss(reduction="batchmean")``), for logits (B, K) each."""
+        return F.kl_div(F.log_softmax(outputs, dim=1), F.softmax(generated, dim=1), reduction="batchmean")
+
+
+def position_errors(outputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared error of the last predicted position of outputs (B, 3 S) against positions (B, 3),
+    averaged over the 3 coordinates: (B,)."""
+    return (outputs[:, -POSITION:] - positions).pow(2).mean(dim=1)
+
+
+class PositionGenerator(Generator):
+    """``G(y, eps) -> z`` conditioned on a position: an MLP from ``[eps, y]``, y a unit vector (B, 3), to head-input
+    features (viewport prediction; module docstring). Its targets and losses read the last position of a head's
+    output (B, 3 S), S predicted steps.
+
+    Args:
+        noise_dim: D_eps.
+        hidden: widths of the hidden layers (Linear + BatchNorm1d + ReLU each).
+        feature_dim: D_z, the head's input width.
+    """
+
+    def __init__(self, noise_dim: int, hidden: tuple[int, ...], feature_dim: int):
+        super().__init__(POSITION, noise_dim, hidden, feature_dim)
+
+    def forward(self, positions: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Features (B, D_z) for positions (B, 3) and noise eps (B, D_eps) on the generator's device."""
+        return self.net(torch.cat([eps, positions.to(eps.dtype)], dim=1))
+
+    def draw(self, grid: torch.Tensor, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` positions drawn from the heatmap ``grid`` (:func:`pfl.data.heatmap.sample`) and noise eps ~ U[0, 1)
+        (n, D_eps), drawn on the host from ``rng`` (positions first) and moved to the generator's device."""
+        device = next(self.parameters()).device
+        positions = heatmap.sample(grid, n, rng)
+        return positions.to(device), torch.rand((n, self.noise_dim), generator=rng).to(device)
+
+    def condition(self, targets: torch.Tensor) -> torch.Tensor:
+        """The conditioning positions (B, 3) of targets (B, 3 S): the last position (the horizon's end)."""
+        return targets[:, -POSITION:]
+
+    def condition_loss(self, outputs: torch.Tensor, conditions: torch.Tensor,
+                       reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
+        """The squared error of the outputs' last position (B, 3 S) against the positions (B, 3), averaged over the 3
+        coordinates: per sample (B,), or its mean (the MSE)."""
+        errors = position_errors(outputs, conditions)
+        return errors.mean() if reduction == "mean" else errors
+
+    def output_distance(self, outputs: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        """The client's beta term: the MSE between outputs (B, 3 S) on real and on generated features."""
+        return F.mse_loss(outputs, generated)
+
 
 def diversity_loss(eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``exp(-mean_ij d2(eps_i, eps_j) * d1(z_i, z_j))``, d2 the mean squared and d1 the mean absolute
@@ -236,12 +348,36 @@ def teacher_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: torc
         weights: :func:`label_weights` (K, U) on the logits' device.
         form: ``official`` or ``per_sample``.
     """
-    w = weights[labels].to(logits[0].dtype)  # (B, U)
-    total = torch.zeros((), device=labels.device)
-    for u, z in enumerate(logits):
-        ce = F.cross_entropy(z, labels, reduction="none")
-        total = total + (w[:, u].mean() * ce.mean() if form == "official" else (w[:, u] * ce).mean())
+    losses = [F.cross_entropy(z, labels, reduction="none") for z in logits]
+    return weighted_teacher_loss(losses, weights[labels].to(logits[0].dtype), form)
+
+
+def weighted_teacher_loss(losses: list[torch.Tensor], weights: torch.Tensor,
+                          form: Literal["official", "per_sample"] = "official") -> torch.Tensor:
+    """``sum_u mean_i(w_u) * mean_i(l_u)`` (``official``) or ``sum_u mean_i(w_u[i] * l_u[i])`` (``per_sample``) of
+    each client u's per-sample losses ``l_u`` (B,) and weights ``weights`` (B, U) (:func:`teacher_loss`)."""
+    total = torch.zeros((), device=weights.device)
+    for u, loss in enumerate(losses):
+        total = total + (weights[:, u].mean() * loss.mean() if form == "official" else (weights[:, u] * loss).mean())
     return total
+
+
+def position_teacher_loss(outputs: list[torch.Tensor], positions: torch.Tensor, shares: torch.Tensor, grain: int,
+                          form: Literal["official", "per_sample"] = "official") -> torch.Tensor:
+    """The generator's teacher loss on viewport prediction (module docstring): each client u's per-sample squared
+    error of its head's last predicted position on the generated features, ``|D_u(z)_last - y|^2 / 3``, weighted by
+    u's share of the heatmap mass in the cell of the target y, combined as :func:`weighted_teacher_loss`.
+
+    Args:
+        outputs: each client u's head on the generated features, (B, 3 S) each.
+        positions: the targets y the features were generated for, unit vectors (B, 3).
+        shares: :func:`pfl.data.heatmap.shares` of the round's heatmaps, (cells, U), on the outputs' device.
+        grain: the heatmaps' rows (:func:`pfl.data.heatmap.cell_index`).
+        form: ``official`` or ``per_sample``.
+    """
+    losses = [position_errors(o, positions) for o in outputs]
+    weights = shares[heatmap.cell_index(positions, grain)].to(outputs[0].dtype)  # (B, U)
+    return weighted_teacher_loss(losses, weights, form)
 
 
 def ensemble_teacher_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: list[float]) -> torch.Tensor:
@@ -251,11 +387,15 @@ def ensemble_teacher_loss(logits: list[torch.Tensor], labels: torch.Tensor, weig
 
 
 def head_input_dim(head: nn.Module) -> int:
-    """The width of the features ``head`` reads: its first Linear's ``in_features``.
+    """The width of the features ``head`` reads: its own ``in_features`` when it declares one (a Linear, or the
+    viewport heads, :mod:`pfl.models.viewport`, whose features are wider than their Linears' inputs), else its first
+    Linear's ``in_features``.
 
     Raises:
         ValueError: the head has no Linear layer.
     """
+    if isinstance(getattr(head, "in_features", None), int):
+        return head.in_features
     linear = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
     if linear is None:
         raise ValueError(f"FedGen needs a head that starts with a Linear layer, got {type(head).__name__}")
@@ -290,17 +430,20 @@ class FedGenUpdate(SGDUpdate):
     (module docstring).
 
     With ``D`` the model's distilled layers (``layer``), real batch ``(x, y)`` of B samples and this round's
-    ``alpha``, ``beta``, the minibatch loss is ``CE(model(x), y) + beta * KL(softmax(D(G(y, eps))) ||
-    softmax(model(x))) + gen_ratio * alpha * CE(D(G(y', eps')), y')`` with the KL summed over classes and
-    averaged over the B samples, ``y'`` ``gen_batch`` labels drawn from the ``labels`` pool (nats).
+    ``alpha``, ``beta``, the minibatch loss is ``task_loss(model(x), y) + beta * distance(model(x), D(G(c(y), eps)))
+    + gen_ratio * alpha * loss(D(G(y', eps')), y')``, ``y'`` ``gen_batch`` conditions drawn from ``labels``; the
+    generator's class sets ``c``, the distance and the loss (:class:`Generator`: labels, the KL summed over classes
+    and averaged over the B samples, cross-entropy, in nats; :class:`PositionGenerator`: the last target position,
+    MSE, MSE of the last predicted position).
 
     A :class:`FitIns` without a ``"generator"`` extra trains exactly as :class:`SGDUpdate` (warm-up, round 1,
     zero coefficients). The extras: ``generator`` (its state), ``alpha``, ``beta`` (this round's coefficients),
-    ``labels`` (host label pool for y'), ``rng`` (a host ``torch.Generator``), ``gen_batch`` (generated samples
-    per step), ``gen_ratio`` (the official gen_batch_size / batch_size) and ``gen_train`` (generator in train mode).
+    ``labels`` (what ``y'`` is drawn from: the host label pool, or the federation's heatmap), ``rng`` (a host
+    ``torch.Generator``), ``gen_batch`` (generated samples per step), ``gen_ratio`` (the official gen_batch_size /
+    batch_size) and ``gen_train`` (generator in train mode).
 
     Args:
-        base: the run's local SGD (batch size, lr, epochs).
+        base: the run's local SGD (batch size, lr, epochs, the task's loss).
         generator: the device generator the payload's state is loaded into (not trained here).
         layer: module path of the distilled layers in the clients' models (:func:`distilled_layer`).
     """
@@ -317,60 +460,78 @@ class FedGenUpdate(SGDUpdate):
         return super().fit(model, data, ins, indices, seed)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ins: FitIns) -> torch.Tensor:
-        """Cross-entropy of ``model(x)`` (B, K) against ``y`` (B,) plus the extras' regularizers."""
-        logits = model(x)
-        loss = self.loss_fn(logits, y)
+        """The task loss of ``model(x)`` (B, D) against ``y`` plus the extras' regularizers."""
+        outputs = model(x)
+        loss = self.loss_fn(outputs, y)
         extra = ins.extras
         if "generator" not in extra:
             return loss
         if extra["beta"]:
-            loss = loss + extra["beta"] * self._latent_loss(model, logits, y, extra["rng"])
+            loss = loss + extra["beta"] * self._latent_loss(model, outputs, y, extra["rng"])
         if extra["alpha"]:
-            labels, eps = self.generator.draw(extra["labels"], extra["gen_batch"], extra["rng"])
+            conditions, eps = self.generator.draw(extra["labels"], extra["gen_batch"], extra["rng"])
             with torch.no_grad():
-                z = self.generator(labels, eps)
-            loss = loss + extra["gen_ratio"] * extra["alpha"] * self.loss_fn(self.distilled(model)(z), labels)
+                z = self.generator(conditions, eps)
+            generated = self.generator.condition_loss(self.distilled(model)(z), conditions)
+            loss = loss + extra["gen_ratio"] * extra["alpha"] * generated
         return loss
 
     def distilled(self, model: nn.Module) -> nn.Module:
         """The distilled layers D of ``model`` (its submodule at ``layer``)."""
         return model.get_submodule(self.layer)
 
-    def _latent_loss(self, model: nn.Module, logits: torch.Tensor, y: torch.Tensor,
+    def _latent_loss(self, model: nn.Module, outputs: torch.Tensor, y: torch.Tensor,
                      rng: torch.Generator) -> torch.Tensor:
-        """``KL(p || softmax(logits))`` (nats, batch mean), p the distilled layers' detached softmax on G(y, eps)."""
+        """The generator's distance between ``outputs`` and the distilled layers' detached output on
+        ``G(c(y), eps)`` (classification: ``KL(p || softmax(outputs))``, nats, batch mean)."""
         eps = torch.rand((len(y), self.generator.noise_dim), generator=rng).to(y.device)
         with torch.no_grad():
-            target = F.softmax(self.distilled(model)(self.generator(y, eps)), dim=1)
-        return F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+            generated = self.distilled(model)(self.generator(self.generator.condition(y), eps))
+        return self.generator.output_distance(outputs, generated)
 
 
 class FedGen(Algorithm):
-    """FedGen (module docstring): FedAvg plus a server-trained generator that regularizes the clients.
+    """FedGen (module docstring): FedAvg plus a server-trained generator that regularizes the clients; on viewport
+    prediction conditioned on positions.
 
     Raises:
-        ValueError: the clients' architectures differ, or the distilled layers do not start with a Linear layer
-            (:func:`distilled_layer`).
+        ValueError: the clients' architectures differ, the distilled layers do not start with a Linear layer
+            (:func:`distilled_layer`), ``variant=pfllib`` on viewport prediction, or ``localize_feature_extractor``
+            with a downlink other than ``full``.
     """
 
     name = "fedgen"
     Params = FedGenParams
+    tasks = ("classification", "viewport")
+    takes_downlink = True
     search_space = {"generative_alpha": SearchParam("float", 0.1, 30.0, log=True),
                     "generative_beta": SearchParam("float", 0.1, 30.0, log=True),
                     "server_epochs": SearchParam("int", 10, 1000, log=True),
                     "diversity_weight": SearchParam("float", 0.0, 2.0)}
-    state_attributes = ("global_state", "bases", "finetuned", "generator_state", "generator_opt", "generator_lr")
+    state_attributes = ("global_state", "own", "finetuned", "generator_state", "generator_opt", "generator_lr")
 
     @classmethod
     def run_label(cls, hparams: dict[str, Any]) -> str:
-        """``fedgen`` for the official variant, ``fedgen-pfllib`` for PFLlib's."""
-        return cls.name if hparams["variant"] == "official" else f"{cls.name}-{hparams['variant']}"
+        """``fedgen`` for the official variant, ``fedgen-pfllib`` for PFLlib's; ``-warmup<R>`` with
+        ``generator_warmup_rounds=R``, ``-nodiv`` for the official variant without its diversity loss."""
+        label = cls.name if hparams["variant"] == "official" else f"{cls.name}-{hparams['variant']}"
+        if hparams.get("generator_warmup_rounds"):
+            label += f"-warmup{hparams['generator_warmup_rounds']}"
+        if hparams["variant"] == "official" and hparams.get("diversity_weight") == 0:
+            label += "-nodiv"
+        return label
 
     def __init__(self, ctx: FederatedContext, **hparams):
         super().__init__(ctx, **hparams)
         spec = ctx.single_spec(self.name)
+        self.regression = not ctx.task.classifier
+        if self.regression and self.hp.variant != "official":
+            raise ValueError(f"variant={self.hp.variant}: PFLlib's FedGen classifies; {ctx.task.title} runs the "
+                             "official variant (variant=official)")
+        if self.hp.localize_feature_extractor and not ctx.downlink.full:
+            raise ValueError("localize_feature_extractor is PFLlib's own sharing rule; drop it, or the downlink knobs")
         self.global_state = ctx.init_states[spec]
-        self.bases = ctx.new_store()  # localize_feature_extractor: each client's own model (its base is kept)
+        self.own = ctx.new_store()  # each client's own model: localize_feature_extractor, or a downlink not full
         self.finetuned = ctx.new_store(self.personalized_state)  # eval_personalized: uploads
         model = ctx.runner.models[spec]
         self.layer = distilled_layer(model, self.hp.variant)
@@ -381,17 +542,25 @@ class FedGen(Algorithm):
         self.generator_opt: State = {}  # Adam's moments and steps, "<param index>.<name>"
         self.generator_lr = self.hp.gen_lr
         self.update = FedGenUpdate(ctx.update, self._new_generator(spec.num_classes), self.layer)
-        labels = ctx.runner.data.targets
-        self.label_counts = torch.stack([torch.bincount(labels[c.fit], minlength=spec.num_classes).cpu()
+        self.metrics: dict[str, float] = {}
+        targets = ctx.runner.data.targets
+        if self.regression:
+            self.heatmaps = torch.stack([  # (N, grain, 2 grain): each client's train positions, blurred
+                heatmap.heatmap(self.generator.condition(targets[c.fit]), self.hp.heatmap_grain, self.hp.heatmap_sigma)
+                for c in ctx.clients])
+            self.federation = self.heatmaps.sum(dim=0)  # what the clients' generated positions are drawn from
+            return
+        self.label_counts = torch.stack([torch.bincount(targets[c.fit], minlength=spec.num_classes).cpu()
                                          for c in ctx.clients])  # (N, K) train-split label counts
         pooled = self.label_counts.sum(dim=0)
         self.available = torch.nonzero(pooled).flatten()  # labels present in the federation
         self.pooled = torch.repeat_interleave(torch.arange(spec.num_classes), pooled)  # PFLlib's qualified_labels
-        self.metrics: dict[str, float] = {}
 
     def _new_generator(self, num_classes: int) -> Generator:
-        return Generator(num_classes, self.hp.noise_dim, self.hp.gen_hidden,
-                         head_input_dim(self.distilled)).to(self.device)
+        feature_dim = head_input_dim(self.distilled)
+        if self.regression:
+            return PositionGenerator(self.hp.noise_dim, self.hp.gen_hidden, feature_dim).to(self.device)
+        return Generator(num_classes, self.hp.noise_dim, self.hp.gen_hidden, feature_dim).to(self.device)
 
     @property
     def local_update(self) -> FedGenUpdate:
@@ -409,31 +578,46 @@ class FedGen(Algorithm):
         return alpha, beta
 
     def _shared_keys(self) -> list[str]:
-        """The entries the server averages and sends: the float entries, or with ``localize_feature_extractor``
-        only the distilled layer's (PFLlib's ``model.head``, the last Linear)."""
-        keys = float_keys(self.global_state)
+        """The entries the server averages: the float entries that go up (:meth:`Downlink.upload`: all, or with
+        ``head_layers:K`` the top K layers'), or with ``localize_feature_extractor`` only the distilled layer's
+        (PFLlib's ``model.head``, the last Linear)."""
+        uploaded = self.ctx.downlink.upload(self.global_state)
+        keys = [k for k in float_keys(self.global_state) if k in uploaded]
         if self.hp.localize_feature_extractor:
             return [k for k in keys if k.startswith(f"{self.layer}.")]
         return keys
 
+    def _keeps_own(self) -> bool:
+        """Whether each client keeps a model of its own on the server side (the download does not replace it)."""
+        return self.hp.localize_feature_extractor or not self.ctx.downlink.full
+
     def personalized_state(self, client_id: int) -> State:
-        if not self.hp.localize_feature_extractor:
-            return self.global_state
-        return {**self.bases[client_id], **{k: self.global_state[k] for k in self._shared_keys()}}
+        if self.hp.localize_feature_extractor:
+            return {**self.own[client_id], **{k: self.global_state[k] for k in self._shared_keys()}}
+        downlink = self.ctx.downlink
+        return self.global_state if downlink.full else downlink.merge(self.own[client_id], self.global_state)
 
     def configure_fit(self, client_id: int, rnd: int) -> FitIns:
         start = self.personalized_state(client_id)
+        downlink = self.ctx.downlink
+        sent = None if downlink.full or self.hp.localize_feature_extractor else downlink.payload(self.global_state)
         alpha, beta = self.coefficients(rnd)
         if not (alpha or beta):
-            return FitIns(start)
+            return FitIns(start, sent=sent)
         official = self.hp.variant == "official"
         gen_batch = self.hp.gen_batch_size or self.update.batch_size
-        extras = {"generator": self.generator_state, "alpha": alpha, "beta": beta,
-                  "labels": self.available if official else self.pooled,
+        pool = self.federation if self.regression else self.available if official else self.pooled
+        extras = {"generator": self.generator_state, "alpha": alpha, "beta": beta, "labels": pool,
                   "rng": torch.Generator().manual_seed(derive_seed(self.ctx.seed, "fedgen_client", rnd, client_id)),
                   "gen_batch": gen_batch, "gen_ratio": gen_batch / self.update.batch_size if official else 1.0,
                   "gen_train": not official}
-        return FitIns(start, extras=extras)
+        return FitIns(start, extras=extras, sent=sent)
+
+    def upload(self, result: FitRes) -> State:
+        """What went up: what the downlink sends up, plus the distilled layers (the generator's teachers)."""
+        sent = self.ctx.downlink.upload(result.state)
+        prefix = f"{self.layer}."
+        return {**sent, **{k: v for k, v in result.state.items() if k.startswith(prefix)}}
 
     def aggregate_fit(self, rnd: int, results: list[FitRes]) -> None:
         rng = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "fedgen_server", rnd))
@@ -441,37 +625,45 @@ class FedGen(Algorithm):
         avg = weighted_average([r.state for r in results], [r.num_samples for r in results], self._shared_keys())
         self.global_state = {**self.global_state, **avg}
         for r in results:
-            if self.hp.localize_feature_extractor:
-                self.bases[r.client_id] = r.state
+            if self._keeps_own():
+                self.own[r.client_id] = r.state
             if self.hp.eval_personalized:
                 self.finetuned[r.client_id] = r.state
-        self.metrics.update(self.generated_accuracy(rng))
+        self.metrics.update(self.generated_error(rng) if self.regression else self.generated_accuracy(rng))
+
+    def _teacher(self, results: list[FitRes]) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
+        """What the generator's conditions are drawn from this round and the teacher loss of the round's clients
+        (module docstring, step 2; viewport prediction: :func:`position_teacher_loss`)."""
+        ids = [r.client_id for r in results]
+        if self.regression:
+            grids = self.heatmaps[ids]
+            return grids.sum(dim=0), partial(position_teacher_loss, shares=heatmap.shares(grids).to(self.device),
+                                             grain=self.hp.heatmap_grain, form=self.hp.teacher_loss)
+        counts = self.label_counts[ids]
+        if self.hp.variant == "official":
+            weights = label_weights(counts).to(self.device)
+            pool = torch.nonzero(counts.max(dim=0).values).flatten()
+            return pool, partial(teacher_loss, weights=weights, form=self.hp.teacher_loss)
+        total = sum(r.num_samples for r in results)
+        return self.pooled, partial(ensemble_teacher_loss, weights=[r.num_samples / total for r in results])
 
     def train_generator(self, results: list[FitRes], rng: torch.Generator) -> dict[str, float]:
         """``server_epochs`` Adam steps of the generator against the uploaded heads (module docstring, step 2).
 
         Returns:
-            ``server/generator_teacher_loss`` and ``server/generator_diversity_loss`` (nats, unweighted), means
-            over the steps.
+            ``server/generator_teacher_loss`` (nats; viewport prediction: squared error) and
+            ``server/generator_diversity_loss`` (unweighted), means over the steps.
         """
         gen = load_state(self.generator, self.generator_state).train().requires_grad_(True)
         opt = self._optimizer()
         teachers = [layer_params(r.state, self.layer, self.device) for r in results]
         self.distilled.eval()
-        counts = self.label_counts[[r.client_id for r in results]]
-        if self.hp.variant == "official":
-            weights = label_weights(counts).to(self.device)
-            pool = torch.nonzero(counts.max(dim=0).values).flatten()
-            loss_fn = partial(teacher_loss, weights=weights, form=self.hp.teacher_loss)
-        else:
-            total = sum(r.num_samples for r in results)
-            pool = self.pooled
-            loss_fn = partial(ensemble_teacher_loss, weights=[r.num_samples / total for r in results])
+        pool, loss_fn = self._teacher(results)
         sums = torch.zeros(2, device=self.device)
         for _ in range(self.hp.server_epochs):
-            labels, eps = gen.draw(pool, self.update.batch_size, rng)
-            z = gen(labels, eps)
-            teacher = loss_fn([functional_call(self.distilled, p, (z,)) for p in teachers], labels)
+            conditions, eps = gen.draw(pool, self.update.batch_size, rng)
+            z = gen(conditions, eps)
+            teacher = loss_fn([functional_call(self.distilled, p, (z,)) for p in teachers], conditions)
             diversity = diversity_loss(eps, z)
             loss = teacher + self.hp.diversity_weight * diversity if self.hp.diversity_weight else teacher
             opt.zero_grad()
@@ -516,6 +708,20 @@ class FedGen(Algorithm):
         per_class = (logits.argmax(dim=1) == labels).double().view(k, EVAL_PER_CLASS).mean(dim=1).tolist()
         return {"server/generated_acc": sum(per_class) / k,
                 **{f"server/generated_acc_c{c}": acc for c, acc in enumerate(per_class)}}
+
+    @torch.no_grad()
+    def generated_error(self, rng: torch.Generator) -> dict[str, float]:
+        """The global head's error on :data:`EVAL_SAMPLES` generated features (generator in eval mode, positions
+        drawn from the federation's heatmap): ``server/generated_mse``, the MSE of its last predicted position, and
+        ``server/generated_orthodromic_deg``, that position's mean great-circle error in degrees. pfl's own signal
+        of whether the generator is any good; the researchers' notes name none."""
+        gen = self.generator.eval()
+        positions, eps = gen.draw(self.federation, EVAL_SAMPLES, rng)
+        outputs = functional_call(self.distilled.eval(), layer_params(self.global_state, self.layer, self.device),
+                                  (gen(positions, eps),))
+        last = outputs[:, -POSITION:]
+        return {"server/generated_mse": gen.condition_loss(outputs, positions).item(),
+                "server/generated_orthodromic_deg": torch.rad2deg(orthodromic_distance(last, positions)).mean().item()}
 
     def round_metrics(self) -> dict[str, float]:
         return self.metrics
