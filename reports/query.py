@@ -60,7 +60,8 @@ _WO_OOD_METRIC = "wo/ood_auroc_msp"
 _NUMERIC = ("alpha", "classes_per_client", "join_ratio", *INFO)
 # Regression runs: the setting params beyond SETTING, the row params, and the metrics (final names; best: best_name)
 REGRESSION_SETTING = ("split_by", "num_test_keys", "history", "horizon", "predict")
-REGRESSION_ROW = ("model", "downlink", "downlink_blend")
+# the row of a regression run: its model and arm (the downlink knobs; FedGen's warm-up and diversity weight)
+REGRESSION_ROW = ("model", "downlink", "downlink_blend", "generator_warmup_rounds", "diversity_weight")
 REGRESSION_METRICS = {"mse": "test/mse", "orthodromic_deg": "test/orthodromic_deg"}
 STEP_METRIC = "test/orthodromic_deg_h"  # + k: the error at horizon step k (1-based)
 _STEP = re.compile(re.escape(f"metrics.{STEP_METRIC}") + r"(\d+)")
@@ -263,7 +264,8 @@ def regression_results(experiments: list[str] | None = None, filter_string: str 
 
     Columns: ``fl_run_id``, SETTING, REGRESSION_SETTING (``split_by``, ``num_test_keys``, ``history``, ``horizon``,
     ``predict``), ``seed``, INFO, REGRESSION_ROW (``model``, ``downlink``, ``downlink_blend``; the downlink
-    params are None / NaN for algorithms that download nothing, e.g. ``local``), then the metrics of ``stat``:
+    params are None / NaN for algorithms that download nothing, e.g. ``local``; FedGen's ``generator_warmup_rounds``
+    and ``diversity_weight``, NaN for other algorithms), then the metrics of ``stat``:
     ``mse`` (test MSE over the outputs' elements), ``orthodromic_deg`` (mean great-circle error in degrees; NaN
     for a regression without it) and ``orthodromic_deg_h<k>`` for every horizon step k any selected run logged
     (NaN for runs that predict one position). ``final`` reads ``test/*``, ``best`` ``best/test_*``: the round of
@@ -280,7 +282,7 @@ def regression_results(experiments: list[str] | None = None, filter_string: str 
     if fl.empty:
         return pd.DataFrame(columns=columns)
     frame = _settings(fl).assign(**{k: _param(fl, k) for k in (*REGRESSION_SETTING, *REGRESSION_ROW)})
-    for col in ("num_test_keys", "history", "horizon", "downlink_blend"):
+    for col in ("num_test_keys", "history", "horizon", "downlink_blend", "generator_warmup_rounds", "diversity_weight"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     values = {m: _column(fl, f"metrics.{best_name(n) if stat == 'best' else n}") for m, n in names.items()}
     lacking = fl["run_id"][values["mse"].isna()].tolist()

@@ -6,7 +6,9 @@ The rows are *arms*: an algorithm and its downlink knobs (``algo``, ``downlink``
 (``downlink_blend=0.5``) and ``partial+blend`` (both), in that order, then any other arm sorted by name: a FedAvg
 variant by its knobs joined with ``+`` (``head_layers:1``, ``blend 0.3``, ``no downlink`` for ``downlink=none``,
 ``head_layers:1+blend 0.3``), another algorithm by its display name with its knobs in parentheses
-(``FedGen (no downlink)``), an algorithm that downloads nothing by its name alone.
+(``FedGen (no downlink)``; FedGen's ``generator_warmup_rounds`` and ``diversity_weight=0`` join its knobs as
+``warm-up 200`` and ``no diversity``, so each is an arm of its own), an algorithm that downloads nothing by its name
+alone.
 
 * Tables ``table_regression_<dataset>.{md,csv,tex}``, one per table setting (:data:`TABLE_FIELDS`: dataset,
   partition and its split, join ratio, clients, rounds, history, horizon, predict). When a dataset's runs hold
@@ -78,18 +80,24 @@ def _knobs(downlink: str, blend: float) -> list[str]:
     return [k for k in (layers, beta) if k]
 
 
-def arm_name(algo: str, downlink: str | None = None, blend: float | None = None) -> str:
+def arm_name(algo: str, downlink: str | None = None, blend: float | None = None, warmup: float | None = None,
+             diversity: float | None = None) -> str:
     """The arm of a run (module docstring): ``local``, ``FedAvg``, ``partial``, ``blend``, ``partial+blend``,
-    ``head_layers:1+blend 0.3``, ``FedGen (no downlink)``, ...
+    ``head_layers:1+blend 0.3``, ``FedGen (no downlink)``, ``FedGen (partial+warm-up 200)``,
+    ``FedGen (no diversity)``, ...
 
     Args:
         algo: the ``algo`` param.
         downlink: the ``downlink`` param (``full``, ``none``, ``head_layers:K``); None for algorithms without one.
         blend: the ``downlink_blend`` param (NaN / None: 1).
+        warmup: FedGen's ``generator_warmup_rounds`` (NaN / None / 0: none).
+        diversity: FedGen's ``diversity_weight`` (0: ``no diversity``; other values are the default arm's).
     """
     if not given(downlink):
         return algo_name(algo)
     knobs = _knobs(downlink, blend)
+    knobs += [f"warm-up {number(warmup)}"] if given(warmup) and warmup > 0 else []
+    knobs += ["no diversity"] if given(diversity) and diversity == 0 else []
     if algo == "fedavg":
         return "+".join(knobs) or algo_name(algo)
     return f"{algo_name(algo)} ({'+'.join(knobs)})" if knobs else algo_name(algo)
@@ -133,7 +141,8 @@ class RegressionTable(ResultsTable):
 
 def with_arms(long: pd.DataFrame) -> pd.DataFrame:
     """:func:`reports.query.regression_results`' frame with an ``arm`` column (:func:`arm_name`)."""
-    arms = [arm_name(*row) for row in long[["algo", "downlink", "downlink_blend"]].itertuples(index=False)]
+    knobs = ["algo", "downlink", "downlink_blend", "generator_warmup_rounds", "diversity_weight"]
+    arms = [arm_name(*row) for row in long[knobs].itertuples(index=False)]
     return long.assign(arm=arms)
 
 

@@ -94,6 +94,10 @@ def test_arm_names():
     assert arm_name("fedavg", "none", 1.0) == "no downlink"
     assert arm_name("fedavg", "head_layers:2", 0.3) == "partial+blend 0.3"
     assert arm_name("fedgen", "none", 1.0) == "FedGen (no downlink)"
+    # FedGen's arms of issue 29: warm-up and no diversity are arms of their own, not seeds of one
+    assert arm_name("fedgen", "head_layers:2", 1.0, 200.0, 1.0) == "FedGen (partial+warm-up 200)"
+    assert arm_name("fedgen", "full", 1.0, 0.0, 0.0) == "FedGen (no diversity)"
+    assert arm_name("fedgen", "full", 1.0, float("nan"), float("nan")) == "FedGen"
 
 
 def test_setting_stems_name_what_differs():
