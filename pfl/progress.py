@@ -21,7 +21,8 @@ class ProgressBar(Callback):
     def __init__(self, total: int, desc: str = "rounds", initial: int = 0):
         self.bar = tqdm(total=total, desc=desc, unit="round", dynamic_ncols=True, initial=initial)
         self.postfix: dict[str, str] = {}
-        self.best = float("-inf")
+        self.best = float("-inf")  # the best headline score (an error negated: pfl.vocabulary.headline_score)
+        self.best_value = float("nan")  # the headline at that evaluation
 
     def on_round_end(self, rnd: int, metrics: dict[str, float]) -> None:
         self.postfix["loss"] = f"{metrics['train/loss']:.3f}"
@@ -30,11 +31,11 @@ class ProgressBar(Callback):
 
     def on_evaluate(self, evaluation: Evaluation) -> None:
         name = headline_name(evaluation.metrics)
-        score = headline_score(evaluation.metrics)
-        self.best = max(self.best, score)
+        if headline_score(evaluation.metrics) > self.best:
+            self.best, self.best_value = headline_score(evaluation.metrics), evaluation.metrics[name]
         short = name.partition("/")[2].removesuffix("_deg")  # acc, knn_acc, orthodromic, mse
         self.postfix[short] = f"{evaluation.metrics[name]:.4f}"
-        self.postfix["best"] = f"{abs(self.best):.4f}"  # an error's best score is its negated value
+        self.postfix["best"] = f"{self.best_value:.4f}"
         self.bar.set_postfix(self.postfix)
 
     def on_run_end(self, final: Evaluation) -> None:

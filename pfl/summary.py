@@ -19,15 +19,14 @@ import shlex
 import statistics
 from collections.abc import Mapping, Sequence
 
-from pfl.vocabulary import QUALITY, flat
+from pfl.vocabulary import QUALITY, best_name, flat, headline_name
 
 _CLASSIFICATION = (("test/acc", "acc (%)", 100), ("test/nll", "NLL (nats)", 1), ("test/f_ece", "F-ECE (%)", 100),
                    ("test/ece_mean", "ECE mean (%)", 100), ("test/global_ece", "global ECE (%)", 100))
 _SELF_SUPERVISED = (("test/knn_acc", "kNN acc (%)", 100), ("test/linear_acc", "linear acc (%)", 100))
 _REGRESSION = (("test/mse", "MSE", 1), ("test/orthodromic_deg", "orthodromic error (deg)", 1))
 _SHOWN = _CLASSIFICATION + _SELF_SUPERVISED + _REGRESSION
-_BEST = (("best/test_acc", "best acc (%)", 100), ("best/test_knn_acc", "best kNN acc (%)", 100),
-         ("best/test_orthodromic_deg", "best orthodromic error (deg)", 1), ("best/test_mse", "best MSE", 1))
+_DIGITS = {"mse": 4}  # decimals of a metric shown with other than 2 (an MSE of unit vectors is ~0.05)
 
 
 def _summarized(name: str) -> bool:
@@ -59,22 +58,37 @@ def seed_summary(runs: Sequence[Mapping[str, float]], cell: str | None = None) -
     return out
 
 
-def _pct(value: float | None, std: float | None = None, scale: float = 100) -> str:
-    """``value * scale`` with 2 decimals (4 significant digits for a value below 0.1, an MSE) and ``± std`` when
-    given; an em dash for a missing value."""
+def _pct(value: float | None, std: float | None = None, scale: float = 100, digits: int = 2) -> str:
+    """``value * scale`` with ``digits`` decimals and ``± std`` when given; an em dash for a missing value."""
     if value is None:
         return "—"
-    fmt = (lambda v: f"{v:.2f}") if abs(value * scale) >= 0.1 or value == 0 else (lambda v: f"{v:.4g}")
-    text = fmt(value * scale)
-    return text if std is None else f"{text} ± {fmt(std * scale)}"
+    text = f"{value * scale:.{digits}f}"
+    return text if std is None else f"{text} ± {std * scale:.{digits}f}"
+
+
+def _digits(key: str) -> int:
+    """Decimals of metric ``key`` (``test/mse``: 4; :data:`_DIGITS`), else 2."""
+    return _DIGITS.get(key.partition("/")[2].removeprefix("test_"), 2)
+
+
+def _best_entry(metrics: Mapping[str, float]) -> tuple[str, str, float, int] | None:
+    """``(key, label, scale, digits)`` of the run's best-round headline, ``("best/test_acc", "best acc (%)", 100,
+    2)``: the metric that picked its best round (:func:`pfl.vocabulary.headline_name`); ``None`` without one."""
+    try:
+        name = headline_name(metrics)
+    except KeyError:
+        return None
+    label, scale = next(((label, scale) for k, label, scale in _SHOWN if k == name), (name, 1))
+    return best_name(name), f"best {label}", scale, _digits(name)
 
 
 def _best_item(metrics: Mapping[str, float]) -> str | None:
-    """``- best acc (%): 81.20 at round 7`` for the run's headline's best round (accuracy, else an error)."""
-    for key, label, scale in _BEST:
-        if key in metrics:
-            return f"- {label}: {_pct(metrics[key], None, scale)} at round {int(metrics.get('best/round', 0))}"
-    return None
+    """``- best acc (%): 81.20 at round 7``: the run's headline at its best round (:func:`_best_entry`)."""
+    entry = _best_entry(metrics)
+    if entry is None or entry[0] not in metrics:
+        return None
+    key, label, scale, digits = entry
+    return f"- {label}: {_pct(metrics[key], None, scale, digits)} at round {int(metrics.get('best/round', 0))}"
 
 
 def _metric_items(metrics: Mapping[str, float]) -> list[str]:
@@ -82,7 +96,7 @@ def _metric_items(metrics: Mapping[str, float]) -> list[str]:
 
     Lists, not tables: MLflow's UI draws Markdown tables without cell padding, so their numbers run together.
     """
-    return [f"- {label}: {_pct(metrics[key], metrics.get(key + '_std'), scale)}"
+    return [f"- {label}: {_pct(metrics[key], metrics.get(key + '_std'), scale, _digits(key))}"
             for key, label, scale in _SHOWN if key in metrics]
 
 
@@ -125,9 +139,10 @@ def launch_description(name: str, setting: str, summary: Mapping[str, float], ru
     """Markdown description of a launch run: setting, mean ± std over seeds (the value alone for one seed), its
     FL runs."""
     several = len(run_names) > 1
-    shown = [*_SHOWN, *_BEST]
-    items = [f"- {label}: {_pct(summary[k], summary.get(k + '_seed_std') if several else None, scale)}"
-             for k, label, scale in shown if k in summary]
+    best = _best_entry(summary)
+    shown = [(k, label, scale, _digits(k)) for k, label, scale in _SHOWN] + ([best] if best else [])
+    items = [f"- {label}: {_pct(summary[k], summary.get(k + '_seed_std') if several else None, scale, digits)}"
+             for k, label, scale, digits in shown if k in summary]
     title = f"mean ± std over {len(run_names)} seeds" if several else "1 seed"
     return "\n".join([f"**{name}**: {setting}", "", f"Final evaluation ({title}):", "", *items, "",
                        "FL runs: " + ", ".join(run_names)])
@@ -172,17 +187,19 @@ def summary_table(rows: Sequence[Mapping]) -> str:
 
 
 def _regression_table(rows: Sequence[Mapping]) -> str:
-    """:func:`summary_table` of regression runs: run, MSE and orthodromic error (deg) ± std across clients, the best
-    round's orthodromic error (its headline), wall time."""
+    """:func:`summary_table` of regression runs: run, MSE and orthodromic error (deg) ± std across clients, the
+    headline (orthodromic error, else MSE) at the best round, wall time."""
     import pandas as pd
 
     table = []
     for row in rows:
         m = row["metrics"]
-        best = m.get("best/test_orthodromic_deg", m.get("best/test_mse"))
-        table.append({"run": row["name"], "MSE": _pct(m.get("test/mse"), m.get("test/mse_std"), 1),
+        best = _best_entry(m)
+        shown = "—" if best is None or best[0] not in m else \
+            f"{_pct(m[best[0]], None, 1, best[3])} (r{int(m.get('best/round', 0))})"
+        table.append({"run": row["name"], "MSE": _pct(m.get("test/mse"), m.get("test/mse_std"), 1, 4),
                       "orthodromic (deg)": _pct(m.get("test/orthodromic_deg"), m.get("test/orthodromic_deg_std"), 1),
-                      "best (deg)": "—" if best is None else f"{_pct(best, None, 1)} (r{int(m.get('best/round', 0))})",
+                      "best": shown,
                       "time": _duration(row.get("seconds"))})
     return pd.DataFrame(table).to_string(index=False)
 

@@ -28,7 +28,6 @@ from pfl.data.transforms import ImageTransform
 from pfl.data.partition import Partition, PartitionError, PartitionSpec, load_or_make_partition, natural
 from pfl.federated.downlink import Downlink
 from pfl.data.pfllib import PfllibImportError, load_imported
-from pfl.metrics import classification_metrics, regression_metrics
 from pfl.models import MODEL_OPTIONS, ModelSpec, build_model, input_normalization
 from pfl.tasks import Task, task_of
 from pfl.seed import seed_everything
@@ -251,8 +250,8 @@ def initial_weights(cfg: RunConfig, spec: ModelSpec) -> tuple[State | None, str]
 
 
 def check_input_fits(model: torch.nn.Module, spec: ModelSpec, device: torch.device) -> None:
-    """A dry forward pass of one zero input (1, *spec.sample_shape): an image (1, C, image_size, image_size)) through
-    ``model`` in eval mode, without gradients; every module's train / eval mode is restored and no random number is
+    """A dry forward pass of one zero input (1, *spec.sample_shape), e.g. an image (1, C, image_size, image_size),
+    through ``model`` in eval mode, without gradients; every module's train / eval mode is restored and no random number is
     drawn.
 
     Raises:
@@ -509,11 +508,7 @@ def evaluate_client_model(run_id: str, client_id: int, data_dir: str | Path | No
     runner = ModelRunner({spec: model}, prepared.device_images(), prepared.cfg.eval_batch_size)
     test = prepared.partition.clients[int(client_id)].test.to(prepared.device)
     outputs, targets = runner.logits(spec, model_state(model), test).float().cpu(), runner.data.targets[test].cpu()
-    if prepared.task.classifier:
-        metrics = classification_metrics(torch.softmax(outputs, dim=1), targets, prepared.cfg.ece_bins)
-    else:
-        metrics = regression_metrics(outputs, targets.float(), positions=prepared.task.name == "viewport")
-    return {**metrics, "num_test": len(test)}
+    return {**prepared.task.evaluator().metrics_of(outputs, targets, prepared.cfg.ece_bins), "num_test": len(test)}
 
 
 def run_training(cfg: RunConfig, extra_callbacks: list[Callback] | None = None, progress: bool = True,

@@ -45,7 +45,7 @@ from matplotlib.figure import Figure
 from pfl.data.datasets import CATALOG
 from reports.names import MODELS, algo_name, dataset_name, given, model_name, number, partition_name
 from reports.plots import FONT_SIZE, _pin_tick_fonts, paper_style
-from reports.query import REGRESSION_METRICS, STEP_METRIC
+from reports.query import REGRESSION_METRICS, REGRESSION_ROW, STEP_METRIC
 from reports.table import ResultsTable, best_flags
 
 log = logging.getLogger(__name__)
@@ -103,16 +103,20 @@ def arm_name(algo: str, downlink: str | None = None, blend: float | None = None,
     return f"{algo_name(algo)} ({'+'.join(knobs)})" if knobs else algo_name(algo)
 
 
+def _ordered(values: Iterable[str], known: Iterable[str]) -> list[str]:
+    """The distinct ``values`` that are ``known``, in that order, then the others sorted."""
+    present, known = set(values), list(known)
+    return [v for v in known if v in present] + sorted(present - set(known))
+
+
 def arm_order(arms: Iterable[str]) -> list[str]:
     """The arms of :data:`ARM_ORDER` present, in that order, then the others sorted."""
-    present = set(arms)
-    return [a for a in ARM_ORDER if a in present] + sorted(present - set(ARM_ORDER))
+    return _ordered(arms, ARM_ORDER)
 
 
 def model_order(models: Iterable[str]) -> list[str]:
     """The models of :data:`reports.names.MODELS` present (``vp_lstm``, ``vp_transformer``), then the others sorted."""
-    present = set(models)
-    return [m for m in MODELS if m in present] + sorted(present - set(MODELS))
+    return _ordered(models, MODELS)
 
 
 class RegressionTable(ResultsTable):
@@ -141,8 +145,7 @@ class RegressionTable(ResultsTable):
 
 def with_arms(long: pd.DataFrame) -> pd.DataFrame:
     """:func:`reports.query.regression_results`' frame with an ``arm`` column (:func:`arm_name`)."""
-    knobs = ["algo", "downlink", "downlink_blend", "generator_warmup_rounds", "diversity_weight"]
-    arms = [arm_name(*row) for row in long[knobs].itertuples(index=False)]
+    arms = [arm_name(*row) for row in long[["algo", *REGRESSION_ROW[1:]]].itertuples(index=False)]
     return long.assign(arm=arms)
 
 
@@ -192,6 +195,8 @@ def _arm_text(rows: pd.DataFrame) -> str:
         row = first.loc[arm]
         knobs = f", downlink={row['downlink']}, downlink_blend={number(row['downlink_blend'])}" \
             if given(row["downlink"]) else ""
+        knobs += "".join(f", {k}={number(row[k])}" for k in ("generator_warmup_rounds", "diversity_weight")
+                         if k in row and given(row[k]))
         parts.append(f"{arm}: algo={row['algo']}{knobs}")
     return "; ".join(parts)
 

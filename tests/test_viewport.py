@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 import pytest
 
 from pfl import tracking
@@ -149,3 +150,17 @@ def test_a_search_on_viewport_prediction_tunes_its_error():
     assert task_metric(vp, "val/mse") == "val/mse" and task_metric(load_config(None, []), None) == "val/acc"
     with pytest.raises(ConfigError, match="metric: val/acc is not reported for david .*use val/orthodromic_deg"):
         task_metric(vp, "val/acc")
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ([[[0.0, 0.0, 1.0]] * 10, [[0.0, 0.0, 1.0]] * 9], "nested lists of unequal lengths"),
+    (np.zeros((2, 9, 3), np.float32), r"shape \(2, 9, 3\), expected \(N, 10, 3\)"),
+    (np.zeros((2, 10, 3), bool), "dtype bool"),
+    (np.full((2, 10, 3), np.nan, np.float32), "NaN or infinite"),
+])
+def test_a_served_predictor_refuses_histories_it_cannot_take(bad, reason):
+    from pfl.pyfunc import InputError, as_sequences
+
+    with pytest.raises(InputError, match=reason):
+        as_sequences(bad, (10, 3))
+    assert as_sequences(np.ones((2, 10, 3), np.int64), (10, 3)).dtype == torch.float32  # integers become floats

@@ -115,7 +115,7 @@ from pfl.federated.local import FitIns, FitRes, SGDUpdate
 from pfl.federated.state import State, float_keys, load_state, model_state, weighted_average
 from pfl.data import heatmap
 from pfl.data.loader import DeviceData
-from pfl.metrics import orthodromic_distance
+from pfl.metrics import regression_metrics
 from pfl.seed import derive_seed
 
 COEFFICIENT_FLOOR = 1e-4  # the official exp_lr_scheduler's lower bound of a decayed coefficient
@@ -250,11 +250,10 @@ class Generator(nn.Module):
         """What of a real batch's targets conditions G: the labels (B,) themselves."""
         return targets
 
-    def condition_loss(self, outputs: torch.Tensor, conditions: torch.Tensor,
-                       reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
-        """A head's loss on generated features against their conditions: cross-entropy (nats) of logits (B, K)
-        against labels (B,), averaged or per sample (B,)."""
-        return F.cross_entropy(outputs, conditions, reduction=reduction)
+    def condition_loss(self, outputs: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """A head's loss on generated features against their conditions: the mean cross-entropy (nats) of logits
+        (B, K) against labels (B,)."""
+        return F.cross_entropy(outputs, conditions)
 
     def output_distance(self, outputs: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
         """The client's beta term: ``KL(softmax(generated) || softmax(outputs))`` (nats), summed over the K classes
@@ -297,12 +296,10 @@ class PositionGenerator(Generator):
         """The conditioning positions (B, 3) of targets (B, 3 S): the last position (the horizon's end)."""
         return targets[:, -POSITION:]
 
-    def condition_loss(self, outputs: torch.Tensor, conditions: torch.Tensor,
-                       reduction: Literal["mean", "none"] = "mean") -> torch.Tensor:
-        """The squared error of the outputs' last position (B, 3 S) against the positions (B, 3), averaged over the 3
-        coordinates: per sample (B,), or its mean (the MSE)."""
-        errors = position_errors(outputs, conditions)
-        return errors.mean() if reduction == "mean" else errors
+    def condition_loss(self, outputs: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """The MSE of the outputs' last position (B, 3 S) against the positions (B, 3): :func:`position_errors`'
+        mean."""
+        return position_errors(outputs, conditions).mean()
 
     def output_distance(self, outputs: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
         """The client's beta term: the MSE between outputs (B, 3 S) on real and on generated features."""
@@ -719,9 +716,8 @@ class FedGen(Algorithm):
         positions, eps = gen.draw(self.federation, EVAL_SAMPLES, rng)
         outputs = functional_call(self.distilled.eval(), layer_params(self.global_state, self.layer, self.device),
                                   (gen(positions, eps),))
-        last = outputs[:, -POSITION:]
-        return {"server/generated_mse": gen.condition_loss(outputs, positions).item(),
-                "server/generated_orthodromic_deg": torch.rad2deg(orthodromic_distance(last, positions)).mean().item()}
+        error = regression_metrics(outputs[:, -POSITION:].detach().cpu(), positions.cpu(), positions=True)
+        return {"server/generated_mse": error["mse"], "server/generated_orthodromic_deg": error["orthodromic_deg"]}
 
     def round_metrics(self) -> dict[str, float]:
         return self.metrics

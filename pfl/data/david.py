@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from pfl.data.datasets import CATALOG, Dataset, DatasetFormatError, DatasetNotFoundError
+from pfl.models.viewport import from_normalized_eulerian
 
 FOLDER = "David_MMSys_18"
 ARCHIVE = "david-mmsys18.tar.xz"
@@ -177,9 +178,8 @@ def sliding_windows(positions: np.ndarray, lengths: np.ndarray, history: int, ho
 def to_unit_vectors(longitude: np.ndarray, latitude: np.ndarray) -> np.ndarray:
     """Unit vectors (n, 3) of normalized equirectangular coordinates (n,) in [0, 1] (latitude 0: the top row, the
     north pole), in TRACK's axes: ``eulerian_to_cartesian(longitude * 2 pi, latitude * pi)`` (``Utils.py:34-38``,
-    ``Read_Dataset.py:87-90``)."""
-    theta, phi = longitude * 2 * np.pi, latitude * np.pi
-    return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], axis=1)
+    ``Read_Dataset.py:87-90``): :func:`pfl.models.viewport.from_normalized_eulerian`, in float64."""
+    return from_normalized_eulerian(torch.from_numpy(np.stack([longitude, latitude], axis=1))).numpy()
 
 
 def resample_track(times: np.ndarray, points: np.ndarray, rate: float = RATE) -> np.ndarray:

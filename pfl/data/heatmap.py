@@ -16,6 +16,7 @@ is modelled (a flat equirectangular blur, as an image blur of the frame would be
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,6 +39,7 @@ def counts(positions: torch.Tensor, grain: int) -> torch.Tensor:
     return flat.double().view(grain, 2 * grain)
 
 
+@functools.cache  # the same few matrices for every client's heatmap
 def _blur_matrix(n: int, sigma: float, circular: bool) -> torch.Tensor:
     """The (n, n) float64 matrix A of a 1-D truncated Gaussian blur, ``blurred = A @ values``: column j spreads cell
     j over the cells j - r .. j + r, r = ceil(3 sigma), with weights exp(-d^2 / (2 sigma^2)) normalized to sum 1;

@@ -2,8 +2,8 @@
 viewer's head positions.
 
 Sequences are stored as float32 on the training device; a batch is an index gather, then :class:`SequenceTransform`:
-conversion to float32 and, when the run sets one, a per-feature normalization ``(x - mean) / std``. There is no
-augmentation (``random_crop``, ``hflip`` and ``image_size`` are image knobs and are refused for sequences).
+conversion to float32. There is no normalization (viewport positions are unit vectors already) and no augmentation
+(``random_crop``, ``hflip`` and ``image_size`` are image knobs and are refused for sequences).
 """
 
 from __future__ import annotations
@@ -15,15 +15,7 @@ import torch
 
 @dataclass(frozen=True)
 class SequenceTransform:
-    """What turns a gathered batch of sequences into the model's input.
-
-    Attributes:
-        mean: per-feature mean subtracted (``None``: no normalization; viewport positions are unit vectors already).
-        std: per-feature std divided by.
-    """
-
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
+    """What turns a gathered batch of sequences into the model's input: float32, nothing else."""
 
     augments = False  # no training augmentation for sequences
 
@@ -34,9 +26,4 @@ class SequenceTransform:
     def __call__(self, inputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Model input (B, T, F) float32 from gathered sequences (B, T, F) of any real dtype; ``generator`` is unused
         (no augmentation)."""
-        x = inputs.float()
-        if self.mean is None:
-            return x
-        mean = torch.tensor(self.mean, device=x.device)
-        std = torch.tensor(self.std, device=x.device)
-        return (x - mean) / std
+        return inputs.float()

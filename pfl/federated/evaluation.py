@@ -47,6 +47,11 @@ class Evaluator:
         metric name -> float, and optionally :data:`POOLED`. ``ece_bins``: bins of calibration metrics."""
         raise NotImplementedError
 
+    def metrics_of(self, outputs: torch.Tensor, targets: torch.Tensor, ece_bins: int) -> dict[str, float]:
+        """One model's per-client metrics from its outputs (n, K) and targets on the host (what :meth:`score` gives a
+        client, without :data:`POOLED`); :func:`pfl.train.evaluate_client_model` scores a saved model with it."""
+        raise NotImplementedError
+
     def summarize(self, scores: list[dict[str, Any]], weights: list[int]) -> dict[str, float]:
         """The clients' scores as run metrics (names without split prefix): by default every metric's
         ``weights``-weighted mean (``weights``: samples per client) and its unweighted std (``<name>_std``)."""
@@ -71,6 +76,10 @@ class ClassificationEvaluator(Evaluator):
             out.append({**classification_metrics(probs, labels, ece_bins),
                         POOLED: {"gaps": calibration_gaps(probs, labels, GLOBAL_ECE_BINS)}})
         return out
+
+    def metrics_of(self, outputs: torch.Tensor, targets: torch.Tensor, ece_bins: int) -> dict[str, float]:
+        """:func:`pfl.metrics.classification_metrics` of the softmax of logits (n, K) against labels (n,)."""
+        return classification_metrics(torch.softmax(outputs.float(), dim=1), targets, ece_bins)
 
     def summarize(self, scores: list[dict[str, Any]], weights: list[int]) -> dict[str, float]:
         out = super().summarize(scores, weights)
@@ -98,8 +107,12 @@ class RegressionEvaluator(Evaluator):
     def score(self, ctx: FederatedContext, spec: ModelSpec, states: list[State], indices: list[torch.Tensor],
               ece_bins: int) -> list[dict[str, float]]:
         targets = ctx.runner.data.targets
-        return [regression_metrics(z.float().cpu(), targets[idx].float().cpu(), self.positions)
+        return [self.metrics_of(z.cpu(), targets[idx].cpu(), ece_bins)
                 for idx, z in zip(indices, ctx.logits(spec, states, indices))]
+
+    def metrics_of(self, outputs: torch.Tensor, targets: torch.Tensor, ece_bins: int) -> dict[str, float]:
+        """:func:`pfl.metrics.regression_metrics` of outputs (n, D) against targets (n, D) (``ece_bins`` unused)."""
+        return regression_metrics(outputs.float(), targets.float(), self.positions)
 
 
 class KNNEvaluator(Evaluator):

@@ -191,10 +191,11 @@ class TrackRollout(nn.Module):
         features = []
         for step in range(self.horizon):
             output, state = self.lstm(anchor.unsqueeze(1), state)
-            features.append(torch.cat([output[:, 0], anchor], dim=1))
+            if step >= self.horizon - self.steps:  # the steps the model returns (predict=point: the last only)
+                features.append(torch.cat([output[:, 0], anchor], dim=1))
             if step + 1 < self.horizon:
                 anchor = self._head.step(output[:, 0], anchor)
-        return torch.cat(features[self.horizon - self.steps:], dim=1)
+        return torch.cat(features, dim=1)
 
 
 class VPLSTM(SplitModel):
