@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pfl._torchvision import import_torchvision
+from pfl.benchmarking import sync
 from pfl.data.datasets import load_dataset
 from pfl.data.loader import DeviceData
 from pfl.data.transforms import ImageTransform
@@ -82,11 +83,6 @@ def dataloader_path(images: np.ndarray, labels: np.ndarray, size: int, samples: 
         seen += len(x)
     sync(device)
     return seen / (time.perf_counter() - start)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

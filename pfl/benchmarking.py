@@ -1,4 +1,5 @@
-"""Shared plumbing of the benchmark scripts in ``benchmarks/``: one measured configuration per subprocess.
+"""Shared plumbing of the benchmark scripts in ``benchmarks/``: one measured configuration per subprocess, and
+the device sync before a timer is read.
 
 Each configuration runs in a fresh process so its peak memory is its own; the child
 prints its figures as one JSON line that the parent reads.
@@ -11,6 +12,8 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+
+import torch
 
 
 def parse_args(parser: argparse.ArgumentParser, measure: Callable[[list[str]], dict]) -> argparse.Namespace:
@@ -33,3 +36,9 @@ def measure_in_subprocess(script: str, overrides: list[str]) -> dict:
     child = subprocess.run([sys.executable, script, "--child", json.dumps(overrides)], check=True,
                            capture_output=True, text=True)
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously), so a timer read after it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

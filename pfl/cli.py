@@ -174,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
                         "models either way")
     report.add_argument("--by", choices=("method", "architecture"), default="method", help="table rows x "
                         "columns: method (algorithms x dataset/method/metric, and the figures; default) or "
-                        "architecture (FlexiFed schemes x architecture groups: table_architectures.*)")
+                        "architecture (FlexiFed's Table 1: a block per dataset / model family, schemes x V1..V4: "
+                        "table_architectures.*)")
     report.add_argument("--out", default="report", help="output folder (default ./report)")
     report.add_argument("--tracking-uri", default=None)
     report.set_defaults(handler=_report)

@@ -26,7 +26,7 @@ from pfl.algorithms import REGISTRY as _ALGORITHM_REGISTRY
 from pfl.algorithms.flexifed import check_families
 from pfl.data.datasets import CATALOG, DATASET_OPTIONS
 from pfl.federated.downlink import Downlink
-from pfl.models import ARCHITECTURES, MODEL_OPTIONS, SEQUENCE_MODELS
+from pfl.models import ARCHITECTURES, MODEL_OPTIONS, modalities_of
 
 ALGORITHMS = tuple(_ALGORITHM_REGISTRY)
 DATASETS = tuple(CATALOG)
@@ -45,7 +45,10 @@ PARTITION_ALIASES = {"pat": "pathological", "dir": "dirichlet"}  # PFLlib's name
 PARTITION_FIELDS = {"alpha": ("dirichlet", "exdir"), "classes_per_client": ("pathological", "exdir"),
                     "balance": ("pathological",), "partition_name": ("pfllib",), "shards_per_client": ("shards",),
                     "split_by": ("natural",), "num_test_keys": ("natural",), "sample_groups": ("natural",)}
-IMAGE_FIELDS = {"image_size": None, "random_crop": 0, "hflip": False}  # image-only knobs and their neutral values
+_INPUTS = {"image": "images", "sequence": "sequences", "text": "texts", "audio": "audio clips"}  # modality in messages
+# The knobs of one input modality and their defaults: logged only for, and refused (when set) on, other inputs.
+MODALITY_FIELDS = {"image": {"image_size": None, "random_crop": 0, "hflip": False},
+                   "audio": {"n_mels": 40, "window_ms": 30.0, "hop_ms": 10.0}}  # pfl.data.audio's log-mel front end
 # Range rules: field -> (predicate, message naming the fix).
 _POSITIVE_INT = (lambda v: v >= 1, "must be a positive integer (>= 1)")
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -62,8 +65,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "client_state_budget_mb": (lambda v: v >= 0, "must be >= 0 MB (0 keeps all client state in memory)"),
     "checkpoint_every": (lambda v: v >= 0, "rounds between checkpoints: use >= 1, or 0 for every round while a "
                          "checkpoint is under 100 MB, else every 5"),
-    "model_width": (lambda v: v > 0, "channel multiplier of the VGG / CIFAR-ResNet families: use a value > 0 "
-                    "(1.0 = the paper's widths)"),
+    "model_width": (lambda v: v > 0, "channel multiplier of the VGG, CIFAR-ResNet, CharCNN and VDCNN families: use "
+                    "a value > 0 (1.0 = the paper's widths)"),
     "image_size": (lambda v: v is None or v >= 1, "the model's input side in pixels: a positive integer (e.g. "
                    "image_size=224), or left unset for the dataset's own size"),
     "random_crop": (lambda v: v >= 0, "padding in pixels of the random crop: >= 0 (e.g. random_crop=4; 0: off)"),
@@ -75,7 +78,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                         "must be a positive integer, or left unset for the device's default"),
     **{name: _POSITIVE_INT for name in ("num_clients", "global_rounds", "local_epochs", "batch_size",
                                          "eval_gap", "repeats", "ece_bins", "shards_per_client", "history",
-                                         "horizon", "num_test_keys")},
+                                         "horizon", "num_test_keys", "n_mels")},
+    **{name: (lambda v: v > 0, "a duration in milliseconds: use a value > 0 (window_ms=30, hop_ms=10: Warden's "
+                               "keyword-spotting front end)") for name in ("window_ms", "hop_ms")},
 }
 
 
@@ -258,6 +263,7 @@ class RunConfig(_Checked):
     history: int = 10  # past positions in a window (10 at 5 Hz: 2 s)
     horizon: int = 5  # steps ahead predicted (5 at 5 Hz: 1 s)
     predict: Literal["point", "sequence"] = "point"  # the position horizon steps ahead, or all horizon positions
+    train_on_valid: bool = True  # CINIC-10: valid joins the official train set (false: left out, as FlexiFed's code)
     # a model's own knobs (pfl.models.MODEL_OPTIONS)
     embedding: bool = True  # vp_transformer: a learned input embedding of the positions (false: a linear projection)
     # the downlink of algorithms with one global model (pfl.federated.downlink)
@@ -285,6 +291,10 @@ class RunConfig(_Checked):
     image_size: int | None = None  # unset: the dataset's own size
     random_crop: int = 0  # zero padding (pixels) of a random crop at the stored size; 0: off
     hflip: bool = False
+    # audio front end (pfl.data.audio): log-mel spectrograms of each clip, computed on the device
+    n_mels: int = 40  # mel bins
+    window_ms: float = 30.0  # STFT window (30 ms: 480 samples at 16 kHz)
+    hop_ms: float = 10.0  # STFT hop (10 ms: 160 samples)
     # evaluation and runtime
     ece_bins: int = 20
     eval_batch_size: int | None = None  # unset: pfl.data.loader.inference_batch_size's default for the device
@@ -447,16 +457,21 @@ class RunConfig(_Checked):
             grouped = ", ".join(n for n, info in CATALOG.items() if info.groups)
             raise ValueError(f"partition=natural makes one client per natural group (viewer, speaker), and "
                              f"{self.dataset} has none; use another partition, or dataset={grouped}")
-        wrong = [m for m in self.models if (m in SEQUENCE_MODELS) != (modality == "sequence")]
+        wrong = [m for m in self.models if modality not in modalities_of(m)]
         if wrong:
-            fits = [m for m in ARCHITECTURES if (m in SEQUENCE_MODELS) == (modality == "sequence")]
-            raise ValueError(f"model={wrong[0]} takes {'sequences' if wrong[0] in SEQUENCE_MODELS else 'images'}, "
-                             f"{self.dataset}'s inputs are {modality}s; use model={' | '.join(fits)}")
-        if modality != "image":
-            knobs = [k for k, neutral in IMAGE_FIELDS.items() if getattr(self, k) != neutral]
+            fits = [m for m in ARCHITECTURES if modality in modalities_of(m)]
+            takes = " or ".join(_INPUTS[m] for m in modalities_of(wrong[0]))
+            raise ValueError(f"model={wrong[0]} takes {takes}, {self.dataset}'s inputs are {_INPUTS[modality]}; use "
+                             f"model={' | '.join(fits)}")
+        for other, fields in MODALITY_FIELDS.items():
+            knobs = [k for k, default in fields.items() if other != modality and getattr(self, k) != default]
             if knobs:
-                raise ValueError(f"{knobs[0]}={getattr(self, knobs[0])} is an image knob and {self.dataset}'s inputs "
-                                 f"are {modality}s; remove {', '.join(knobs)}")
+                raise ValueError(f"{knobs[0]}={getattr(self, knobs[0])} is an {other} knob and {self.dataset}'s "
+                                 f"inputs are {_INPUTS[modality]}; remove {', '.join(knobs)}")
+        if modality == "audio":  # the front end's own ranges (a mel filter without an FFT bin, ...)
+            from pfl.data.audio import AudioTransform
+
+            AudioTransform(self.n_mels, self.window_ms, self.hop_ms)
         return self
 
     @model_validator(mode="after")
@@ -494,8 +509,8 @@ class RunConfig(_Checked):
         partition's own fields (:data:`PARTITION_FIELDS`: ``alpha`` only for a Dirichlet partition, ...), the
         dataset's (:data:`pfl.data.datasets.DATASET_OPTIONS`: ``history`` only for David MMSys'18), the models'
         (:data:`pfl.models.MODEL_OPTIONS`: ``embedding`` only with ``vp_transformer``), the downlink knobs only for
-        an algorithm that takes them, the image knobs only for images, and the selected algorithm's hyperparameters
-        by bare name; nothing of another algorithm, partition, dataset or model."""
+        an algorithm that takes them, a modality's knobs (:data:`MODALITY_FIELDS`) only for its inputs, and the
+        selected algorithm's hyperparameters by bare name; nothing of another algorithm, partition, dataset or model."""
         values = self.model_dump(exclude={"hparams"})
         values = {k: v for k, v in values.items() if self._applies(k)}
         return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}, **self.hparams}
@@ -510,8 +525,9 @@ class RunConfig(_Checked):
             return any(name in MODEL_OPTIONS.get(m, ()) for m in self.models)
         if name in ("downlink", "downlink_blend"):
             return _ALGORITHM_REGISTRY[self.algo].takes_downlink
-        if name in IMAGE_FIELDS:
-            return CATALOG[self.dataset].modality == "image"
+        for modality, fields in MODALITY_FIELDS.items():
+            if name in fields:
+                return CATALOG[self.dataset].modality == modality
         return True
 
     @property

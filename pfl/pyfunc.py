@@ -21,7 +21,10 @@ run's evaluation input path (:class:`pfl.data.transforms.ImageTransform`: normal
 input) and come out as float32 (N, K) probabilities or (N, D) embeddings, equal to running
 :func:`pfl.tracking.load_client_model`'s model on the same transformed batch. An empty batch gives an empty
 (0, K) array. A model of sequences (a viewport predictor, whose spec has an ``input_shape``) takes float
-histories (N, T, F) (:func:`as_sequences`) and returns its outputs (N, D) as they are. Loading needs ``pfl`` installed (this file imports it): serve with ``mlflow models serve
+histories (N, T, F) (:func:`as_sequences`) and returns its outputs (N, D) as they are; a text classifier takes
+character ids (N, L) as :mod:`pfl.data.text` stores them, a keyword spotter int16 waveforms (N, S) (both
+:func:`as_integers`), which go through the run's front end (:class:`pfl.data.audio.AudioTransform`). Loading needs
+``pfl`` installed (this file imports it): serve with ``mlflow models serve
 --env-manager local``; a request is ``{"inputs": [...]}`` with the pixels as JSON integers 0..255.
 
 Input checks: the client models' MLmodel marks the signature as checked by the model itself
@@ -45,10 +48,11 @@ import torch
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from safetensors.torch import load_file
 
-from pfl.data.sequences import SequenceTransform
+from pfl.data.loader import TRANSFORMS, Transform
+from pfl.data.text import NUM_IDS
 from pfl.data.transforms import ImageTransform
 from pfl.heads.members import MemberHeads, ensemble_probs, members_from_state
-from pfl.models import SplitModel, build_model, input_normalization
+from pfl.models import ModelSpec, SplitModel, build_model, input_normalization
 from pfl.tracking import read_client_file
 
 PREDICT_BATCH = 256  # samples per forward pass
@@ -106,6 +110,28 @@ def as_sequences(model_input: Any, shape: tuple[int, ...]) -> torch.Tensor:
     if not np.isfinite(array).all():
         raise InputError("sequences: NaN or infinite values; send finite floats")
     return torch.from_numpy(array.astype(np.float32))
+
+
+def as_integers(model_input: Any, length: int | None, low: int, high: int, what: str) -> torch.Tensor:
+    """``model_input`` as a batch (N, ``length``) of integers in ``low..high`` (int64), e.g. character ids (N, 1024) in
+    0..72, or int16 waveform samples (N, L) (``length=None``: any L).
+
+    Raises:
+        InputError: ragged lists, another shape, a non-integer dtype, or values outside ``low..high``; the message
+            names ``what``, gives the reason first, then what to send.
+    """
+    expected = f"(N, {length or 'L'}) integers {low}..{high}"
+    array = _array(model_input, what, expected)
+    if len(array.shape) and array.shape[0] == 0:
+        return torch.zeros(0, length or 0, dtype=torch.int64)
+    if array.ndim != 2 or (length is not None and array.shape[1] != length):
+        raise InputError(f"{what}: shape {array.shape}, expected {expected}")
+    if array.dtype.kind not in "iu":
+        raise InputError(f"{what}: dtype {array.dtype}; expected {expected}")
+    if array.size and (int(array.min()) < low or int(array.max()) > high):
+        raise InputError(f"{what}: values {int(array.min())}..{int(array.max())} outside {low}..{high}; send "
+                         f"{expected}")
+    return torch.from_numpy(array.astype(np.int64))
 
 
 def as_images(model_input: Any, channels: int) -> torch.Tensor:
@@ -168,17 +194,18 @@ class ClientModel(mlflow.pyfunc.PythonModel):
         members = context.artifacts.get("members")
         self.members: MemberHeads | None = members_from_state(load_file(members)).to(self.device) if members else None
         self.spec = spec
-        self.transform = SequenceTransform() if spec.input_shape else \
-            ImageTransform(spec.image_size, *(spec.normalization or input_normalization(spec.name)))
+        self.transform = _transform(spec)
         self.output = config.get("output", "probabilities")
-        zero = torch.zeros(1, *spec.sample_shape, dtype=torch.float32 if spec.input_shape else torch.uint8)
-        self.width = self._outputs(zero).shape[1]  # K (or D): the columns of an empty batch's output
+        if self.output == "embeddings":  # D: the columns of an empty batch's output (image models only)
+            self.width = self._outputs(torch.zeros(1, *spec.sample_shape, dtype=torch.uint8)).shape[1]
+        else:
+            self.width = spec.num_classes
 
     @torch.no_grad()
     def _outputs(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, K) probabilities, (B, D) values or (B, D) embeddings of one batch of uint8 (or [0, 1] float) images,
         or of float sequences."""
-        if self.spec.input_shape is None and inputs.dtype != torch.uint8:
+        if self.spec.modality == "image" and inputs.dtype != torch.uint8:
             inputs = inputs.float().mul(255.0)  # ImageTransform divides by 255
         x = self.transform(inputs.to(self.device))
         if self.members is not None:
@@ -195,13 +222,44 @@ class ClientModel(mlflow.pyfunc.PythonModel):
             InputError: inputs the model cannot take (:func:`as_images`, :func:`as_sequences`), before any forward
                 pass.
         """
-        spec = self.spec
-        inputs = as_sequences(model_input, spec.input_shape) if spec.input_shape else \
-            as_images(model_input, spec.in_channels)
+        inputs = self._stored(model_input)
         if len(inputs) == 0:
             return np.zeros((0, self.width), dtype=np.float32)
         chunks = [self._outputs(inputs[i:i + PREDICT_BATCH]).cpu() for i in range(0, len(inputs), PREDICT_BATCH)]
         return torch.cat(chunks).numpy().astype(np.float32)
+
+
+    def _stored(self, model_input: Any) -> torch.Tensor:
+        """The batch as the dataset stores it: images (:func:`as_images`), sequences (:func:`as_sequences`), uint8
+        character ids (N, L) or int16 waveforms (N, S) (:func:`as_integers`).
+
+        Raises:
+            InputError: see those functions; waveforms whose spectrogram is not the model's input shape.
+        """
+        spec = self.spec
+        if spec.modality == "image":
+            return as_images(model_input, spec.in_channels)
+        if spec.modality == "sequence":
+            return as_sequences(model_input, spec.input_shape)
+        if spec.modality == "text":
+            return as_integers(model_input, spec.input_shape[0], 0, NUM_IDS - 1, "character ids").to(torch.uint8)
+        waveforms = as_integers(model_input, None, -(2**15), 2**15 - 1, "waveforms").to(torch.int16)
+        try:
+            shape = self.transform.output_shape(tuple(waveforms.shape[1:])) if len(waveforms) else spec.input_shape
+        except ValueError as err:
+            raise InputError(f"waveforms: {err}") from None
+        if shape != spec.input_shape:
+            raise InputError(f"waveforms: {waveforms.shape[1]} samples give spectrograms {shape}, the model takes "
+                             f"{spec.input_shape}; send clips as long as the training clips")
+        return waveforms
+
+
+def _transform(spec: ModelSpec) -> Transform:
+    """The evaluation input path of a model trained on ``spec.modality`` (:data:`pfl.data.loader.TRANSFORMS`): for
+    images its normalization and input size, for audio its log-mel front end's settings (``spec.frontend``)."""
+    if spec.modality == "image":
+        return ImageTransform(spec.image_size, *(spec.normalization or input_normalization(spec.name)))
+    return TRANSFORMS[spec.modality](**dict(spec.frontend))
 
 
 mlflow.models.set_model(ClientModel())

@@ -20,10 +20,10 @@ from pfl.federated.checkpoint import CHECKPOINT_FILE, Checkpointer, delete_check
 from pfl.federated.engine import Callback, Engine, Evaluation, RunInterrupted, Schedule
 from pfl.federated.local import ModelRunner, SGDUpdate
 from pfl.federated.state import State, model_state
-from pfl.config import DATASETS, ConfigError, RunConfig, algorithm_fields
+from pfl.config import DATASETS, MODALITY_FIELDS, ConfigError, RunConfig, algorithm_fields
 from pfl.data.datasets import DATASET_OPTIONS, Dataset, DatasetFormatError, DatasetNotFoundError, load_dataset
-from pfl.data.loader import DeviceData, Transform, client_data, inference_batch_size
-from pfl.data.sequences import SequenceTransform
+from pfl.data.audio import AudioTransform
+from pfl.data.loader import TRANSFORMS, DeviceData, Transform, client_data, inference_batch_size
 from pfl.data.transforms import ImageTransform
 from pfl.data.partition import Partition, PartitionError, PartitionSpec, load_or_make_partition, natural
 from pfl.federated.downlink import Downlink
@@ -69,20 +69,17 @@ class Prepared:
         if data.modality == "image":
             _, c, h, _ = data.inputs.shape
             return ModelSpec(name, data.num_outputs, in_channels=c, image_size=cfg.image_size or h,
-                             width=cfg.model_width, normalization=input_normalization(name))
+                             width=cfg.model_width, normalization=input_normalization(name, cfg.dataset))
         options = tuple(sorted((k, getattr(cfg, k)) for k in MODEL_OPTIONS.get(name, ())))
-        return ModelSpec(name, data.num_outputs, width=cfg.model_width, input_shape=tuple(data.inputs.shape[1:]),
-                         options=options)
+        frontend = tuple(sorted((k, getattr(cfg, k)) for k in MODALITY_FIELDS.get(data.modality, ())))
+        shape = self.transform.output_shape(tuple(data.inputs.shape[1:]))
+        return ModelSpec(name, data.num_outputs, width=cfg.model_width, input_shape=shape, options=options,
+                         modality=data.modality, frontend=frontend)
 
     @property
     def transform(self) -> Transform:
-        """The run's on-device input path: for images the first architecture's normalization, resizing to
-        ``image_size``, ``random_crop`` and ``hflip`` (:mod:`pfl.data.transforms`); for sequences
-        :class:`~pfl.data.sequences.SequenceTransform`."""
-        if self.dataset.modality != "image":
-            return SequenceTransform()
-        mean, std = input_normalization(self.cfg.models[0])
-        return ImageTransform(self.cfg.image_size, mean, std, self.cfg.random_crop, self.cfg.hflip)
+        """The run's on-device input path (:func:`run_transform`)."""
+        return run_transform(self.cfg, self.dataset.modality)
 
     @property
     def label_counts(self) -> dict:
@@ -104,6 +101,19 @@ class Prepared:
     def autocast(self) -> torch.dtype | None:
         """``torch.bfloat16`` for ``precision=bf16`` on a GPU, else ``None`` (fp32; CPU runs stay fp32)."""
         return torch.bfloat16 if self.cfg.precision == "bf16" and self.device.type == "cuda" else None
+
+
+def run_transform(cfg: RunConfig, modality: str) -> Transform:
+    """A run's on-device input path for inputs of ``modality`` (:data:`pfl.data.loader.TRANSFORMS`): for images the
+    first architecture's normalization, resizing to ``image_size``, ``random_crop`` and ``hflip``
+    (:mod:`pfl.data.transforms`); for audio the log-mel front end at ``n_mels``, ``window_ms``, ``hop_ms``
+    (:mod:`pfl.data.audio`); for sequences and character ids their plain transforms."""
+    if modality == "image":
+        mean, std = input_normalization(cfg.models[0], cfg.dataset)
+        return ImageTransform(cfg.image_size, mean, std, cfg.random_crop, cfg.hflip)
+    if modality == "audio":
+        return AudioTransform(cfg.n_mels, cfg.window_ms, cfg.hop_ms)
+    return TRANSFORMS[modality]()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,8 +222,7 @@ def prepare(cfg: RunConfig, like: Prepared | None = None) -> Prepared:
 def _prepared(cfg: RunConfig, dataset: Dataset, fingerprint: str, partition: Partition,
               device: torch.device) -> Prepared:
     """A :class:`Prepared` whose config has ``eval_batch_size`` set (the device's default when unset)."""
-    stored = tuple(dataset.inputs.shape[1:])
-    size = ImageTransform(cfg.image_size).output_shape(stored) if dataset.modality == "image" else stored
+    size = run_transform(cfg, dataset.modality).output_shape(tuple(dataset.inputs.shape[1:]))
     batch = inference_batch_size(cfg.eval_batch_size, device, size)
     return Prepared(cfg.model_copy(update={"eval_batch_size": batch}), dataset, fingerprint, partition, device)
 
@@ -250,21 +259,27 @@ def initial_weights(cfg: RunConfig, spec: ModelSpec) -> tuple[State | None, str]
 
 
 def check_input_fits(model: torch.nn.Module, spec: ModelSpec, device: torch.device) -> None:
-    """A dry forward pass of one zero input (1, *spec.sample_shape), e.g. an image (1, C, image_size, image_size),
-    through ``model`` in eval mode, without gradients; every module's train / eval mode is restored and no random number is
-    drawn.
+    """A dry forward pass of one zero input (1, *spec.sample_shape), e.g. an image (1, C, image_size, image_size)
+    (int64 character ids for a text model), through ``model`` in eval mode, without gradients; every module's
+    train / eval mode is restored and no random number is drawn.
 
     Raises:
         ValueError: the architecture cannot take inputs of that size (e.g. the CNN below 16x16 pixels: its
-            second 5x5 convolution would be larger than its input); the message names ``image_size``.
+            second 5x5 convolution would be larger than its input; a VGG below 32 mel bins); the message names
+            ``image_size``, or for other inputs the knobs that shape them.
     """
     modes = {module: module.training for module in model.modules()}
     model.eval()
+    dtype = torch.int64 if spec.modality == "text" else torch.float32
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *spec.sample_shape, device=device))
+            model(torch.zeros(1, *spec.sample_shape, dtype=dtype, device=device))
     except (RuntimeError, AssertionError) as err:
         detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        if spec.modality != "image":
+            fix = "change n_mels, window_ms or hop_ms" if spec.modality == "audio" else "use another model"
+            raise ValueError(f"model {spec.name} cannot take {spec.modality} inputs of shape {spec.sample_shape} "
+                             f"({detail}); {fix}") from None
         raise ValueError(f"image_size={spec.image_size}: model {spec.name} cannot take {spec.image_size}x"
                          f"{spec.image_size} inputs ({detail}); set a larger image_size, or leave it unset for the "
                          "dataset's own size") from None

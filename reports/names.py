@@ -1,7 +1,9 @@
 """Display names for tables, captions and figure titles, and the ASCII stems of file names.
 
 Algorithms, datasets and models by their papers' spelling (``fedfomo`` -> FedFomo, ``cifar10`` ->
-CIFAR-10, ``vp_lstm`` -> LSTM); ids without an entry are shown unchanged. A partition setting reads ``Dir(α=0.1)``,
+CIFAR-10, ``vp_lstm`` -> LSTM), model families and FlexiFed's sharing schemes as FlexiFed's Table 1 prints them (``vgg``
+-> VGG, ``max_common`` -> Max-Common), architectures as family-depth (``vgg16`` -> VGG-16); ids without an entry are
+shown unchanged. A partition setting reads ``Dir(α=0.1)``,
 ``Pat(2 classes/client)``, ``ExDir(α=0.1, 2 classes/client)``, ``IID`` or ``PFLlib(<name>)``; its
 file stem ``dir0.1``, ``pat2``, ``exdir0.1c2``, ``iid`` or the import's name (as in FL run names).
 Numbers print in shortest form (``0.1``, ``1``); a parameter not logged (NaN) is left out.
@@ -13,8 +15,13 @@ import math
 import re
 
 ALGORITHMS = {"fedavg": "FedAvg", "fedfomo": "FedFomo", "fedala": "FedALA", "flexifed": "FlexiFed", "fedgen": "FedGen"}
-DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet", "david": "David MMSys'18"}
+DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet", "david": "David MMSys'18",
+            "cinic10": "CINIC-10", "agnews": "AG News", "speech_commands": "Speech Commands"}
 MODELS = {"vp_lstm": "LSTM", "vp_transformer": "Transformer"}  # in table column order
+FAMILIES = {"vgg": "VGG", "resnet": "ResNet", "charcnn": "CharCNN", "vdcnn": "VDCNN"}  # keys of pfl.models.FAMILIES
+SCHEMES = {"standalone": "Standalone", "clustered_fl": "Clustered-FL", "basic_common": "Basic-Common",
+           "clustered_common": "Clustered-Common", "max_common": "Max-Common"}  # FlexiFed's, in its Table 1's order
+_FAMILY_DEPTH = re.compile(r"([a-z]+)(\d+)")
 
 
 def algo_name(algo: str) -> str:
@@ -24,8 +31,28 @@ def algo_name(algo: str) -> str:
 
 def dataset_name(dataset: str) -> str:
     """``cifar10`` -> ``CIFAR-10``, ``cifar100`` -> ``CIFAR-100``, ``tinyimagenet`` -> ``Tiny-ImageNet``, ``david`` ->
-    ``David MMSys'18``."""
+    ``David MMSys'18``, ``cinic10`` -> ``CINIC-10``, ``agnews`` -> ``AG News``, ``speech_commands`` ->
+    ``Speech Commands``."""
     return DATASETS.get(dataset, str(dataset))
+
+
+def family_name(family: str) -> str:
+    """``vgg`` -> ``VGG``, ``resnet`` -> ``ResNet``, ``charcnn`` -> ``CharCNN``, ``vdcnn`` -> ``VDCNN``."""
+    return FAMILIES.get(family, str(family))
+
+
+def scheme_name(scheme: str) -> str:
+    """FlexiFed's sharing schemes: ``standalone`` -> ``Standalone``, ``clustered_fl`` -> ``Clustered-FL``,
+    ``basic_common`` -> ``Basic-Common``, ``clustered_common`` -> ``Clustered-Common``, ``max_common`` ->
+    ``Max-Common``."""
+    return SCHEMES.get(scheme, str(scheme))
+
+
+def architecture_name(architecture: str) -> str:
+    """``<family><depth>`` of a family of :data:`FAMILIES` as ``<Family>-<depth>``: ``vgg16`` -> ``VGG-16``,
+    ``resnet20`` -> ``ResNet-20``, ``vdcnn29`` -> ``VDCNN-29``; other names (``charcnn_v1``) unchanged."""
+    match = _FAMILY_DEPTH.fullmatch(str(architecture))
+    return f"{FAMILIES[match[1]]}-{match[2]}" if match and match[1] in FAMILIES else str(architecture)
 
 
 def model_name(model: str) -> str:

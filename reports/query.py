@@ -21,7 +21,8 @@ pathological, ``partition_name`` for PFLlib imports), NaN otherwise, also for ol
 logged ``alpha`` for every partition. Group these frames with ``dropna=False``.
 
 :func:`architecture_results` reads runs that mix client architectures (FlexiFed): one row per
-(FL run, architecture group) with that group's ``test/acc_<arch>`` (``pfl report --by architecture``).
+(FL run, architecture group) with that group's ``test/acc_<arch>`` and the run's model family
+(``pfl report --by architecture``).
 
 Regression FL runs (viewport prediction; :func:`is_regression`: they log ``test/mse``) have neither accuracy nor
 ECE: :func:`results` and :func:`architecture_results` leave them out, and :func:`regression_results` reads them,
@@ -38,6 +39,7 @@ unmodified final models, scored by the latest head run of the FL run), are the s
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import mlflow
 import numpy as np
@@ -45,6 +47,7 @@ import pandas as pd
 
 from pfl.config import PARTITION_FIELDS
 from pfl.heads import METHOD_LABELS
+from pfl.models import FAMILIES
 from pfl.vocabulary import LEGACY_HEADS, best_name, legacy_fl
 
 METRICS = ("acc", "nll", "ece", "ood_auroc")
@@ -53,7 +56,7 @@ INFO = ("num_clients", "global_rounds", "ece_bins")  # params the captions state
 STATS = ("final", "best")
 FL_METRICS = {"acc": "test/acc", "nll": "test/nll", "ece": "test/f_ece"}  # final; best: best_name(...)
 ARCH_ACC = {"final": "test/acc", "best": "best/test_acc"}  # + "_<arch>": an architecture group's accuracy
-ARCH_COLUMNS = ("fl_run_id", "row", "algo", "scheme", *SETTING[1:], "seed", *INFO, "arch", "acc")
+ARCH_COLUMNS = ("fl_run_id", "row", "algo", "scheme", "family", *SETTING[1:], "seed", *INFO, "arch", "acc")
 MEAN_ARCH = "mean"  # the arch label of a run's accuracy over all its clients (test/acc)
 _HEAD_METRICS = {"acc": "test/acc", "nll": "test/nll", "ece": "test/f_ece", "ood_auroc": "ood/auroc_msp"}
 _WO_OOD_METRIC = "wo/ood_auroc_msp"
@@ -210,6 +213,12 @@ def _architectures(fl: pd.DataFrame) -> list[str]:
     return sorted(n for n in found if n != "std" and not n.endswith("_std"))
 
 
+def model_family(architectures: Iterable[str]) -> str:
+    """The model family of a run's architectures: ``["vgg11", "vgg19"]`` -> ``vgg`` (:data:`pfl.models.FAMILIES`;
+    an architecture without a family is one of its own, ``["cnn"]`` -> ``cnn``); several joined by ``+``, sorted."""
+    return "+".join(sorted({FAMILIES.get(name, name) for name in architectures}))
+
+
 def architecture_results(experiments: list[str] | None = None, filter_string: str = "",
                          stat: str = "final") -> pd.DataFrame:
     """Long frame of FL runs x architecture groups, for runs whose clients mix architectures (e.g. FlexiFed).
@@ -219,7 +228,8 @@ def architecture_results(experiments: list[str] | None = None, filter_string: st
     ``test_acc_<arch>`` / ``best_test_acc_<arch>`` where missing), plus one row with ``arch = "mean"``
     holding its accuracy over all clients (``test/acc`` / ``best/test_acc``, sample-weighted). ``row``
     is the run's ``scheme`` param (FlexiFed's sharing scheme), else its ``algo``. Runs without
-    per-architecture metrics get the ``mean`` row only.
+    per-architecture metrics get the ``mean`` row only. ``family`` is the run's model family
+    (:func:`model_family` of its ``model`` param, else of the architectures it logged).
 
     Returns:
         columns :data:`ARCH_COLUMNS`; the setting as in :func:`results`, ``acc`` a fraction.
@@ -238,18 +248,21 @@ def architecture_results(experiments: list[str] | None = None, filter_string: st
         where = ", ".join(experiments) if experiments else "any experiment"
         raise ValueError(f"--by architecture: no FL run in {where} logs per-architecture accuracy "
                          "(test/acc_<arch>); run a mixed-architecture algorithm such as flexifed")
+    logged = {arch: _fl_metric(fl, f"{ARCH_ACC['final']}_{arch}").notna().to_numpy() for arch in archs}
+    models = [m.split(",") if isinstance(m, str) and m else [a for a in archs if logged[a][i]]
+              for i, m in enumerate(_param(fl, "model"))]
     scheme = _param(fl, "scheme")
     base = _settings(fl)
-    base = base.assign(row=scheme.where(scheme.notna() & (scheme != ""), base["algo"]), scheme=scheme)
+    base = base.assign(row=scheme.where(scheme.notna() & (scheme != ""), base["algo"]), scheme=scheme,
+                       family=[model_family(m) for m in models])
     frames = [base.assign(arch=MEAN_ARCH, acc=_fl_metrics(fl, stat)["acc"])]
     for arch in archs:
-        logged = _fl_metric(fl, f"{ARCH_ACC['final']}_{arch}").notna().to_numpy()
         values = _fl_metric(fl, f"{ARCH_ACC[stat]}_{arch}").to_numpy()
-        lacking = fl["run_id"][logged & pd.isna(values)].tolist()
+        lacking = fl["run_id"][logged[arch] & pd.isna(values)].tolist()
         if lacking:
             raise ValueError(f"--stat best: FL run(s) {', '.join(lacking[:3])} logged test/acc_{arch} but not "
                              f"best/test_acc_{arch}; use --stat final")
-        frames.append(base[logged].assign(arch=arch, acc=values[logged]))
+        frames.append(base[logged[arch]].assign(arch=arch, acc=values[logged[arch]]))
     return pd.concat(frames, ignore_index=True)[list(ARCH_COLUMNS)]
 
 

@@ -32,8 +32,9 @@ error}) and ``orthodromic_per_step_<dataset>_<model>.{png,pdf}``; the selection 
 selects none of them). A store of regression runs only writes only these.
 
 With ``by="architecture"`` (``pfl report --by architecture``) it writes only
-``table_architectures.md``, ``.csv``, ``.tex``: :mod:`reports.architectures`, one row per FlexiFed
-scheme and one column per architecture group of mixed-architecture FL runs, for one setting.
+``table_architectures.md``, ``.csv``, ``.tex``: :mod:`reports.architectures`, FlexiFed's Table 1 layout for
+every selected mixed-architecture FL run in one table: a block of rows per dataset and model family, a row per
+scheme, columns V1, V2, ... (the block's architectures by depth) and mean; one setting per dataset.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Selection:
         stat: the FL runs' numbers, ``final`` (last round, ``test/*``) or ``best`` (round of best
             test accuracy, ``best/test_*``); head-run columns are the same for both.
         by: ``method`` (algorithms x dataset / method / metric, and the figures) or ``architecture``
-            (schemes x architecture groups of mixed-architecture runs; no figures).
+            ((dataset, family, scheme) x versions V1, V2, ... of mixed-architecture runs; no figures).
         partition: only runs of this partition (``dirichlet``, ``pathological``, ``iid``, ``exdir``,
             ``pfllib``; PFLlib's ``dir`` / ``pat`` too); ``None``: all. Tables and figures alike.
         datasets: only runs on these datasets (ids: ``cifar10``, ...; each must have runs), so the
@@ -203,14 +204,14 @@ def _regression_report(long: pd.DataFrame, stat: str, out_dir: Path) -> Report:
 
 
 def build_architecture_report(sel: Selection, out_dir: Path) -> Report:
-    """The per-architecture table of mixed-architecture FL runs as ``table_architectures.{md,tex,csv}``.
+    """The scheme x version table of mixed-architecture FL runs as ``table_architectures.{md,tex,csv}``.
 
     ``sel.partition``, ``sel.datasets``, ``sel.alpha`` and ``sel.join_ratio`` narrow the runs as for the
     method tables; ``sel.reliability_run`` is not used.
 
     Raises:
-        ValueError: no matching runs, no run logs ``test/acc_<arch>``, several settings left
-            (the message names the option to set), or ``stat="best"`` on runs without best-round metrics.
+        ValueError: no matching runs, no run logs ``test/acc_<arch>``, several settings left in a dataset's
+            runs (the message names the option to set), or ``stat="best"`` on runs without best-round metrics.
     """
     long = architecture_results(sel.experiments, sel.filter_string, sel.stat)
     long = narrow(long, sel.partition, sel.datasets, sel.alpha, sel.join_ratio)

@@ -49,6 +49,14 @@ def _latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
+def _sparse(index: pd.MultiIndex) -> pd.MultiIndex:
+    """``index`` with each outer label blank ("") where the row continues the previous row's block."""
+    rows = list(index)
+    labels = [tuple("" if i and rows[i][:level + 1] == rows[i - 1][:level + 1] and level < index.nlevels - 1
+                    else label for level, label in enumerate(row)) for i, row in enumerate(rows)]
+    return pd.MultiIndex.from_tuples(labels, names=index.names)
+
+
 def best_flags(mean: pd.DataFrame, higher_is_better: Callable[[object], bool]) -> pd.DataFrame:
     """True at the best value of every column of ``mean`` holding at least two values (one value: nothing to compare).
 
@@ -67,9 +75,11 @@ class ResultsTable:
     """Means, stds, best-of-column flags and seed counts, indexed by algorithm, columns (dataset, method, metric).
 
     ``count`` holds the number of seeds behind each cell (0 where missing); ``caption`` the caller's
-    text, completed by :meth:`full_caption`. Subclasses with other columns
-    (:class:`reports.architectures.ArchitectureTable`) override ``index_name``, :meth:`header`,
-    :meth:`scale_digits` and :meth:`csv_name` and keep the writers.
+    text, completed by :meth:`full_caption`. Subclasses with other rows or columns
+    (:class:`reports.architectures.ArchitectureTable`, :class:`reports.regression.RegressionTable`) override
+    ``index_name`` or :meth:`row_labels`, :meth:`header`, :meth:`scale_digits` and :meth:`csv_name` (or
+    :meth:`to_csv`) and keep the other writers. Row labels of several levels (a :class:`pandas.MultiIndex`, e.g.
+    block then row) become leading columns, an outer label printed on the first row of its block only.
     """
 
     mean: pd.DataFrame
@@ -80,6 +90,11 @@ class ResultsTable:
 
     index_name: ClassVar[str] = "algorithm"  # the row header, and the CSV's index column
     fit_width: ClassVar[bool] = True  # LaTeX: scaled to the line width
+
+    def row_labels(self) -> pd.Index:
+        """The rows' labels as displayed, one per row of :attr:`mean`: the algorithms' names (``FedFomo``), the
+        index named :attr:`index_name`."""
+        return pd.Index([algo_name(r) for r in self.mean.index], name=self.index_name)
 
     def header(self, col) -> tuple[str, ...]:
         """Header levels of column ``col``: ``(dataset, method, metric header)``, e.g. ``(CIFAR-10, APH, Acc (%))``."""
@@ -137,17 +152,20 @@ class ResultsTable:
         if not self._uniform_seeds():
             levels = len(next(iter(columns)))
             columns[(N_HEADER, *[""] * (levels - 1))] = [self._row_seeds(row) for row in self.mean.index]
-        out = pd.DataFrame(list(zip(*columns.values())), index=self.mean.index,
-                           columns=pd.MultiIndex.from_tuples(list(columns)))
-        out.index = pd.Index([algo_name(r) for r in out.index], name=self.index_name)
-        return out
+        return pd.DataFrame(list(zip(*columns.values())), index=self.row_labels(),
+                            columns=pd.MultiIndex.from_tuples(list(columns)))
 
     def to_markdown(self) -> str:
         """A pipe table (one header row ``dataset / method / metric``), best cells in bold, the caption above."""
         cells = self.cells(" ± ", "**%s**")
         cells.columns = [" / ".join(p for p in c if p) for c in cells.columns]
         caption = self.full_caption()
-        return (f"Table: {caption}\n\n" if caption else "") + cells.to_markdown(disable_numparse=True)
+        if cells.index.nlevels > 1:
+            cells.index = _sparse(cells.index)
+            table = cells.reset_index().to_markdown(index=False, disable_numparse=True)
+        else:
+            table = cells.to_markdown(disable_numparse=True)
+        return (f"Table: {caption}\n\n" if caption else "") + table
 
     def to_latex(self, label: str | None = None) -> str:
         """A booktabs table (``\\toprule``/``\\midrule``/``\\bottomrule``), multicolumn headers, a caption.
@@ -156,15 +174,19 @@ class ResultsTable:
         With :attr:`fit_width` the tabular is scaled to ``\\linewidth`` (``\\resizebox``, package graphicx).
         ``label``: a ``\\label`` for ``\\ref``.
         """
-        cells = self.cells(r" $\pm$ ", r"\textbf{%s}").rename_axis(None)  # no separate index-name row
+        cells = self.cells(r" $\pm$ ", r"\textbf{%s}")
         headers = [tuple(map(_latex_escape, c)) for c in cells.columns]
         # one header level: a plain Index (the Styler prints a one-level MultiIndex's labels as tuples)
         cells.columns = pd.Index([h[0] for h in headers]) if cells.columns.nlevels == 1 else \
             pd.MultiIndex.from_tuples(headers)
-        cells.index = cells.index.map(_latex_escape)
+        levels = cells.index.nlevels
+        escape = (lambda r: tuple(map(_latex_escape, r))) if levels > 1 else _latex_escape
+        cells.index = cells.index.map(escape).set_names([None] * levels)  # no separate index-name row
         caption = _latex_escape(self.full_caption()) or None
-        latex = cells.style.to_latex(hrules=True, multicol_align="c", column_format="l" + "c" * cells.shape[1],
-                                     caption=caption, label=label, position_float="centering" if caption else None)
+        # multirow_align="naive": an outer row label on its block's first row, no multirow package needed
+        latex = cells.style.to_latex(hrules=True, multicol_align="c", multirow_align="naive",
+                                     column_format="l" * levels + "c" * cells.shape[1], caption=caption,
+                                     label=label, position_float="centering" if caption else None)
         if not self.fit_width:
             return latex
         return latex.replace("\\begin{tabular}", _FIT_WIDTH + "\\begin{tabular}").replace(

@@ -201,6 +201,24 @@ def david_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cinic10_dir(tmp_path_factory) -> Path:
+    """A data dir holding the reduced real ``CINIC-10`` (120 / 40 / 40 PNGs per class in train / valid / test)."""
+    return _extract_shared("cinic-10-subset.tar.xz", "CINIC-10", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def agnews_dir(tmp_path_factory) -> Path:
+    """A data dir holding the reduced real ``ag_news_csv`` (the official 7,600 test rows, the first 10,429 train)."""
+    return _extract_shared("ag_news_csv.tar.xz", "AGNews", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def speech_commands_dir(tmp_path_factory) -> Path:
+    """A data dir holding the reduced real ``speech_commands_test_set_v0.02`` (12 label folders of 80 clips)."""
+    return _extract_shared("speech_commands_test_set_v0.02-subset.tar.xz", "SpeechCommands", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def data_dir(cifar10_dir, cifar100_dir, tmp_path_factory) -> Path:
     """A data dir holding the CIFAR-10 slice (in-distribution) and the CIFAR-100 slice (its default OOD set)."""
     out = tmp_path_factory.mktemp("cifar10_and_100")
@@ -215,8 +233,9 @@ def _equal(a: dict, b: dict) -> bool:
 
 def check_exact_resumption(cifar10_dir: Path, tmp_path: Path, algo: str, *overrides: str) -> tuple:
     """Run ``algo`` 2 rounds on 5 CIFAR-10 clients (2 per round), export its state through a safetensors file and
-    JSON, restore it into a fresh algorithm of the same config and seed, and run round 3 on both: the clients'
-    models, the round's training loss and samples, and the whole state after it must be bit-identical.
+    JSON, restore it into a fresh algorithm of the same config and seed, and run round 3 on both from the same global
+    RNG state (a checkpoint holds it: :func:`pfl.seed.rng_state`): the clients' models, the round's training loss and
+    samples, and the whole state after it must be bit-identical.
 
     Returns:
         ``(original, resumed)`` after round 3, for algorithm-specific checks.
@@ -225,6 +244,7 @@ def check_exact_resumption(cifar10_dir: Path, tmp_path: Path, algo: str, *overri
 
     from pfl.federated.engine import Engine, Schedule
     from pfl.config import load_config
+    from pfl.seed import rng_state, set_rng_state
     from pfl.train import build_algorithm, prepare
 
     cfg = load_config(None, [f"data_dir={cifar10_dir}", f"cache_dir={tmp_path}", f"algo={algo}", "num_clients=5",
@@ -244,7 +264,10 @@ def check_exact_resumption(cifar10_dir: Path, tmp_path: Path, algo: str, *overri
     resumed.load_state_dict(tensors, meta)
     for c in range(5):
         assert _equal(resumed.personalized_state(c), original.personalized_state(c)), c
-    after, again = engine.run_round(3), Engine(resumed, schedule).run_round(3)
+    rng = rng_state()  # the global generators a checkpoint holds beside the state (dropout draws from them)
+    after = engine.run_round(3)
+    set_rng_state(*rng)
+    again = Engine(resumed, schedule).run_round(3)
     assert {k: v for k, v in after.items() if not k.startswith(("time/", "memory/"))} == \
         {k: v for k, v in again.items() if not k.startswith(("time/", "memory/"))}
     for c in range(5):

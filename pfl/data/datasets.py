@@ -23,33 +23,19 @@ Datasets (name: folder under ``data_dir``, pool):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
+import importlib
 import os
-import re
-import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
 
+from pfl.data.errors import DatasetFormatError, DatasetNotFoundError  # re-exported: every loader's errors
+from pfl.data.image_cache import DecodeCache, decode_images
 from pfl.data.safe_pickle import PickleRejectedError, restricted_load
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset folder is missing or incomplete; the message says where pfl looked and what to do."""
-
-
-class DatasetFormatError(ValueError):
-    """A dataset file exists but is unreadable, refused, or holds data of the wrong shape or label range."""
 
 
 TASKS = ("classification", "viewport")  # what a dataset's targets are for (pfl.tasks)
@@ -68,7 +54,9 @@ class DatasetInfo:
 
 
 CATALOG = {"cifar10": DatasetInfo("classification", "image"), "cifar100": DatasetInfo("classification", "image"),
-           "tinyimagenet": DatasetInfo("classification", "image"),
+           "tinyimagenet": DatasetInfo("classification", "image"), "cinic10": DatasetInfo("classification", "image"),
+           "agnews": DatasetInfo("classification", "text"),
+           "speech_commands": DatasetInfo("classification", "audio", groups=True),  # groups: the speakers
            "david": DatasetInfo("viewport", "sequence", groups=True, step_seconds=0.2)}  # 5 Hz (TRACK's rate)
 
 
@@ -86,7 +74,9 @@ class Dataset:
         num_train: the pool's first ``num_train`` samples are the dataset's official train set and the rest
             its official test set (CIFAR: the train batches, then the test batch; Tiny-ImageNet: train, then
             val); ``None`` when the pool has no such split (a PFLlib import). Not part of :meth:`fingerprint`.
-        modality: how inputs reach a model (:func:`pfl.data.loader.transform_for`): ``"image"`` or ``"sequence"``.
+        modality: what the inputs are, which decides their on-device transform (:data:`pfl.data.loader.TRANSFORMS`):
+            ``"image"``, ``"sequence"``, ``"text"`` (uint8 character ids (N, L), :mod:`pfl.data.text`) or
+            ``"audio"`` (int16 waveforms (N, samples), :mod:`pfl.data.audio`).
         task: what the targets are for (:data:`TASKS`, :mod:`pfl.tasks`).
         groups: int64 (N,): each sample's natural group (the viewer, the speaker, the writer), the client of a
             natural partition (:func:`pfl.data.partition.natural`); ``None``: the dataset has none.
@@ -321,8 +311,7 @@ def load_cifar100(data_dir: str | Path, download: bool = False) -> Dataset:
 TINYIMAGENET_FOLDER = "tiny-imagenet-200"
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINYIMAGENET_SIZE = 64
-_TINY_CACHE_VERSION = 1  # bump when the cache layout or decoding changes
-_TINY_CACHE_NAME = re.compile(re.escape(TINYIMAGENET_FOLDER) + r"\.[0-9a-f]{16}\.safetensors")
+_TINY_CACHE = DecodeCache("Tiny-ImageNet", TINYIMAGENET_FOLDER, "tinyimagenet", version=1, files="JPEGs")
 
 
 @dataclass(frozen=True)
@@ -347,15 +336,9 @@ class _TinySources:
     def annotations(self) -> Path:
         return self.root / "val" / "val_annotations.txt"
 
-    def fingerprint(self) -> str:
-        """BLAKE2b (16 hex chars) of the cache version and every source file's relative path, size, mtime_ns."""
-        files = [*self.text_files, *(p for cls in self.train for p in cls), *self.val]
-        h = hashlib.blake2b(digest_size=8)
-        h.update(f"pfl-tinyimagenet-cache-v{_TINY_CACHE_VERSION}\n".encode())
-        for rel, path in sorted((p.relative_to(self.root).as_posix(), p) for p in files):
-            st = path.stat()
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
+    def cache_path(self) -> Path:
+        """The decode cache for the current state of the files read (:class:`~pfl.data.image_cache.DecodeCache`)."""
+        return _TINY_CACHE.path(self.root, [*self.text_files, *(p for cls in self.train for p in cls), *self.val])
 
 
 def _tinyimagenet_not_found(path: Path, root: Path, download: bool) -> DatasetNotFoundError:
@@ -416,11 +399,7 @@ def tinyimagenet_cache_path(data_dir: str | Path) -> Path:
     Raises:
         DatasetNotFoundError, DatasetFormatError: as :func:`load_tinyimagenet` for the file listing.
     """
-    return _cache_path(_list_tinyimagenet(data_dir))
-
-
-def _cache_path(sources: _TinySources) -> Path:
-    return sources.root.parent / f"{TINYIMAGENET_FOLDER}.{sources.fingerprint()}.safetensors"
+    return _list_tinyimagenet(data_dir).cache_path()
 
 
 def _class_names(words_file: Path, wnids: tuple[str, ...]) -> tuple[str, ...]:
@@ -459,73 +438,6 @@ def _val_labels(sources: _TinySources) -> list[int]:
     return [label_of[p.name] for p in sources.val]
 
 
-def _decode_jpegs(paths: list[Path]) -> np.ndarray:
-    """Decode 64x64 images to uint8 (n, 3, 64, 64) (greyscale becomes 3 equal channels).
-
-    Raises:
-        DatasetFormatError: an image cannot be decoded (corrupt, truncated, not an image, or
-            declaring a decompression-bomb size) or is not 64x64; names the file.
-    """
-    size = TINYIMAGENET_SIZE
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    for i, path in enumerate(tqdm(paths, desc="Decoding Tiny-ImageNet", unit="img", disable=None)):
-        try:
-            with Image.open(path) as img:
-                if img.size != (size, size):
-                    raise DatasetFormatError(f"{path}: expected a {size}x{size} image, got {img.size[0]}x{img.size[1]}")
-                out[i] = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
-        except DatasetFormatError:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            raise DatasetFormatError(f"{path}: cannot decode image ({err}); replace it with the file from "
-                                     "tiny-imagenet-200.zip") from None
-    return out
-
-
-def _read_cache(path: Path, sources: _TinySources) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]] | None:
-    """Images, labels and class names from a decode cache; None (with a warning) if it is unusable."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            images, labels = f.get_tensor("images"), f.get_tensor("labels")
-        wnids, names = tuple(json.loads(meta["wnids"])), tuple(json.loads(meta["class_names"]))
-    except (OSError, SafetensorError, KeyError, ValueError) as err:
-        warnings.warn(f"ignoring unreadable Tiny-ImageNet cache {path} ({err}); decoding the JPEGs again",
-                      stacklevel=3)
-        return None
-    n = sum(map(len, sources.train)) + len(sources.val)
-    if (images.dtype != torch.uint8 or images.shape != (n, 3, TINYIMAGENET_SIZE, TINYIMAGENET_SIZE)
-            or labels.dtype != torch.int64 or labels.shape != (n,) or wnids != sources.wnids
-            or len(names) != len(wnids)):
-        warnings.warn(f"ignoring Tiny-ImageNet cache {path}: its contents do not match the files; "
-                      "decoding the JPEGs again", stacklevel=3)
-        return None
-    return images, labels, names
-
-
-def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, wnids: tuple[str, ...],
-                 names: tuple[str, ...]) -> None:
-    """Write the decode cache atomically (temp file + rename) and drop stale caches; warn if not writable."""
-    metadata = {"format_version": str(_TINY_CACHE_VERSION), "wnids": json.dumps(list(wnids)),
-                "class_names": json.dumps(list(names))}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: rename is atomic
-    try:
-        with tmp.open("xb"):  # created with the user's umask; save_file alone would leave the file 0600
-            mode = tmp.stat().st_mode & 0o777
-        save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp), metadata=metadata)
-        tmp.chmod(mode)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as err:
-        tmp.unlink(missing_ok=True)
-        warnings.warn(f"cannot write Tiny-ImageNet decode cache {path} ({err}); continuing without it, "
-                      "so the next load decodes the JPEGs again", stacklevel=3)
-        return
-    for stale in path.parent.iterdir():  # caches of earlier file states can never match again
-        if stale != path and _TINY_CACHE_NAME.fullmatch(stale.name):
-            with contextlib.suppress(OSError):  # e.g. another user's file in a sticky folder
-                stale.unlink()
-
-
 def load_tinyimagenet(data_dir: str | Path, download: bool = False) -> Dataset:
     """Load Tiny-ImageNet-200 (train + val pooled) from ``<data_dir>/tiny-imagenet-200``.
 
@@ -552,21 +464,28 @@ def load_tinyimagenet(data_dir: str | Path, download: bool = False) -> Dataset:
         UserWarning: ``data_dir`` is not writable, so the decode cache is not written.
     """
     sources = _list_tinyimagenet(data_dir, download)
-    cache = _cache_path(sources)
-    cached = _read_cache(cache, sources) if cache.is_file() else None
+    files = [p for cls in sources.train for p in cls] + list(sources.val)
+    cache, size = sources.cache_path(), TINYIMAGENET_SIZE
+    expected = {"images": (torch.uint8, (len(files), 3, size, size)), "labels": (torch.int64, (len(files),))}
+    cached = _TINY_CACHE.read(cache, expected) if cache.is_file() else None
     if cached is None:
-        labels = [i for i, cls in enumerate(sources.train) for _ in cls] + _val_labels(sources)
-        names = _class_names(sources.root / "words.txt", sources.wnids)
-        files = [p for cls in sources.train for p in cls] + list(sources.val)
-        images, labels = torch.from_numpy(_decode_jpegs(files)), torch.tensor(labels, dtype=torch.int64)
-        _write_cache(cache, images, labels, sources.wnids, names)
-    else:
-        images, labels, names = cached
+        labels = [i for i, cls in enumerate(sources.train) for _ in cls] + _val_labels(sources)  # checked first
+        images = decode_images(files, size, "Decoding Tiny-ImageNet",
+                               "replace it with the file from tiny-imagenet-200.zip")
+        cached = {"images": torch.from_numpy(images), "labels": torch.tensor(labels, dtype=torch.int64)}
+        _TINY_CACHE.write(cache, cached)
+    images, labels = cached["images"], cached["labels"]
+    names = _class_names(sources.root / "words.txt", sources.wnids)
     num_train = sum(map(len, sources.train))
     return Dataset("tinyimagenet", images, labels, len(sources.wnids), names, num_train)
 
 
 _LOADERS = {"cifar10": load_cifar10, "cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet}
+
+
+_MODULE_LOADERS = {"cinic10": "pfl.data.cinic:load_cinic10", "agnews": "pfl.data.agnews:load_agnews",
+                   "speech_commands": "pfl.data.speech_commands:load_speech_commands",
+                   "david": "pfl.data.david:load_david"}  # a module per dataset beyond CIFAR and Tiny-ImageNet
 
 
 def load_dataset(name: str, data_dir: str | Path, download: bool = False, **options: Any) -> Dataset:
@@ -579,9 +498,9 @@ def load_dataset(name: str, data_dir: str | Path, download: bool = False, **opti
     """
     if name in _LOADERS:
         return _LOADERS[name](data_dir, download=download)
-    from pfl.data import david  # a module per dataset beyond the image sets
+    module, function = _MODULE_LOADERS[name].split(":")
+    return getattr(importlib.import_module(module), function)(data_dir, download=download, **options)
 
-    return {"david": david.load_david}[name](data_dir, **options)
 
-
-DATASET_OPTIONS = {"history": ("david",), "horizon": ("david",), "predict": ("david",)}  # knob -> its datasets
+DATASET_OPTIONS = {"history": ("david",), "horizon": ("david",), "predict": ("david",),
+                   "train_on_valid": ("cinic10",)}  # knob -> its datasets

@@ -85,12 +85,13 @@ class _Source:
     files: tuple[tuple[tuple[int, Path], ...] | Path, ...]
 
 
-def load_david(data_dir: str | Path, history: int = 10, horizon: int = 5, predict: str = "point",
-               layout: str = "auto") -> Dataset:
+def load_david(data_dir: str | Path, download: bool = False, history: int = 10, horizon: int = 5,
+               predict: str = "point", layout: str = "auto") -> Dataset:
     """David MMSys'18 as sliding windows over every head trace (module docstring: the layouts and the windows).
 
     Args:
         data_dir: folder holding ``David_MMSys_18/``.
+        download: unused: there is no downloader (the not-found message says where the data comes from).
         history: positions per input window (10: 2 s at 5 Hz).
         horizon: steps from the last input to the target (5: 1 s).
         predict: ``"point"`` (the position ``horizon`` steps ahead) or ``"sequence"`` (all ``horizon`` positions).

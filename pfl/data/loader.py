@@ -1,9 +1,11 @@
 """On-device batching: the pool lives on the training device, batches are index gathers.
 
 Replaces per-sample PIL transforms and DataLoader workers (DESIGN: speed). A batch is ``inputs[idx]`` passed through
-the transform of its modality: images through :class:`~pfl.data.transforms.ImageTransform` (augmentation for
-training batches, normalization, resizing to the model's input size; by default PFLlib's CIFAR normalization
-``(x / 255 - 0.5) / 0.5`` alone), sequences through :class:`~pfl.data.sequences.SequenceTransform`.
+the transform of its modality (:data:`TRANSFORMS`): images through :class:`~pfl.data.transforms.ImageTransform`
+(augmentation for training batches, normalization, resizing to the model's input size; by default PFLlib's CIFAR
+normalization ``(x / 255 - 0.5) / 0.5`` alone), sequences through :class:`~pfl.data.sequences.SequenceTransform`,
+character ids through :class:`~pfl.data.text.TextTransform`, waveforms through the log-mel front end
+:class:`~pfl.data.audio.AudioTransform`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from pfl.data.audio import AudioTransform
 from pfl.data.datasets import Dataset
 from pfl.data.partition import Partition, split_validation
 from pfl.data.sequences import SequenceTransform
+from pfl.data.text import TextTransform
 from pfl.data.transforms import ImageTransform
 
 
@@ -43,18 +47,20 @@ def inference_batch_size(configured: int | None, device: torch.device, sample_sh
     return max(1, CPU_INFERENCE_VALUES // math.prod(sample_shape))
 
 
-Transform = ImageTransform | SequenceTransform  # a modality's on-device transform
+Transform = ImageTransform | SequenceTransform | TextTransform | AudioTransform  # a modality's on-device transform
+TRANSFORMS: dict[str, type[Transform]] = {"image": ImageTransform, "sequence": SequenceTransform,
+                                          "text": TextTransform, "audio": AudioTransform}  # modality -> transform
 
 
 class DeviceData:
     """A dataset's inputs and targets resident on one device.
 
     Args:
-        dataset: the pool; its inputs (uint8 images (N, C, H, W), float sequences (N, T, F), ...) and targets are
-            copied to ``device`` once.
+        dataset: the pool; its inputs (uint8 images (N, C, H, W), float sequences (N, T, F), uint8 character ids
+            (N, L), int16 waveforms (N, S)) and targets are copied to ``device`` once.
         device: training device.
-        transform: what a gathered batch goes through (default: the modality's plain one; for images PFLlib's
-            normalization only).
+        transform: what a gathered batch goes through (default: the modality's with its defaults, :data:`TRANSFORMS`;
+            for images PFLlib's normalization only).
     """
 
     def __init__(self, dataset: Dataset, device: torch.device, transform: Transform | None = None):
@@ -62,11 +68,12 @@ class DeviceData:
         self.inputs = dataset.inputs.to(device)
         self.targets = dataset.targets.to(device)
         self.num_classes = dataset.num_classes
-        self.transform = transform or (ImageTransform() if dataset.modality == "image" else SequenceTransform())
+        self.transform = transform or TRANSFORMS[dataset.modality]()
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        """One model input's shape after the transform ((C, H, W) for images, (T, F) for sequences)."""
+        """One model input's shape after the transform ((C, H, W) for images, (T, F) for sequences, (L,) for
+        character ids, (1, mel bins, frames) for waveforms)."""
         return self.transform.output_shape(tuple(self.inputs.shape[1:]))
 
     def inference_batch_size(self, configured: int | None) -> int:

@@ -26,8 +26,10 @@ from pfl.data.loader import DeviceData
 
 def can_vectorize(model: nn.Module) -> bool:
     """True when the model's state is parameters only (no BatchNorm-like buffers) and it has no recurrent layer (an
-    LSTM's fused kernel does not batch under ``vmap``)."""
-    return len(list(model.buffers())) == 0 and not any(isinstance(m, nn.RNNBase) for m in model.modules())
+    LSTM's fused kernel does not batch under ``vmap``) and no active dropout (random under ``vmap`` only in its
+    ``randomness="different"`` mode, whose draws differ from sequential training's)."""
+    return len(list(model.buffers())) == 0 and not any(
+        isinstance(m, nn.RNNBase) or (isinstance(m, nn.Dropout) and m.p > 0) for m in model.modules())
 
 
 def vectorizable(model: nn.Module, update: object, data: DeviceData, indices: list[torch.Tensor]) -> bool:

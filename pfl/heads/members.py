@@ -56,14 +56,16 @@ from pfl.heads.prior import noise_std, perturbed
 
 
 def linear_layers(head: nn.Module) -> list[nn.Linear]:
-    """The linear layers of a head made of ``nn.Linear`` layers with ``nn.ReLU`` between them.
+    """The linear layers of a head made of ``nn.Linear`` layers with ``nn.ReLU`` between them; ``nn.Dropout`` layers
+    (the CharCNN's) are left out: the members train and predict without dropout (a deliberate difference from
+    training the head itself).
 
     Raises:
         ValueError: any other head structure.
     """
     if isinstance(head, nn.Linear):
         return [head]
-    mods = list(head) if isinstance(head, nn.Sequential) else []
+    mods = [m for m in head if not isinstance(m, nn.Dropout)] if isinstance(head, nn.Sequential) else []
     shape_ok = bool(mods) and len(mods) % 2 == 1 and all(
         isinstance(m, nn.Linear if i % 2 == 0 else nn.ReLU) for i, m in enumerate(mods))
     if not shape_ok:

@@ -73,7 +73,7 @@ class CifarResNet(SplitModel):
     Args:
         num_classes: logits per sample.
         in_channels: input channels (3 for RGB).
-        image_size: input side in pixels (any size; the global average pool absorbs it).
+        image_size: input side in pixels, or ``(H, W)`` (any size; the global average pool absorbs it).
         depth: 6n + 2 weighted layers, one of 20, 32, 44, 56 (n = 3, 5, 7, 9 blocks per stage).
         width: multiplier of the 16/32/64 filters of the three stages.
 
@@ -84,8 +84,8 @@ class CifarResNet(SplitModel):
         ValueError: ``depth`` not one of 20, 32, 44, 56, or ``width`` <= 0.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32, depth: int = 20,
-                 width: float = 1.0):
+    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int | tuple[int, int] = 32,
+                 depth: int = 20, width: float = 1.0):
         if depth not in RESNET_CIFAR_DEPTHS:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, one of {', '.join(map(str, RESNET_CIFAR_DEPTHS))},"
                              f" got {depth}")

@@ -48,7 +48,13 @@ class ModelSpec:
             ``(history, 3)``); ``None`` for images, whose input is ``(in_channels, image_size, image_size)``.
         options: an architecture's own settings as sorted ``(name, value)`` pairs (``vp_transformer``'s
             ``("embedding", True)``); empty for most.
-        width: channel multiplier of the VGG and CIFAR-ResNet families (1.0: the paper's widths).
+        modality: the inputs the model was trained on as stored (:data:`pfl.data.loader.TRANSFORMS`): ``"image"``,
+            ``"sequence"``, ``"text"`` (character ids) or ``"audio"`` (waveforms, turned into the model's input
+            ``input_shape`` by the log-mel front end).
+        frontend: the settings of that modality's on-device transform as sorted ``(name, value)`` pairs (audio:
+            ``n_mels``, ``window_ms``, ``hop_ms``); empty for the others (images keep theirs in ``image_size`` and
+            ``normalization``).
+        width: channel multiplier of the VGG, CIFAR-ResNet, CharCNN and VDCNN families (1.0: the papers' widths).
         lora: LoRA adapters injected into the base (FedLoRA), or ``None``.
         normalization: per-channel ``(mean, std)`` in [0, 1] units the model's inputs are normalized with
             (:func:`pfl.models.input_normalization` of ``name`` when the run built it). ``None``: that function's
@@ -64,6 +70,8 @@ class ModelSpec:
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     input_shape: tuple[int, ...] | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    modality: str = "image"
+    frontend: tuple[tuple[str, Any], ...] = ()
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -75,11 +83,14 @@ class ModelSpec:
         values = asdict(self)
         if self.lora is None:
             del values["lora"]  # as specs saved before adapters existed
-        for name in ("normalization", "input_shape", "options"):  # absent as in specs saved before they existed
+        for name in ("normalization", "input_shape", "options", "frontend"):  # absent as in specs saved before
             if not values[name]:
                 del values[name]
-        if "options" in values:
-            values["options"] = dict(self.options)
+        if self.modality == ("sequence" if self.input_shape else "image"):  # what from_dict infers
+            del values["modality"]
+        for name in ("options", "frontend"):
+            if name in values:
+                values[name] = dict(getattr(self, name))
         return values
 
     @classmethod
@@ -96,9 +107,11 @@ class ModelSpec:
         else:
             from pfl.models import FAMILIES  # the package imports this module
 
-            if values["name"] in FAMILIES:
+            if values["name"] in FAMILIES and not values.get("input_shape"):  # an image model
                 norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         shape = values.get("input_shape")
         options = tuple(sorted((values.get("options") or {}).items()))
-        return cls(**{**values, "lora": lora, "normalization": norm, "options": options,
-                      "input_shape": tuple(shape) if shape else None})
+        frontend = tuple(sorted((values.get("frontend") or {}).items()))
+        modality = values.get("modality") or ("sequence" if shape else "image")  # specs saved before the field
+        return cls(**{**values, "lora": lora, "normalization": norm, "options": options, "frontend": frontend,
+                      "modality": modality, "input_shape": tuple(shape) if shape else None})

@@ -9,7 +9,8 @@ Deliberate differences:
 * Classifier: FC(C_last*s*s -> 512) + ReLU + FC(512 -> 512) + ReLU + FC(512 -> classes), no dropout. ImageNet
   VGG (and torchvision, and the FlexiFed-IMP reimplementation) use 4096 hidden units with dropout and an
   adaptive 7x7 average pool; on 32x32 inputs the five poolings leave 1x1 maps, so we flatten them as they
-  are (s = image_size // 32) and keep the classifier CIFAR-sized.
+  are ((H // 32) x (W // 32) maps: a 40 x 98 log-mel spectrogram leaves 1 x 3) and keep the classifier
+  CIFAR-sized.
 * ``width`` scales every convolution's channels and the classifier's hidden units:
   ``max(1, round(c * width))``; width 1 is the paper's network.
 
@@ -47,24 +48,29 @@ class VGG(SplitModel):
 
     Args:
         num_classes: logits per sample.
-        in_channels: input channels (3 for RGB).
-        image_size: input side in pixels, a multiple of 32 (32 for CIFAR).
+        in_channels: input channels (3 for RGB, 1 for a spectrogram).
+        image_size: input side in pixels, a multiple of 32 (32 for CIFAR), or the input's ``(H, W)`` with both at
+            least 32 (a spectrogram's mel bins x frames; each pooling floors an odd size, as ``MaxPool2d`` does).
         depth: 11, 13, 16 or 19 (configurations A, B, D, E).
         width: multiplier of every convolution's channels and of the 512 hidden units of the classifier.
 
-    Shapes: input (B, in_channels, image_size, image_size) -> base (B, C*s*s) -> logits (B, num_classes),
-    with C = max(1, round(512 * width)) and s = image_size // 32.
+    Shapes: input (B, in_channels, H, W) -> base (B, C * (H // 32) * (W // 32)) -> logits (B, num_classes),
+    with C = max(1, round(512 * width)).
 
     Raises:
-        ValueError: unknown ``depth``, ``image_size`` not a positive multiple of 32, or ``width`` <= 0.
+        ValueError: unknown ``depth``, a square ``image_size`` not a positive multiple of 32, an ``(H, W)`` side
+            below 32, or ``width`` <= 0.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32, depth: int = 11,
-                 width: float = 1.0):
+    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int | tuple[int, int] = 32,
+                 depth: int = 11, width: float = 1.0):
         if depth not in VGG_CONFIGS:
             raise ValueError(f"VGG depth must be one of {', '.join(map(str, VGG_CONFIGS))}, got {depth}")
-        if image_size <= 0 or image_size % 2**_POOLS:
+        if isinstance(image_size, int) and (image_size <= 0 or image_size % 2**_POOLS):
             raise ValueError(f"VGG image_size must be a positive multiple of 32, got {image_size}")
+        height, width_px = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if min(height, width_px) < 2**_POOLS:
+            raise ValueError(f"VGG inputs must be at least 32 x 32, got {height} x {width_px}")
         if width <= 0:
             raise ValueError(f"VGG width must be positive, got {width}")
         layers: list[nn.Module] = []
@@ -77,9 +83,9 @@ class VGG(SplitModel):
             layers += [nn.Conv2d(channels, out, kernel_size=3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
             channels = out
         layers.append(nn.Flatten())
-        side = image_size // 2**_POOLS
         hidden = _scaled(512, width)
-        head = nn.Sequential(nn.Linear(channels * side * side, hidden), nn.ReLU(inplace=True),
+        flat = channels * (height // 2**_POOLS) * (width_px // 2**_POOLS)
+        head = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(inplace=True),
                              nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
         super().__init__(nn.Sequential(*layers), head)
         for module in self.base.modules():
