@@ -31,7 +31,8 @@ ALGOS = {"fedavg": [], "fedfomo": ["M=2"], "fedala": [],
          "flexifed": ["model=vgg11,vgg13", "model_width=0.125", "partition=iid", "sample_fraction=0.3"],
          "fedgen": ["server_epochs=3", "gen_hidden=[32]"],
          "fedlora": ["model=vit_cifar", "image_size=8", "batch_size=32", "personal_head=true"],
-         "local": []}
+         "local": [], "fedper": [], "lgfedavg": [], "fedrep": ["plocal_epochs=2"],
+         "fedbn": ["model=vgg11", "model_width=0.125"]}
 
 
 def _overrides(data_dir, tmp_path, algo="fedfomo", rounds=6):

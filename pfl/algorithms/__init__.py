@@ -3,16 +3,20 @@
 from pfl.federated.base import Algorithm, FederatedContext, HyperParams
 from pfl.algorithms.fedala import FedALA
 from pfl.algorithms.fedavg import FedAvg
+from pfl.algorithms.fedbn import FedBN
 from pfl.algorithms.fedfomo import FedFomo
 from pfl.algorithms.fedgen import FedGen
 from pfl.algorithms.fedlora import FedLoRA
+from pfl.algorithms.fedper import FedPer
+from pfl.algorithms.fedrep import FedRep
 from pfl.algorithms.flexifed import FlexiFed
+from pfl.algorithms.lgfedavg import LGFedAvg
 from pfl.algorithms.local import Local
 from pfl.federated.local import FitIns, FitRes
 from pfl.algorithms.mocosfl import MocoSFL
 
 REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedFomo, FedALA, FlexiFed, FedGen, FedLoRA,
-                                                                   MocoSFL, Local)}
+                                                                   MocoSFL, Local, FedPer, LGFedAvg, FedRep, FedBN)}
 
 __all__ = ["REGISTRY", "Algorithm", "FederatedContext", "FitIns", "FitRes", "HyperParams", "FedALA", "FedAvg",
-           "FedFomo", "FedGen", "FedLoRA", "FlexiFed", "Local", "MocoSFL"]
+           "FedFomo", "FedGen", "FedLoRA", "FlexiFed", "Local", "MocoSFL", "FedPer", "LGFedAvg", "FedRep", "FedBN"]
