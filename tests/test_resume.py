@@ -32,6 +32,8 @@ ALGOS = {"fedavg": [], "fedfomo": ["M=2"], "fedala": [],
          "fedgen": ["server_epochs=3", "gen_hidden=[32]"],
          "fedlora": ["model=vit_cifar", "image_size=8", "batch_size=32", "personal_head=true"],
          "local": [], "fedper": [], "lgfedavg": [], "fedrep": ["plocal_epochs=2"],
+         "fedprox": ["mu=0.01"],
+         "ditto": ["mu=0.1", "plocal_epochs=2"],
          "fedbn": ["model=vgg11", "model_width=0.125"]}
 
 

@@ -1,6 +1,7 @@
 """Federated algorithms (one module each) and their registry: adding an algorithm is one module plus one line here."""
 
 from pfl.federated.base import Algorithm, FederatedContext, HyperParams
+from pfl.algorithms.ditto import Ditto
 from pfl.algorithms.fedala import FedALA
 from pfl.algorithms.fedavg import FedAvg
 from pfl.algorithms.fedbn import FedBN
@@ -8,6 +9,7 @@ from pfl.algorithms.fedfomo import FedFomo
 from pfl.algorithms.fedgen import FedGen
 from pfl.algorithms.fedlora import FedLoRA
 from pfl.algorithms.fedper import FedPer
+from pfl.algorithms.fedprox import FedProx
 from pfl.algorithms.fedrep import FedRep
 from pfl.algorithms.flexifed import FlexiFed
 from pfl.algorithms.lgfedavg import LGFedAvg
@@ -16,7 +18,9 @@ from pfl.federated.local import FitIns, FitRes
 from pfl.algorithms.mocosfl import MocoSFL
 
 REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedFomo, FedALA, FlexiFed, FedGen, FedLoRA,
-                                                                   MocoSFL, Local, FedPer, LGFedAvg, FedRep, FedBN)}
+                                                                   MocoSFL, Local, FedPer, LGFedAvg, FedRep, FedBN,
+                                                                   FedProx, Ditto)}
 
 __all__ = ["REGISTRY", "Algorithm", "FederatedContext", "FitIns", "FitRes", "HyperParams", "FedALA", "FedAvg",
-           "FedFomo", "FedGen", "FedLoRA", "FlexiFed", "Local", "MocoSFL", "FedPer", "LGFedAvg", "FedRep", "FedBN"]
+           "FedFomo", "FedGen", "FedLoRA", "FlexiFed", "Local", "MocoSFL", "FedPer", "LGFedAvg", "FedRep", "FedBN",
+           "FedProx", "Ditto"]
