@@ -12,6 +12,7 @@ from torch import nn
 
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.fedper import FedPer
+from pfl.algorithms.lgfedavg import LGFedAvg
 from pfl.config import load_config
 from pfl.data.loader import ClientData
 from pfl.federated.base import FederatedContext
@@ -84,13 +85,14 @@ def test_fedper_averages_the_base_parameters_and_keeps_heads_and_buffers_per_cli
     assert list(ins.sent) == BASE_PARAMS
 
 
-def test_fedper_state_round_trips():
+@pytest.mark.parametrize("cls", [FedPer, LGFedAvg])
+def test_state_round_trips(cls):
     model = tiny_split_model()
-    algo = FedPer(context(3, model))
+    algo = cls(context(3, model))
     init = model_state(model)
     algo.aggregate_fit(1, [FitRes(2, filled(init, 3.0, 1), 2, torch.tensor(0.0))])
     tensors, meta = algo.state_dict()
-    fresh = FedPer(context(3, model))
+    fresh = cls(context(3, model))
     fresh.load_state_dict(tensors, meta)
     for cid in range(3):
         a, b = algo.personalized_state(cid), fresh.personalized_state(cid)
@@ -102,10 +104,12 @@ def test_fedper_needs_a_head_to_keep():
         FedPer(context(2, nn.Linear(1, 1)))
 
 
-@pytest.mark.parametrize("name", ["fedper_cifar10_pr0.2.yaml", "fedper_cifar10_cpu.yaml"])
-def test_fedper_templates_are_the_fedavg_setting(name):
+@pytest.mark.parametrize("cls", [FedPer, LGFedAvg])
+@pytest.mark.parametrize("twin", ["pr0.2", "cpu"])
+def test_templates_are_the_fedavg_setting(cls, twin):
+    name = f"{cls.name}_cifar10_{twin}.yaml"
     cfg, fedavg = load_config(CONFIGS / name), load_config(CONFIGS / "fedavg_cifar10_pr0.2.yaml")
-    assert cfg.algo == "fedper" and REGISTRY[cfg.algo] is FedPer and cfg.hparams == {}
+    assert cfg.algo == cls.name and REGISTRY[cfg.algo] is cls and cfg.hparams == {}
     rounds = 3 if name.endswith("_cpu.yaml") else 100
     assert cfg.model_copy(update={"algo": "fedavg"}) == fedavg.model_copy(update={"global_rounds": rounds})
 
@@ -113,7 +117,6 @@ def test_fedper_templates_are_the_fedavg_setting(name):
 def test_the_personal_part_is_pfllibs_model_fc_on_every_family():
     """PFLlib's BaseHeadSplit makes model.fc the head: on pfl's CNN, whose head holds fc1 and fc, FedPer averages fc1
     with the base and keeps fc; LG-FedAvg averages fc alone."""
-    from pfl.algorithms.lgfedavg import LGFedAvg
     from pfl.federated.state import param_keys
     from pfl.models import build_model
 

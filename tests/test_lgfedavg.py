@@ -1,5 +1,5 @@
 """LG-FedAvg (PFLlib serverlg.py / clientlg.py): the head parameters are averaged, the base and every buffer stay each
-client's own; hand-computed on a tiny split model; its templates."""
+client's own; hand-computed on a tiny split model (its round trip and templates: tests/test_fedper.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from pfl.algorithms import REGISTRY
 from pfl.algorithms.lgfedavg import LGFedAvg
-from pfl.config import load_config
 from pfl.federated.local import FitRes
 from pfl.federated.state import model_state
-from test_fedper import BASE_PARAMS, BUFFERS, CONFIGS, HEAD_PARAMS, context, filled, tiny_split_model
+from test_fedper import BASE_PARAMS, BUFFERS, HEAD_PARAMS, context, filled, tiny_split_model
 
 
 def test_lgfedavg_averages_the_head_and_keeps_bases_and_buffers_per_client():
@@ -48,26 +46,6 @@ def test_lgfedavg_averages_the_head_and_keeps_bases_and_buffers_per_client():
     assert list(ins.sent) == HEAD_PARAMS
 
 
-def test_lgfedavg_state_round_trips():
-    model = tiny_split_model()
-    algo = LGFedAvg(context(3, model))
-    algo.aggregate_fit(1, [FitRes(1, filled(model_state(model), 3.0, 1), 2, torch.tensor(0.0))])
-    tensors, meta = algo.state_dict()
-    fresh = LGFedAvg(context(3, model))
-    fresh.load_state_dict(tensors, meta)
-    for cid in range(3):
-        a, b = algo.personalized_state(cid), fresh.personalized_state(cid)
-        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_lgfedavg_needs_a_head():
     with pytest.raises(ValueError, match="head"):
         LGFedAvg(context(2, nn.Linear(1, 1)))
-
-
-@pytest.mark.parametrize("name", ["lgfedavg_cifar10_pr0.2.yaml", "lgfedavg_cifar10_cpu.yaml"])
-def test_lgfedavg_templates_are_the_fedavg_setting(name):
-    cfg, fedavg = load_config(CONFIGS / name), load_config(CONFIGS / "fedavg_cifar10_pr0.2.yaml")
-    assert cfg.algo == "lgfedavg" and REGISTRY[cfg.algo] is LGFedAvg and cfg.hparams == {}
-    rounds = 3 if name.endswith("_cpu.yaml") else 100
-    assert cfg.model_copy(update={"algo": "fedavg"}) == fedavg.model_copy(update={"global_rounds": rounds})

@@ -36,8 +36,7 @@ from typing import ClassVar
 from torch import nn
 
 from pfl.federated.base import HyperParams, SearchParam
-from pfl.federated.partial import PartialSharing, personal_layer, under
-from pfl.federated.state import param_keys
+from pfl.federated.partial import PartialSharing, outside_personal_layer
 
 
 class FedPerParams(HyperParams):
@@ -54,6 +53,4 @@ class FedPer(PartialSharing):
 
     @classmethod
     def shares(cls, model: nn.Module) -> list[str]:
-        keys = param_keys(model)
-        personal = set(under(keys, personal_layer(model)))
-        return [k for k in keys if k not in personal]
+        return outside_personal_layer(model)

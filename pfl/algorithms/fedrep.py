@@ -41,8 +41,8 @@ from torch import nn
 from pfl.data.loader import DeviceData
 from pfl.federated.base import FederatedContext, HyperParams, SearchParam
 from pfl.federated.local import FitIns, SGDUpdate
-from pfl.federated.partial import PartialSharing, personal_layer, under
-from pfl.federated.state import State, param_keys
+from pfl.federated.partial import PartialSharing, outside_personal_layer, personal_layer
+from pfl.federated.state import State
 
 
 class FedRepParams(HyperParams):
@@ -117,9 +117,7 @@ class FedRep(PartialSharing):
     @classmethod
     def shares(cls, model: nn.Module) -> list[str]:
         """The representation: every parameter outside the personal layer (buffers never travel)."""
-        keys = param_keys(model)
-        personal = set(under(keys, personal_layer(model)))
-        return [k for k in keys if k not in personal]
+        return outside_personal_layer(model)
 
     @property
     def local_update(self) -> RepresentationSGD:

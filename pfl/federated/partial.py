@@ -47,6 +47,18 @@ def under(keys: list[str], prefix: str) -> list[str]:
     return [k for k in keys if k.startswith(prefix + ".")]
 
 
+def outside_personal_layer(model: nn.Module) -> list[str]:
+    """The parameter names outside :func:`personal_layer`, in ``state_dict`` order: what FedPer and FedRep average
+    (PFLlib's ``model.base``, everything but ``model.fc``).
+
+    Raises:
+        ValueError: see :func:`personal_layer`.
+    """
+    keys = param_keys(model)
+    personal = set(under(keys, personal_layer(model)))
+    return [k for k in keys if k not in personal]
+
+
 class PartialSharing(Algorithm):
     """The round of partial sharing (module docstring); subclasses define :meth:`shares`.
 
