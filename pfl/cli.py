@@ -114,8 +114,12 @@ def _parser() -> argparse.ArgumentParser:
                           "(load with models:/NAME@champion)")
     register.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the FL run")
     register.set_defaults(handler=_register)
-    sweep = sub.add_parser("sweep", help="FL runs over Dirichlet alpha x join ratio, head runs on each, one launch run")
+    sweep = sub.add_parser("sweep", help="FL runs over algorithms x Dirichlet alpha x join ratio, head runs on each, "
+                                         "one launch run")
     sweep.add_argument("--config", default="", help="YAML run config of every cell (alpha and join_ratio replaced)")
+    sweep.add_argument("--algos", nargs="+", default=None, metavar="ALGO",
+                       help="algorithms, each a row of the report, e.g. fedavg fedper ditto (default: the config's "
+                            "algo); their hyperparameters go in sections of the config, e.g. `ditto: {mu: 0.1}`")
     sweep.add_argument("--alphas", type=float, nargs="+", required=True, help="Dirichlet alphas, e.g. 0.1 0.5")
     sweep.add_argument("--join-ratios", type=float, nargs="+", required=True, help="join ratios, e.g. 0.1 0.2")
     sweep.add_argument("--methods", nargs="*", choices=("aph", "loraph"), default=["aph", "loraph"],
@@ -407,13 +411,14 @@ def _sweep(args: argparse.Namespace) -> int:
     from pfl.sweep import run_sweep
 
     ray = _ray_options(args, {"--cpus-per-task": args.cpus_per_task})
-    cfg = load_config(args.config or None, args.overrides)
+    cfg = [load_config(args.config or None, [*args.overrides, f"algo={a}"]) for a in dict.fromkeys(args.algos)] \
+        if args.algos else load_config(args.config or None, args.overrides)
     heads = [load_head_config(args.head, method=m) for m in args.methods]
     uri = tracking.configure_tracking(args.tracking_uri)
     _warn_sqlite(ray, uri)
     result = run_sweep(cfg, args.alphas, args.join_ratios, heads, progress=not args.no_progress, ray=ray)
     _print_summary(uri, result.launch_run_id, result.fl_run_ids, tuple(result.head_run_ids))
-    print(f"report: pfl report --experiment {cfg.experiment} --out report")
+    print(f"report: pfl report --experiment {(cfg[0] if isinstance(cfg, list) else cfg).experiment} --out report")
     return 0
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -27,6 +28,7 @@ from pfl.algorithms.flexifed import check_families
 from pfl.data.datasets import CATALOG, DATASET_OPTIONS
 from pfl.federated.downlink import Downlink
 from pfl.models import ARCHITECTURES, MODEL_OPTIONS, modalities_of
+from pfl.seed import derive_seed
 
 ALGORITHMS = tuple(_ALGORITHM_REGISTRY)
 DATASETS = tuple(CATALOG)
@@ -58,6 +60,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train_ratio": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. train_ratio=0.75"),
     "tuning_val_ratio": (lambda v: 0 < v < 1, "must be in (0, 1), e.g. tuning_val_ratio=0.2"),
     "seed": (lambda v: v >= 0, "must be >= 0"),
+    "new_clients": (lambda v: v >= 0, "clients held out of training for new-client evaluation: >= 0 (0: off)"),
+    "finetune_epochs": (lambda v: v >= 0, "local epochs a new client adapts for: >= 0 (0: scored as received)"),
     "classes_per_client": (lambda v: v is None or v >= 1, "must be >= 1 (PFLlib default: 2 for cifar10)"),
     "num_partitions": (lambda v: v is None or v >= 1, "the number of shares the data is split into, of which the "
                        "first num_clients take part: a positive integer >= num_clients, or unset (num_clients)"),
@@ -281,6 +285,10 @@ class RunConfig(_Checked):
     lr_schedule: Literal["constant", "linear"] = "constant"  # linear: lr -> 0 over every client's round (FedIT)
     max_grad_norm: float | None = None  # clip each local step's gradient norm (HF Trainer: 1.0); unset: no clipping
     eval_gap: int = 1
+    # new-client evaluation (PFLlib's -nnc / -ften): clients held out of training, adapted and scored (new/*)
+    new_clients: int = 0  # clients held out (the same ones for every algorithm and seed: new_client_ids)
+    finetune_epochs: int = 0  # local epochs each new client adapts for (PFLlib's default 0: scored as received)
+    new_client_eval: Literal["every", "final"] = "every"  # at every evaluation, or after the last round (PFLlib)
     seed: int = 0
     repeats: int = 1
     # the selected algorithm's hyperparameters (validated by its Params; see the class docstring)
@@ -484,6 +492,9 @@ class RunConfig(_Checked):
         if self.partition == "pfllib" and (self.official_split or self.num_partitions is not None):
             raise ValueError("official_split and num_partitions shape a partition pfl builds; a PFLlib import "
                              "(partition=pfllib) is fixed: remove them")
+        if self.new_clients >= self.num_clients:
+            raise ValueError(f"new_clients={self.new_clients} holds out every one of the {self.num_clients} clients; "
+                             f"keep at least one for training: new_clients <= {self.num_clients - 1}")
         if self.num_partitions is not None and self.num_partitions < self.num_clients:
             raise ValueError(f"num_partitions={self.num_partitions} is below num_clients={self.num_clients}: the "
                              f"first num_clients of num_partitions shares take part; set num_partitions >= "
@@ -509,8 +520,9 @@ class RunConfig(_Checked):
         partition's own fields (:data:`PARTITION_FIELDS`: ``alpha`` only for a Dirichlet partition, ...), the
         dataset's (:data:`pfl.data.datasets.DATASET_OPTIONS`: ``history`` only for David MMSys'18), the models'
         (:data:`pfl.models.MODEL_OPTIONS`: ``embedding`` only with ``vp_transformer``), the downlink knobs only for
-        an algorithm that takes them, a modality's knobs (:data:`MODALITY_FIELDS`) only for its inputs, and the
-        selected algorithm's hyperparameters by bare name; nothing of another algorithm, partition, dataset or model."""
+        an algorithm that takes them, the new-client knobs only when clients are held out, a modality's knobs
+        (:data:`MODALITY_FIELDS`) only for its inputs, and the selected algorithm's hyperparameters by bare name;
+        nothing of another algorithm, partition, dataset or model."""
         values = self.model_dump(exclude={"hparams"})
         values = {k: v for k, v in values.items() if self._applies(k)}
         return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}, **self.hparams}
@@ -525,6 +537,8 @@ class RunConfig(_Checked):
             return any(name in MODEL_OPTIONS.get(m, ()) for m in self.models)
         if name in ("downlink", "downlink_blend"):
             return _ALGORITHM_REGISTRY[self.algo].takes_downlink
+        if name in ("new_clients", "finetune_epochs", "new_client_eval"):
+            return self.new_clients > 0
         for modality, fields in MODALITY_FIELDS.items():
             if name in fields:
                 return CATALOG[self.dataset].modality == modality
@@ -621,8 +635,25 @@ class RunConfig(_Checked):
 
     @property
     def num_join_clients(self) -> int:
-        """Clients sampled per round: :func:`num_join_clients` of this config."""
-        return num_join_clients(self.num_clients, self.join_ratio)
+        """Clients sampled per round: :func:`num_join_clients` of the clients that train (all but ``new_clients``)."""
+        return num_join_clients(self.num_clients - self.new_clients, self.join_ratio)
+
+    @property
+    def new_client_ids(self) -> tuple[int, ...]:
+        """The clients held out of training for new-client evaluation, ascending: ``new_clients`` of the
+        ``num_clients`` drawn without replacement from a stream that depends on ``num_clients`` alone, so every
+        algorithm and seed holds out the same ones (PFLlib's new clients are the ids after ``num_clients``, fixed by
+        its generated dataset)."""
+        if not self.new_clients:
+            return ()
+        rng = np.random.default_rng(derive_seed(0, "new_clients", self.num_clients))
+        return tuple(sorted(rng.choice(self.num_clients, self.new_clients, replace=False).tolist()))
+
+    @property
+    def train_client_ids(self) -> list[int]:
+        """The clients that take part in training, ascending (all but :attr:`new_client_ids`)."""
+        held_out = set(self.new_client_ids)
+        return [c for c in range(self.num_clients) if c not in held_out]
 
 
 METHOD_FIELDS = {"rank": ("loraph",), "lora_init": ("loraph",)}  # head-method fields of one method only

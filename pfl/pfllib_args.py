@@ -23,19 +23,22 @@ from typing import Any, NoReturn
 
 from pfl.config import NUM_CLASSES, ConfigError, num_join_clients
 
-ALGORITHMS = {"FedAvg": "fedavg", "FedFomo": "fedfomo", "FedALA": "fedala"}
+ALGORITHMS = {"FedAvg": "fedavg", "FedFomo": "fedfomo", "FedALA": "fedala", "Local": "local", "FedPer": "fedper",
+              "LG-FedAvg": "lgfedavg", "FedRep": "fedrep", "FedBABU": "fedbabu", "FedBN": "fedbn", "FedROD": "fedrod",
+              "Ditto": "ditto", "APFL": "apfl", "PerAvg": "perfedavg", "pFedMe": "pfedme", "FedPAC": "fedpac",
+              "FedProx": "fedprox", "SCAFFOLD": "scaffold", "MOON": "moon", "FedProto": "fedproto"}  # main.py's names
 DATASETS = {"Cifar10": "cifar10", "Cifar100": "cifar100", "TinyImagenet": "tinyimagenet"}  # PFLlib folder names
 MODELS = {"CNN": "cnn", "ResNet18": "resnet18"}
 _PFLLIB_NAMES = {"algorithm": ALGORITHMS, "dataset": DATASETS, "model": MODELS}
 _MIN_TIME_THRESHOLD = 10000.0  # PFLlib's default -tth (seconds): no client is that slow, so none is dropped
-_OTHER_ALGORITHMS = "a knob of PFLlib algorithms pfl does not have; FedAvg, FedFomo and FedALA never read it"
+_OTHER_ALGORITHMS = "a knob of PFLlib algorithms pfl does not have; none of pfl's algorithms reads it"
 
 
 @dataclass(frozen=True)
 class _Flag:
     """One PFLlib flag: option strings, argparse type, and what pfl does with it.
 
-    ``key``: the pfl config key it sets (an algorithm hyperparameter when ``owner`` names the algorithm).
+    ``key``: the pfl config key it sets (an algorithm hyperparameter when ``owners`` names the algorithms reading it).
     ``neutral``: for a flag pfl does not model, the values that leave PFLlib's run as pfl runs it; other
     values are refused with ``why``. Neither ``key`` nor ``neutral``: always ignored, because ``why``.
     A flag with none of the three is translated by :func:`parse_pfllib_args` itself.
@@ -45,7 +48,7 @@ class _Flag:
     long: str
     type: Callable[[str], Any] = str
     key: str | None = None
-    owner: str | None = None
+    owners: tuple[str, ...] = ()
     neutral: Callable[[Any], bool] | None = None
     why: str = ""
 
@@ -76,9 +79,20 @@ _FLAGS = (
     _Flag("-gr", "--global_rounds", int, "global_rounds"), _Flag("-ls", "--local_epochs", int, "local_epochs"),
     _Flag("-eg", "--eval_gap", int, "eval_gap"), _Flag("-t", "--times", int, "repeats"),
     # algorithm hyperparameters
-    _Flag("-M", "--M", int, "M", "fedfomo"),
-    _Flag("-et", "--eta", float, "eta", "fedala"), _Flag("-s", "--rand_percent", int, "rand_percent", "fedala"),
-    _Flag("-p", "--layer_idx", int, "layer_idx", "fedala"),
+    _Flag("-M", "--M", int, "M", ("fedfomo",)),
+    _Flag("-et", "--eta", float, "eta", ("fedala",)), _Flag("-s", "--rand_percent", int, "rand_percent", ("fedala",)),
+    _Flag("-p", "--layer_idx", int, "layer_idx", ("fedala",)),
+    _Flag("-mu", "--mu", float, "mu", ("fedprox", "ditto", "moon")), _Flag("-tau", "--tau", float, "tau", ("moon",)),
+    _Flag("-lam", "--lamda", float, "lamda", ("pfedme", "fedpac", "fedproto")),
+    _Flag("-K", "--K", int, "K", ("pfedme",)), _Flag("-lrp", "--p_learning_rate", float, "personal_learning_rate",
+                                                     ("pfedme",)),
+    _Flag("-bt", "--beta", float, "beta", ("pfedme",)),  # PFLlib's PerAvg ignores -bt (its beta is the lr)
+    _Flag("-al", "--alpha", float, "alpha_init", ("apfl",)),
+    _Flag("-pls", "--plocal_epochs", int, "plocal_epochs", ("fedrep", "ditto")),
+    _Flag("-fte", "--fine_tuning_epochs", int, "fine_tuning_epochs", ("fedbabu",)),
+    _Flag("-slr", "--server_learning_rate", float, "server_learning_rate", ("scaffold",)),
+    _Flag("-nnc", "--num_new_clients", int, "new_clients"),
+    _Flag("-ften", "--fine_tuning_epoch_new", int, "finetune_epochs"),
     # not modelled: accepted at the values that change nothing
     _Flag("-ld", "--learning_rate_decay", bool, neutral=_is_false, why="pfl has no learning-rate decay"),
     _Flag("-rjr", "--random_join_ratio", bool, neutral=_is_false,
@@ -88,7 +102,6 @@ _FLAGS = (
     _Flag("-ts", "--time_select", bool, neutral=_is_false, why="pfl does not simulate client time costs"),
     _Flag("-pv", "--prev", int, neutral=_is_zero,
           why="pfl has no run offset; -t sets the number of runs (seeds seed .. seed + repeats - 1)"),
-    _Flag("-nnc", "--num_new_clients", int, neutral=_is_zero, why="pfl has no new-client evaluation"),
     _Flag("-fs", "--few_shot", int, neutral=_is_zero, why="pfl trains on all of a client's train split"),
     _Flag("-cdr", "--client_drop_rate", float, neutral=_is_zero, why="pfl has no client drop-out"),
     _Flag("-tsr", "--train_slow_rate", float, neutral=_is_zero, why="pfl has no slow clients"),
@@ -102,17 +115,14 @@ _FLAGS = (
     _Flag("-tc", "--top_cnt", int, why="used only with -ab"),
     _Flag("-dlgg", "--dlg_gap", int, why="used only with -dlg"),
     _Flag("-bnpc", "--batch_num_per_client", int, why="used only with -dlg"),
-    _Flag("-ften", "--fine_tuning_epoch_new", int, why="used only with -nnc"),
     *(_Flag(s, lng, t, why="read only by PFLlib's text models and other algorithms") for s, lng, t in (
         ("-fd", "--feature_dim", int), ("-vs", "--vocab_size", int), ("-ml", "--max_len", int))),
     *(_Flag(s, lng, t, why=_OTHER_ALGORITHMS) for s, lng, t in (
-        ("-bt", "--beta", float), ("-lam", "--lamda", float), ("-mu", "--mu", float), ("-K", "--K", int),
-        ("-lrp", "--p_learning_rate", float), ("-itk", "--itk", int), ("-alk", "--alphaK", float),
-        ("-sg", "--sigma", float), ("-al", "--alpha", float), ("-pls", "--plocal_epochs", int),
-        ("-tau", "--tau", float), ("-fte", "--fine_tuning_epochs", int), ("-dlr", "--dr_learning_rate", float),
+        ("-itk", "--itk", int), ("-alk", "--alphaK", float), ("-sg", "--sigma", float),
+        ("-dlr", "--dr_learning_rate", float),
         ("-L", "--L", float), ("-nd", "--noise_dim", int), ("-glr", "--generator_learning_rate", float),
         ("-hd", "--hidden_dim", int), ("-se", "--server_epochs", int), ("-lf", "--localize_feature_extractor", bool),
-        ("-slr", "--server_learning_rate", float), ("-mlr", "--mentee_learning_rate", float),
+        ("-mlr", "--mentee_learning_rate", float),
         ("-Ts", "--T_start", float), ("-Te", "--T_end", float), ("-mo", "--momentum", float),
         ("-klw", "--kl_weight", float), ("-fsb", "--first_stage_bound", int), ("-ca", "--fedcross_alpha", float),
         ("-cmss", "--collaberative_model_select_strategy", int))),
@@ -249,8 +259,8 @@ def parse_pfllib_args(args: str) -> Translation:
     for dest, value in given.items():
         flag = _BY_DEST[dest]
         as_given = f"{flag.short} {value}"
-        if flag.owner is not None and algo is not None and flag.owner != ALGORITHMS[algo]:
-            out.ignored[as_given] = f"a knob of {flag.owner}, and PFLlib's {algo} never reads it"
+        if flag.owners and algo is not None and ALGORITHMS[algo] not in flag.owners:
+            out.ignored[as_given] = f"a knob of {', '.join(flag.owners)}, and PFLlib's {algo} never reads it"
         elif flag.key is not None:
             out._set(flag.key, value, as_given)
         elif flag.neutral is not None and not flag.neutral(value):

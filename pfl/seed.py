@@ -27,6 +27,8 @@ STREAMS: dict[str, int] = {
     "cohort": 15,            # MocoSFL: a step's clients when clients_per_step is set
     "prototypes": 16,        # MocoSFL, SwAV: the prototypes' initialization
     "linear_probe": 17,      # MocoSFL: the linear probe's initialization and batch order
+    "new_clients": 40,       # new-client evaluation: which clients are held out of training
+    "new_client_batches": 41,  # new-client evaluation: a new client's batch order when it adapts, per round
 }
 
 

@@ -1,6 +1,6 @@
-"""``pfl sweep``: FL runs over a grid of Dirichlet alpha x join ratio, and head runs on each.
+"""``pfl sweep``: FL runs over a grid of algorithm x Dirichlet alpha x join ratio, and head runs on each.
 
-Everything nests under one launch run: launch -> FL run per (alpha, join ratio, seed)
+Everything nests under one launch run: launch -> FL run per (algorithm, alpha, join ratio, seed)
 -> APH / LoRAPH head runs per FL run. Every grid cell is validated (config, data,
 partition feasibility, algorithm hyperparameters) before the launch run starts. The
 runs feed the report's bar-line plots (ECE vs alpha, ECE vs participation ratio).
@@ -43,31 +43,34 @@ class CellRuns:
     head_run_ids: dict[str, list[str]]
 
 
-def grid(cfg: RunConfig, alphas: list[float], join_ratios: list[float]) -> list[RunConfig]:
-    """One validated config per (alpha, join ratio), alpha varying fastest.
+def grid(cfgs: list[RunConfig], alphas: list[float], join_ratios: list[float]) -> list[RunConfig]:
+    """One validated config per (algorithm, join ratio, alpha), alpha varying fastest: ``cfgs`` holds the run config
+    of each algorithm swept (``pfl sweep --algos``; one config: its own algorithm).
 
     Raises:
         ConfigError: an empty list, or a value out of range (names the field).
     """
     if not alphas or not join_ratios:
         raise ConfigError("sweep: give at least one alpha (--alphas) and one join ratio (--join-ratios)")
-    if cfg.partition != "dirichlet" and len(alphas) > 1:
-        raise ConfigError(f"alpha: sweeping alpha needs partition=dirichlet (the config has {cfg.partition})")
     cells = []
-    for jr in join_ratios:
-        for alpha in alphas:
-            try:
-                cells.append(RunConfig(**{**cfg.model_dump(), "alpha": alpha, "join_ratio": jr}))
-            except ValidationError as err:
-                raise ConfigError(format_validation_error(err)) from None
+    for cfg in cfgs:
+        if cfg.partition != "dirichlet" and len(alphas) > 1:
+            raise ConfigError(f"alpha: sweeping alpha needs partition=dirichlet (the config has {cfg.partition})")
+        for jr in join_ratios:
+            for alpha in alphas:
+                try:
+                    cells.append(RunConfig(**{**cfg.model_dump(), "alpha": alpha, "join_ratio": jr}))
+                except ValidationError as err:
+                    raise ConfigError(format_validation_error(err)) from None
     return cells
 
 
-def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], heads: list[HeadConfig],
-              progress: bool = True, ray: RayOptions | None = None) -> SweepResult:
+def run_sweep(cfg: RunConfig | list[RunConfig], alphas: list[float], join_ratios: list[float],
+              heads: list[HeadConfig], progress: bool = True, ray: RayOptions | None = None) -> SweepResult:
     """Train every grid cell (``cfg.repeats`` seeds each) and run every head config on each FL run.
 
     Args:
+        cfg: the run config of every cell, or one per algorithm swept (the same setting, another ``algo``).
         ray: run the cells side by side as Ray tasks (:func:`pfl.distributed.map_cells`) on the cluster these
             options name; ``None``: in this process, one after another. The runs are the same either way, and the
             launch run gets the cells' summaries in grid order.
@@ -79,16 +82,21 @@ def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], hea
     """
     from pfl import tracking
 
-    cells = grid(cfg, alphas, join_ratios)
+    cfgs = cfg if isinstance(cfg, list) else [cfg]
+    cfg, several = cfgs[0], len(cfgs) > 1
+    cells = grid(cfgs, alphas, join_ratios)
     prepared = [prepare(cells[0])]
     prepared += [prepare(c, like=prepared[0]) for c in cells[1:]]  # one copy of the image pool
     firsts = [build_algorithm(p, p.cfg.seed) for p in prepared]
     pools = ood_pools(heads, prepared)  # loaded and checked now
     shared = prepared[0].cfg.flat_params()  # eval_batch_size resolved for the device, as the FL runs log it
     params = {**shared, "join_ratio": str(join_ratios), "head_methods": ",".join(h.method for h in heads),
-              **({"alpha": str(alphas)} if "alpha" in shared else {})}
+              **({"alpha": str(alphas)} if "alpha" in shared else {}),
+              **({"algo": ",".join(c.algo for c in cfgs)} if several else {})}
+    if several:  # hyperparameters differ by algorithm: each FL run logs its own
+        params = {k: v for k, v in params.items() if k not in cfg.hparams}
     fl_ids, head_ids = [], []
-    name = sweep_name(cells[0], alphas, join_ratios)
+    name = sweep_name(cells[0], alphas, join_ratios, [c.algo_label for c in cfgs])
     with (ray_session(ray, cfg.device) if ray else nullcontext()) as resources, \
             tracking.launch_run(cfg.experiment, name, params) as launch_id:
         done = (map_cells(cells, heads, launch_id, resources, progress) if ray else
@@ -97,12 +105,15 @@ def run_sweep(cfg: RunConfig, alphas: list[float], join_ratios: list[float], hea
             for cell, runs in zip(prepared, done):
                 fl_ids += runs.fl_run_ids
                 head_ids += [i for ids in runs.head_run_ids.values() for i in ids]
-                _log_cell_summary(cell_name(cell.cfg), runs.fl_run_ids, runs.head_run_ids)
+                _log_cell_summary(cell_name(cell.cfg, several), runs.fl_run_ids, runs.head_run_ids)
         swept = cfg.describe(", ".join(f"{a:g}" for a in alphas), ", ".join(f"{j:g}" for j in join_ratios))
+        if several:
+            swept = f"algorithms {', '.join(c.algo_label for c in cfgs)}; " + swept
+        names = ", ".join(cell_name(p.cfg, several) for p in prepared)
         tracking.set_description(launch_id, f"**{name}**: {swept}; head methods "
-                                 f"{', '.join(h.method for h in heads) or 'none'}.\n\nMetrics per cell "
-                                 f"({', '.join(cell_name(p.cfg) for p in prepared)}): `<cell>/<metric>` (mean over "
-                                 "seeds) and `<cell>/<metric>_seed_std`; head methods under `<cell>/<method>/`.")
+                                 f"{', '.join(h.method for h in heads) or 'none'}.\n\nMetrics per cell ({names}): "
+                                 "`<cell>/<metric>` (mean over seeds) and `<cell>/<metric>_seed_std`; head methods "
+                                 "under `<cell>/<method>/`.")
     return SweepResult(launch_id, fl_ids, head_ids)
 
 
@@ -139,16 +150,20 @@ def run_cell(cell: Prepared, first: Algorithm, heads: list[HeadConfig], pools: d
                           for hc in heads})
 
 
-def cell_name(cfg: RunConfig) -> str:
-    """A grid cell's name in the sweep's metrics: ``<partition label>-jr<ratio>``, e.g. ``dir0.1-jr0.2``."""
-    return f"{cfg.partition_label}-jr{cfg.join_ratio:g}"
+def cell_name(cfg: RunConfig, with_algo: bool = False) -> str:
+    """A grid cell's name in the sweep's metrics: ``<partition label>-jr<ratio>``, e.g. ``dir0.1-jr0.2``; in a sweep
+    of several algorithms prefixed with the algorithm, e.g. ``fedper-dir0.1-jr0.2``."""
+    name = f"{cfg.partition_label}-jr{cfg.join_ratio:g}"
+    return f"{cfg.algo_label}-{name}" if with_algo else name
 
 
-def sweep_name(cfg: RunConfig, alphas: list[float], join_ratios: list[float]) -> str:
-    """The sweep's launch run name, e.g. ``sweep-fedfomo-cifar10-dir0.1,0.5-jr0.1,0.2-cnn-r3-s0``; ``cfg``: a grid
-    cell's config (so a partition that does not sweep alpha shows the alpha its cells run at)."""
+def sweep_name(cfg: RunConfig, alphas: list[float], join_ratios: list[float], algos: list[str] | None = None) -> str:
+    """The sweep's launch run name, e.g. ``sweep-fedfomo-cifar10-dir0.1,0.5-jr0.1,0.2-cnn-r3-s0`` (several
+    algorithms: ``sweep-fedavg,fedper-cifar10-...``); ``cfg``: a grid cell's config (so a partition that does not sweep
+    alpha shows the alpha its cells run at)."""
     part = "dir" + ",".join(f"{a:g}" for a in alphas) if cfg.partition == "dirichlet" else cfg.partition_label
-    return (f"sweep-{cfg.algo_label}-{cfg.dataset}-{part}-jr{','.join(f'{j:g}' for j in join_ratios)}-{cfg.model}"
+    algo = ",".join(algos) if algos else cfg.algo_label
+    return (f"sweep-{algo}-{cfg.dataset}-{part}-jr{','.join(f'{j:g}' for j in join_ratios)}-{cfg.model}"
             f"-r{cfg.global_rounds}-{cfg.seeds_label}")
 
 

@@ -328,7 +328,8 @@ def save_mlflow_model(folder: Path, spec: ModelSpec, example: np.ndarray, artifa
 
 
 def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], backbone: State | None = None,
-                      example_of: Callable[[int], torch.Tensor] | None = None, output: str = "probabilities") -> None:
+                      example_of: Callable[[int], torch.Tensor] | None = None, output: str = "probabilities",
+                      client_ids: list[int] | None = None) -> None:
     """Save every client's personalized model as an MLflow Model directory ``clients/client_XXX/``.
 
     Each holds the ``pyfunc`` flavor from code (:mod:`pfl.pyfunc`), the signature (uint8 images (-1, C, H, W) ->
@@ -345,6 +346,8 @@ def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], 
             the client); ``None``: one zero sample of the model's input shape (images: uint8).
         output: what ``predict`` returns (:mod:`pfl.pyfunc`): ``probabilities`` (a classifier), ``values`` (a
             regression's outputs), or ``embeddings`` (self-supervised).
+        client_ids: the clients to save (``None``: all; a run with new-client evaluation saves its training
+            clients, the held-out ones having no model of their own).
     """
     shared = {}
     config: dict[str, Any] = {"output": output}
@@ -354,7 +357,9 @@ def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], 
         config["backbone"] = f"runs:/{mlflow.active_run().info.run_id}/{BACKBONE_FILE}"
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / CLIENT_DIR
-        for cid, spec in enumerate(specs):
+        ids = list(range(len(specs))) if client_ids is None else client_ids
+        for cid in ids:
+            spec = specs[cid]
             state = {k: v.detach().cpu().contiguous() for k, v in state_of(cid).items() if k not in (backbone or {})}
             meta = {"client_id": cid, "model_spec": spec.to_dict(), **shared}
             weights = Path(tmp) / "weights" / _client_name(cid) / MODEL_WEIGHTS
@@ -365,7 +370,7 @@ def log_client_models(specs: list[ModelSpec], state_of: Callable[[int], State], 
             save_mlflow_model(folder / _client_name(cid), spec, example.cpu().numpy(), {"weights": str(weights)},
                               config)
         mlflow.log_artifacts(str(folder), CLIENT_DIR)
-    _show_models_column([f"{CLIENT_DIR}/{_client_name(cid)}" for cid in range(len(specs))])
+    _show_models_column([f"{CLIENT_DIR}/{_client_name(cid)}" for cid in ids])
 
 
 def _show_models_column(paths: list[str]) -> None:
@@ -489,7 +494,7 @@ class FLRunInputs:
         config: the run configuration (the FL run's ``config.json``, or its launch run's for older runs).
         params: the FL run's params (``seed``, ``dataset_fingerprint``, ``partition_key``, ...).
         experiment_id: where the FL run lives (head runs go to the same experiment).
-        num_clients: clients with a saved model.
+        num_clients: clients with a saved model (all but those held out for new-client evaluation).
         name: the FL run's name.
     """
 
@@ -537,6 +542,11 @@ def fl_run_config(run_id: str) -> dict[str, Any]:
     return _run_config(_fl_run(run_id))
 
 
+def _trained_clients(params: dict[str, str]) -> int:
+    """How many clients of an FL run trained and have a model: ``num_clients`` less the ``new_clients`` held out."""
+    return int(params["num_clients"]) - int(params.get("new_clients", 0))
+
+
 def fl_run_inputs(run_id: str) -> FLRunInputs:
     """Check that ``run_id`` is a finished FL run with every client's model and read its config.
 
@@ -545,7 +555,7 @@ def fl_run_inputs(run_id: str) -> FLRunInputs:
             FL run without the models of all its clients; the message says what to pass instead.
     """
     run = _fl_run(run_id)
-    expected = int(run.data.params["num_clients"])
+    expected = _trained_clients(run.data.params)
     saved = [a for a in mlflow.MlflowClient().list_artifacts(run_id, CLIENT_DIR)
              if Path(a.path).name.startswith("client_")]
     if len(saved) != expected:
@@ -808,8 +818,9 @@ def register_client_models(run_id: str, clients: list[int] | None, name: str | N
     """
     run = _fl_run(run_id)
     params = run.data.params
-    ids = list(range(int(params["num_clients"]))) if clients is None else [_client_number(c) for c in clients]
-    metrics = {row["client"]: row for row in _client_rows(run_id)}
+    metrics = {row["client"]: row for row in _client_rows(run_id)}  # one row per client with a model
+    every = sorted(metrics) or list(range(int(params["num_clients"])))  # runs without per-client metrics: all
+    ids = every if clients is None else [_client_number(c) for c in clients]
     base_tags = {k: params[k] for k in REGISTRY_TAGS if k in params} | {"fl_run_id": run_id}
     registered, client = [], mlflow.MlflowClient()
     for cid in ids:

@@ -319,7 +319,8 @@ def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Alg
                            loss_fn=task.loss())
         ctx = FederatedContext(clients, specs, runner, update, {spec: model_state(m) for spec, m in models.items()},
                                cfg.num_join_clients, seed, budget, cfg.client_parallelism,
-                               cfg.global_rounds, task, Downlink.parse(cfg.downlink, cfg.downlink_blend))
+                               cfg.global_rounds, task, Downlink.parse(cfg.downlink, cfg.downlink_blend),
+                               cfg.new_client_ids)
         return cls(ctx, **cfg.hparams)
     except ValueError as err:  # PartitionError, model sizes and the algorithms' hyperparameter checks
         raise ConfigError(f"{cfg.algo} with model={cfg.model}: {err}") from None
@@ -327,8 +328,13 @@ def build_algorithm(prepared: Prepared, seed: int, holdout: bool = False) -> Alg
 
 def run_rounds(algorithm: Algorithm, cfg: RunConfig, callbacks: list[Callback], eval_split: str = "test") -> Evaluation:
     """Run all global rounds of ``cfg`` for a built algorithm, evaluating on ``eval_split``; returns the final evaluation."""
-    schedule = Schedule(cfg.global_rounds, cfg.num_join_clients, cfg.eval_gap, cfg.ece_bins, eval_split)
-    return Engine(algorithm, schedule, callbacks).run()
+    return Engine(algorithm, schedule_of(cfg, eval_split), callbacks).run()
+
+
+def schedule_of(cfg: RunConfig, eval_split: str = "test") -> Schedule:
+    """The engine's :class:`~pfl.federated.engine.Schedule` of ``cfg``, evaluating on ``eval_split``."""
+    return Schedule(cfg.global_rounds, cfg.num_join_clients, cfg.eval_gap, cfg.ece_bins, eval_split,
+                    cfg.finetune_epochs, cfg.new_client_eval)
 
 
 def run_federated(prepared: Prepared, seed: int, callbacks: list[Callback]) -> tuple[Algorithm, Evaluation]:
@@ -376,8 +382,7 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
     if progress:
         callbacks.append(ProgressBar(cfg.global_rounds, desc=f"{cfg.algo} seed {algorithm.ctx.seed}", initial=done))
     checkpointer = Checkpointer(checkpoint_path(cfg, run_id), cfg.checkpoint_every, at_end=cfg.keep_checkpoint)
-    schedule = Schedule(cfg.global_rounds, cfg.num_join_clients, cfg.eval_gap, cfg.ece_bins)
-    engine = Engine(algorithm, schedule, callbacks, checkpointer, stop)
+    engine = Engine(algorithm, schedule_of(cfg), callbacks, checkpointer, stop)
     start = engine.restore(*snapshot) if snapshot else 1
     try:
         engine.run(start)
@@ -393,7 +398,7 @@ def execute_fl_run(prepared: Prepared, algorithm: Algorithm, run_id: str, extra_
         tracking.log_state(state, f"server/{name}.safetensors")
     output = "embeddings" if not algorithm.classifier else "probabilities" if prepared.task.classifier else "values"
     tracking.log_client_models(algorithm.ctx.specs, algorithm.personalized_state, algorithm.shared_backbone(),
-                               prepared.input_example, output)
+                               prepared.input_example, output, algorithm.ctx.train_clients)
     if checkpointer.sizes:
         tracking.log_metrics({"checkpoint/mb": checkpointer.sizes[-1] / 2**20,
                               "time/checkpoint": sum(checkpointer.seconds) / len(checkpointer.seconds)})

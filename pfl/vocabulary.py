@@ -21,6 +21,9 @@ column then ranks FL runs and head runs together (``test/f_ece``).
   weighted mean over one architecture's clients (runs that mix architectures).
   FL runs score the personalized models; head runs the method's ensemble.
 * ``val/<metric>``: the same on the tuning splits (hyperparameter search).
+* ``new/<metric>``: new-client evaluation (``new_clients=K``): the K clients held out of training, each after
+  adapting for ``finetune_epochs`` by the algorithm's rule, on their test splits (``new/acc``, ``new/f_ece``, ...).
+* ``finetuned/<metric>``: an algorithm's locally fine-tuned models beside its personalized ones (FedGen).
 * ``wo/<metric>``: a head run's unmodified models (w/o the method), beside its ``test/*``.
 * ``ood/<score>``: OOD detection of a head run's ensemble (``ood/auroc_msp``, ...);
   ``wo/ood_<score>`` of its unmodified models.

@@ -14,7 +14,12 @@ from __future__ import annotations
 import math
 import re
 
-ALGORITHMS = {"fedavg": "FedAvg", "fedfomo": "FedFomo", "fedala": "FedALA", "flexifed": "FlexiFed", "fedgen": "FedGen"}
+# in the row order of the tables: FedAvg, the other global-model baselines, then the personalized algorithms
+ALGORITHMS = {"fedavg": "FedAvg", "fedprox": "FedProx", "scaffold": "SCAFFOLD", "moon": "MOON", "local": "Local",
+              "fedfomo": "FedFomo", "fedala": "FedALA", "fedper": "FedPer", "lgfedavg": "LG-FedAvg", "fedrep": "FedRep",
+              "fedbabu": "FedBABU", "fedbn": "FedBN", "fedrod": "FedRoD", "ditto": "Ditto", "apfl": "APFL",
+              "perfedavg": "Per-FedAvg", "pfedme": "pFedMe", "fedpac": "FedPAC", "fedproto": "FedProto",
+              "fedgen": "FedGen", "flexifed": "FlexiFed", "fedlora": "FedLoRA", "mocosfl": "MocoSFL"}
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet", "david": "David MMSys'18",
             "cinic10": "CINIC-10", "agnews": "AG News", "speech_commands": "Speech Commands"}
 MODELS = {"vp_lstm": "LSTM", "vp_transformer": "Transformer"}  # in table column order
@@ -27,6 +32,14 @@ _FAMILY_DEPTH = re.compile(r"([a-z]+)(\d+)")
 def algo_name(algo: str) -> str:
     """``fedavg`` -> ``FedAvg``, ``fedfomo`` -> ``FedFomo``, ``fedala`` -> ``FedALA``, ``flexifed`` -> ``FlexiFed``."""
     return ALGORITHMS.get(algo, str(algo))
+
+
+def algo_order(algos) -> list[str]:
+    """Algorithm ids in table row order: FedAvg, the other global-model baselines, then the personalized
+    algorithms (the order of :data:`ALGORITHMS`, the researchers' tables' FedAvg-first order); ids without an entry
+    last, alphabetically."""
+    rank = {a: k for k, a in enumerate(ALGORITHMS)}
+    return sorted(algos, key=lambda a: (rank.get(a, len(rank)), str(a)))
 
 
 def dataset_name(dataset: str) -> str:

@@ -30,8 +30,9 @@ from matplotlib import font_manager
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
-METHOD_ORDER = ("w/o", "APH", "LoRAPH")
-METHOD_COLORS = {"w/o": "#4E79A7", "APH": "#F28E2B", "LoRAPH": "#59A14F"}
+NEW_CLIENTS = "new clients"  # an FL run's new-client evaluation (new/*): held-out clients after adapting
+METHOD_ORDER = ("w/o", "APH", "LoRAPH", NEW_CLIENTS)
+METHOD_COLORS = {"w/o": "#4E79A7", "APH": "#F28E2B", "LoRAPH": "#59A14F", NEW_CLIENTS: "#B07AA1"}
 
 PREFERRED_SERIF = "Times New Roman"
 # Metric-compatible Times substitutes, in order of preference.

@@ -4,7 +4,8 @@ Everything goes through ``mlflow.search_runs`` and the artifact API; no file beh
 MLflow's back is read. Only FINISHED runs count. The long frame of :func:`results` has
 one row per (FL run, method): ``method`` is ``"w/o"`` (the FL run's own evaluation of the
 unmodified personalized models), ``"APH"`` or ``"LoRAPH"`` (the latest finished head run of
-that method nested under the FL run). Metrics: ``acc``, ``nll`` and ``ece`` = F-ECE
+that method nested under the FL run), or ``"new clients"`` (an FL run that held clients out: its final
+new-client evaluation, ``new/*``; always the final round). Metrics: ``acc``, ``nll`` and ``ece`` = F-ECE
 (test-sample-weighted mean of per-client ECE, ``ece_bins`` = 20 equal-mass bins), for every method
 alike, and ``ood_auroc``: the AUROC of the maximum softmax probability separating each client's
 test split (in-distribution, the positive class) from its OOD sample (test-sample-weighted
@@ -49,12 +50,14 @@ from pfl.config import PARTITION_FIELDS
 from pfl.heads import METHOD_LABELS
 from pfl.models import FAMILIES
 from pfl.vocabulary import LEGACY_HEADS, best_name, legacy_fl
+from reports.plots import NEW_CLIENTS
 
 METRICS = ("acc", "nll", "ece", "ood_auroc")
 SETTING = ("algo", "dataset", "partition", "alpha", "classes_per_client", "partition_name", "join_ratio")
 INFO = ("num_clients", "global_rounds", "ece_bins")  # params the captions state
 STATS = ("final", "best")
 FL_METRICS = {"acc": "test/acc", "nll": "test/nll", "ece": "test/f_ece"}  # final; best: best_name(...)
+NEW_METRICS = {"acc": "new/acc", "nll": "new/nll", "ece": "new/f_ece"}  # new-client evaluation (final round)
 ARCH_ACC = {"final": "test/acc", "best": "best/test_acc"}  # + "_<arch>": an architecture group's accuracy
 ARCH_COLUMNS = ("fl_run_id", "row", "algo", "scheme", "family", *SETTING[1:], "seed", *INFO, "arch", "acc")
 MEAN_ARCH = "mean"  # the arch label of a run's accuracy over all its clients (test/acc)
@@ -176,6 +179,13 @@ def _method_rows(base: pd.DataFrame, heads: pd.DataFrame) -> pd.DataFrame:
     return base.merge(found, on="fl_run_id")
 
 
+def _new_client_rows(fl: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
+    """One ``new clients`` row per FL run that held clients out: its final ``new/*`` (new-client evaluation)."""
+    values = {m: _column(fl, f"metrics.{name}").to_numpy() for m, name in NEW_METRICS.items()}
+    rows = base.assign(method=NEW_CLIENTS, **values, ood_auroc=float("nan"), ood_dataset=None)
+    return rows[~np.isnan(values["acc"])]
+
+
 def results(experiments: list[str] | None = None, filter_string: str = "", stat: str = "final") -> pd.DataFrame:
     """Long frame of FL runs x methods: ``fl_run_id``, SETTING, ``seed``, INFO, ``method``, METRICS, ``ood_dataset``.
 
@@ -197,7 +207,8 @@ def results(experiments: list[str] | None = None, filter_string: str = "", stat:
     base = _settings(fl)
     heads = _latest_heads(experiments, base["fl_run_id"])
     wo = base.assign(method="w/o", **_fl_metrics(fl, stat)).merge(_wo_ood(heads), on="fl_run_id", how="left")
-    rows = [wo] if heads.empty else [wo, _method_rows(base, heads)]
+    rows = [wo, _new_client_rows(fl, base)] if heads.empty else [wo, _new_client_rows(fl, base),
+                                                                 _method_rows(base, heads)]
     long = pd.concat(rows, ignore_index=True)[columns]
     long[list(METRICS)] = long[list(METRICS)].astype(float)
     return long

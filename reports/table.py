@@ -1,4 +1,6 @@
-"""The results table: one row per algorithm, columns dataset x {w/o, APH, LoRAPH} x {Acc, NLL, F-ECE, OOD AUROC}.
+"""The results table: one row per algorithm, columns dataset x {w/o, APH, LoRAPH} x {Acc, NLL, F-ECE, OOD AUROC},
+plus a ``new clients`` group when runs held clients out (new-client evaluation, the FL runs' ``new/*``). Rows are
+in :func:`reports.names.algo_order`: FedAvg first, then the personalized algorithms.
 
 Cells are mean ± population std (ddof=0) over seeds (from :func:`reports.query.aggregate`); a
 cell of a single seed shows its value alone (no ``± 0.00``). The best value of each column
@@ -26,8 +28,8 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from reports.names import algo_name, dataset_name, number
-from reports.plots import METHOD_ORDER
+from reports.names import algo_name, algo_order, dataset_name, number
+from reports.plots import METHOD_ORDER, NEW_CLIENTS
 from reports.query import METRICS
 from reports.settings import TABLE_SETTING, partition_label
 
@@ -230,8 +232,9 @@ def build_table(agg: pd.DataFrame, caption: str = "") -> ResultsTable:
         raise ValueError("no finished FL runs match the selection; check --experiment and the filters")
     _check_one_setting(agg)
     datasets = sorted(agg["dataset"].unique())
-    columns = pd.MultiIndex.from_tuples([(d, m, k) for d in datasets for m in METHOD_ORDER for k in METRICS])
-    algos = sorted(agg["algo"].unique())
+    methods = [m for m in METHOD_ORDER if m != NEW_CLIENTS or (agg["method"] == NEW_CLIENTS).any()]
+    columns = pd.MultiIndex.from_tuples([(d, m, k) for d in datasets for m in methods for k in METRICS])
+    algos = algo_order(agg["algo"].unique())
     frames = {stat: pd.DataFrame(0.0 if stat == "n" else float("nan"), index=algos, columns=columns)
               for stat in ("mean", "std", "n")}
     for row in agg.itertuples(index=False):

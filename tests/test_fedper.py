@@ -13,6 +13,7 @@ from torch import nn
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.fedper import FedPer
 from pfl.algorithms.lgfedavg import LGFedAvg
+from pfl.algorithms.local import Local
 from pfl.config import load_config
 from pfl.data.loader import ClientData
 from pfl.federated.base import FederatedContext
@@ -85,7 +86,7 @@ def test_fedper_averages_the_base_parameters_and_keeps_heads_and_buffers_per_cli
     assert list(ins.sent) == BASE_PARAMS
 
 
-@pytest.mark.parametrize("cls", [FedPer, LGFedAvg])
+@pytest.mark.parametrize("cls", [FedPer, LGFedAvg, Local])
 def test_state_round_trips(cls):
     model = tiny_split_model()
     algo = cls(context(3, model))
@@ -104,7 +105,7 @@ def test_fedper_needs_a_head_to_keep():
         FedPer(context(2, nn.Linear(1, 1)))
 
 
-@pytest.mark.parametrize("cls", [FedPer, LGFedAvg])
+@pytest.mark.parametrize("cls", [FedPer, LGFedAvg, Local])
 @pytest.mark.parametrize("twin", ["pr0.2", "cpu"])
 def test_templates_are_the_fedavg_setting(cls, twin):
     name = f"{cls.name}_cifar10_{twin}.yaml"

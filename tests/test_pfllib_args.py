@@ -52,7 +52,7 @@ def test_device(args, device):
 
 @pytest.mark.parametrize("args, named", [
     ("-algo FedFomo -foo 3", "unrecognized arguments: -foo 3"),
-    ("-algo Ditto", "-algo/--algorithm Ditto: pfl has the algorithms FedAvg, FedFomo, FedALA"),
+    ("-algo FedDyn", "-algo/--algorithm FedDyn: pfl has the algorithms FedAvg, FedFomo, FedALA, Local, FedPer"),
     ("-data MNIST", "-data/--dataset MNIST"),
     ("-m ResNet34", "-m/--model ResNet34"),
     ("-nc x", "-nc/--num_clients: invalid int value"),
@@ -77,10 +77,20 @@ def test_bad_flags_raise_one_line_naming_the_flag(args, named):
     assert message.startswith("--pfllib-args: ") and named in message and "\n" not in message
 
 
+def test_new_algorithms_knobs_and_new_client_evaluation_translate():
+    t = parse_pfllib_args("-algo Ditto -mu 0.1 -pls 2 -nnc 2 -ften 1 -lam 3 -nc 20 -jr 0.2")
+    assert t.values == {"algo": "ditto", "mu": 0.1, "plocal_epochs": 2, "new_clients": 2, "finetune_epochs": 1,
+                        "num_clients": 20, "join_ratio": 0.2}
+    assert "never reads it" in t.ignored["-lam 3.0"]  # pFedMe's, FedPAC's and FedProto's knob, not Ditto's
+    assert translate("-algo PerAvg -bt 0.3") == {"algo": "perfedavg"}  # PFLlib's PerAvg reads its lr, not -bt
+    assert translate("-algo pFedMe -bt 1 -K 5 -lrp 0.01") == {"algo": "pfedme", "beta": 1.0, "K": 5,
+                                                              "personal_learning_rate": 0.01}
+
+
 def test_table_targets_exist_in_pfl():
     for flag in _FLAGS:
-        if flag.owner is not None:
-            assert flag.key in REGISTRY[flag.owner].Params.model_fields, flag
+        if flag.owners:
+            assert all(flag.key in REGISTRY[owner].Params.model_fields for owner in flag.owners), flag
         elif flag.key is not None:
             assert flag.key in RunConfig.model_fields, flag
         else:

@@ -34,7 +34,14 @@ ALGOS = {"fedavg": [], "fedfomo": ["M=2"], "fedala": [],
          "local": [], "fedper": [], "lgfedavg": [], "fedrep": ["plocal_epochs=2"],
          "fedprox": ["mu=0.01"],
          "ditto": ["mu=0.1", "plocal_epochs=2"],
-         "fedbn": ["model=vgg11", "model_width=0.125"]}
+         "apfl": ["alpha_init=0.5"], "perfedavg": [],
+         "pfedme": ["lamda=15", "K=2", "beta=1.0"],
+         "scaffold": ["server_learning_rate=1.0"],
+         "fedpac": ["lamda=0.5"],
+         "moon": ["mu=1.0", "tau=0.5"],
+         "fedproto": ["model=vgg11,vgg13", "model_width=0.125", "lamda=1.0"],
+         "fedbn": ["model=vgg11", "model_width=0.125"],
+         "fedbabu": ["fine_tuning_epochs=2"], "fedrod": []}
 
 
 def _overrides(data_dir, tmp_path, algo="fedfomo", rounds=6):

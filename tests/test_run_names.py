@@ -142,3 +142,29 @@ def test_dataset_model_and_downlink_fields_are_logged_only_where_they_apply():
 def test_vp_run_names_name_the_arm(overrides, name):
     base = ["algo=fedavg", "dataset=david", "model=vp_lstm", "partition=natural", "split_by=video", "join_ratio=1"]
     assert load_config(None, [*base, *overrides]).run_name(0) == name
+
+
+def test_a_sweep_over_algorithms_names_each_algorithms_cells_and_the_report_puts_fedavg_first(
+        cifar10_dir, tmp_path, monkeypatch):
+    from pfl.cli import main
+    from pfl.sweep import cell_name, grid, sweep_name
+    from reports.query import aggregate, results
+    from reports.table import build_table
+
+    cfgs = [load_config(None, ["partition=dir", f"algo={a}"]) for a in ("fedper", "fedavg")]
+    cells = grid(cfgs, [0.1, 0.5], [0.2])
+    assert [(c.algo, c.alpha) for c in cells] == [("fedper", 0.1), ("fedper", 0.5), ("fedavg", 0.1), ("fedavg", 0.5)]
+    assert [cell_name(c, True) for c in cells[:2]] == ["fedper-dir0.1-jr0.2", "fedper-dir0.5-jr0.2"]
+    assert sweep_name(cells[0], [0.1, 0.5], [0.2], ["fedper", "fedavg"]).startswith("sweep-fedper,fedavg-cifar10-")
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["sweep", "--no-progress", "--tracking-uri", uri, "--algos", "fedper", "fedavg", "--alphas", "0.5",
+                 "--join-ratios", "0.5", "--methods", "--", f"data_dir={cifar10_dir}", f"cache_dir={tmp_path}",
+                 "partition=dir", "num_clients=3", "global_rounds=1", "experiment=algos", "eval_batch_size=500"]) == 0
+    tracking.configure_tracking(uri)
+    runs = mlflow.search_runs(experiment_names=["algos"], output_format="list")
+    launch = next(r for r in runs if r.data.tags.get("pfl.kind") == "launch")
+    assert {"fedper-dir0.5-jr0.5/test_acc", "fedavg-dir0.5-jr0.5/test_acc"} <= set(launch.data.metrics)
+    table = build_table(aggregate(results(["algos"])))
+    assert list(table.mean.index) == ["fedavg", "fedper"]  # FedAvg first, then the personalized algorithms

@@ -85,7 +85,7 @@ class DittoUpdate(SGDUpdate):
 
     def __init__(self, base: SGDUpdate, plocal_epochs: int, mu: float):
         super().__init__(**base.settings())
-        self.personal_update = ProximalSGD(SGDUpdate(**{**base.settings(), "local_epochs": plocal_epochs}), mu)
+        self.personal_update = ProximalSGD(base.with_epochs(plocal_epochs), mu)
 
     def fit(self, model: nn.Module, data: DeviceData, ins: FitIns, indices: torch.Tensor,
             seed: int) -> tuple[State, torch.Tensor]:
@@ -144,3 +144,11 @@ class Ditto(Algorithm):
 
     def personalized_state(self, client_id: int) -> State:
         return self.personal[client_id]
+
+    def adapt(self, client_id: int, epochs: int, seed: int) -> State:
+        """New-client evaluation: the client trains its personal model (the initial model, as every Ditto client's
+        starts) for ``epochs`` with the pull toward the current global model, as its ``ptrain`` would; PFLlib
+        instead fine-tunes the global model for every algorithm (a deliberate difference)."""
+        update = ProximalSGD(self.ctx.update.with_epochs(epochs), self.hp.mu)
+        return self.ctx.finetune(client_id, self.new_client_state(client_id), update, seed,
+                                 ins=FitIns(self.global_state))

@@ -222,7 +222,7 @@ class FedALA(Algorithm):
         start of round ``rnd``."""
         # lower layers of every blended forward are the global ones
         load_state(self.ctx.runner.models[self.spec], self.global_state).eval()
-        for cid in range(self.ctx.num_clients):
+        for cid in self.ctx.train_clients:  # (clients held out for new-client evaluation take no part)
             self.local_aggregation(cid, rnd)
 
     def configure_fit(self, client_id: int, rnd: int) -> FitIns:
@@ -238,6 +238,10 @@ class FedALA(Algorithm):
 
     def personalized_state(self, client_id: int) -> State:
         return self.models[client_id]
+
+    def new_client_state(self, client_id: int) -> State:
+        """A new client starts from the global model (PFLlib's ``fine_tuning_new_clients``)."""
+        return self.global_state
 
     def state_for_logging(self) -> dict[str, torch.Tensor]:
         passes = [self.start_passes.get(c, 0) for c in range(self.ctx.num_clients)]

@@ -144,9 +144,12 @@ class FedFomo(Algorithm):
         chosen is skipped (the slot keeps its decision and takes the next one).
         """
         if self.epsilon == 0:
-            return torch.argsort(self.P[client_id], descending=True, stable=True)[:m]
+            order = torch.argsort(self.P[client_id], descending=True, stable=True)
+            if self.ctx.new_clients:  # clients held out for new-client evaluation have no model to send
+                order = order[torch.isin(order, torch.tensor(self.ctx.train_clients))]
+            return order[:m]
         rng = np.random.default_rng(derive_seed(self.ctx.seed, "fomo_exploration", rnd, client_id))
-        others = np.array([c for c in range(self.ctx.num_clients) if c != client_id])
+        others = np.array([c for c in self.ctx.train_clients if c != client_id])
         affinity = self.P[client_id, others].numpy()
         top = list(others[np.lexsort((rng.random(len(others)), affinity))[::-1]])
         shuffled = list(rng.permutation(others))

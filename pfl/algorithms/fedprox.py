@@ -40,10 +40,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from pfl.algorithms.fedavg import FedAvg
 from pfl.data.loader import DeviceData
-from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
-from pfl.federated.local import FitIns, FitRes, SGDUpdate
-from pfl.federated.state import State, weighted_average
+from pfl.federated.base import FederatedContext, HyperParams, SearchParam
+from pfl.federated.local import FitIns, SGDUpdate
+from pfl.federated.state import State
 
 
 class FedProxParams(HyperParams):
@@ -80,23 +81,15 @@ class ProximalSGD(SGDUpdate):
         finally:
             self._anchors = None
 
-    def _step(self, opt: torch.optim.Optimizer | None, params: list[torch.Tensor], lr: float) -> None:
-        """:meth:`SGDUpdate._step` with the perturbation added between clipping (if any) and the optimizer step."""
-        if self.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        with torch.no_grad():
-            for p, g in self._anchors:
-                if p.grad is not None:  # as the base step, a parameter without a gradient does not move
-                    p.grad = p.grad + self.mu * (p - g)  # fedoptimizer.py:74, in its order of operations
-        if opt is None:
-            self._sgd_step(params, lr)  # p.add_(d, alpha=-lr): fedoptimizer.py:75
-            return
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
+    @torch.no_grad()
+    def correct_gradients(self) -> None:
+        """Each trained parameter's gradient plus ``mu * (p - g)`` (after clipping, if any, before the step)."""
+        for p, g in self._anchors:
+            if p.grad is not None:  # as the base step, a parameter without a gradient does not move
+                p.grad = p.grad + self.mu * (p - g)  # fedoptimizer.py:74, in its order of operations
 
 
-class FedProx(Algorithm):
+class FedProx(FedAvg):
     """FedAvg's server with :class:`ProximalSGD` clients.
 
     Raises:
@@ -109,21 +102,12 @@ class FedProx(Algorithm):
     tasks = ("classification", "viewport")
     state_attributes = ("global_state",)
 
+    takes_downlink = False
+
     def __init__(self, ctx: FederatedContext, **hparams):
         super().__init__(ctx, **hparams)
-        self.global_state = ctx.init_states[ctx.single_spec(self.name)]
         self.update = ProximalSGD(ctx.update, self.hp.mu) if ctx.update else None
 
     @property
     def local_update(self) -> ProximalSGD:
         return self.update
-
-    def configure_fit(self, client_id: int, rnd: int) -> FitIns:
-        return FitIns(self.global_state)
-
-    def aggregate_fit(self, rnd: int, results: list[FitRes]) -> None:
-        avg = weighted_average([r.state for r in results], [r.num_samples for r in results])
-        self.global_state = {**self.global_state, **avg}
-
-    def personalized_state(self, client_id: int) -> State:
-        return self.global_state

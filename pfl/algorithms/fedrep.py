@@ -40,7 +40,7 @@ from torch import nn
 
 from pfl.data.loader import DeviceData
 from pfl.federated.base import FederatedContext, HyperParams, SearchParam
-from pfl.federated.local import FitIns, SGDUpdate
+from pfl.federated.local import FitIns, SGDUpdate, training_only
 from pfl.federated.partial import PartialSharing, outside_personal_layer, personal_layer
 from pfl.federated.state import State
 
@@ -68,31 +68,25 @@ class RepresentationSGD(SGDUpdate):
 
     def __init__(self, base: SGDUpdate, plocal_epochs: int, personal: str):
         super().__init__(**base.settings())
-        self.head_phase = SGDUpdate(**{**base.settings(), "local_epochs": plocal_epochs})
+        self.head_phase = base.with_epochs(plocal_epochs)
         self.personal = personal
 
     def fit(self, model: nn.Module, data: DeviceData, ins: FitIns, indices: torch.Tensor,
             seed: int) -> tuple[State, torch.Tensor]:
-        params = dict(model.named_parameters())
-        before = {n: p.requires_grad for n, p in params.items()}
         prefix = self.personal + "."
-        head = {n for n in params if n.startswith(prefix)}
+        head = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+        body = [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
         seeds = torch.randint(2 ** 62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
-        phases = [(True, self.head_phase.local_epochs, self.head_phase.fit, seeds[0]),
-                  (False, self.local_epochs, super().fit, seeds[1])]
+        phases = [(head, self.head_phase.local_epochs, self.head_phase.fit, seeds[0]),
+                  (body, self.local_epochs, super().fit, seeds[1])]
         losses, epochs = [], []
-        try:
-            for on_head, n_epochs, fit, phase_seed in phases:
-                if n_epochs == 0:
-                    continue
-                for n, p in params.items():
-                    p.requires_grad_(before[n] and (n in head) == on_head)
+        for names, n_epochs, fit, phase_seed in phases:
+            if n_epochs == 0:
+                continue
+            with training_only(model, names):
                 _, loss = fit(model, data, ins, indices, phase_seed)
-                losses.append(loss * n_epochs)
-                epochs.append(n_epochs)
-        finally:
-            for n, p in params.items():
-                p.requires_grad_(before[n])
+            losses.append(loss * n_epochs)
+            epochs.append(n_epochs)
         # both phases run the same steps per epoch: the epoch-weighted mean is the mean over all minibatches
         return self.result_state(model), sum(losses) / sum(epochs)
 

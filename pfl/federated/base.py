@@ -21,7 +21,7 @@ that make up its state (:attr:`Algorithm.state_attributes`, saved and restored b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,7 +33,7 @@ from pfl.federated.checkpoint import export_state, import_state
 from pfl.federated.downlink import Downlink
 from pfl.federated.evaluation import Evaluator
 from pfl.federated.inference import batched_logits
-from pfl.federated.local import FitIns, FitRes, LocalUpdate, ModelRunner, SGDUpdate
+from pfl.federated.local import FitIns, FitRes, LocalUpdate, ModelRunner, SGDUpdate, training_only
 from pfl.federated.state import State
 from pfl.federated.store import ClientStore
 from pfl.federated.vectorized import can_vectorize
@@ -62,6 +62,8 @@ class FederatedContext:
         task: the run's task (:mod:`pfl.tasks`): the loss of ``update``, the default evaluator.
         downlink: what of a server model goes down to a client and how it merges into the client's own model
             (:class:`pfl.federated.downlink.Downlink`; algorithms with one global model apply it).
+        new_clients: ids of the clients held out of training for new-client evaluation (never sampled, never scored
+            as training clients; :meth:`Algorithm.adapt`).
     """
 
     clients: list[ClientData]
@@ -76,6 +78,27 @@ class FederatedContext:
     global_rounds: int = 1
     task: Task = field(default_factory=Classification)
     downlink: Downlink = field(default_factory=Downlink)
+    new_clients: tuple[int, ...] = ()
+
+    @property
+    def train_clients(self) -> list[int]:
+        """The ids of the clients that take part in training, ascending (all but :attr:`new_clients`)."""
+        held_out = set(self.new_clients)
+        return [c for c in range(self.num_clients) if c not in held_out]
+
+    def finetune(self, client_id: int, state: State, update: SGDUpdate, seed: int,
+                 trains: Collection[str] | None = None, ins: FitIns | None = None) -> State:
+        """``state`` after ``update`` on the client's train split (its ``fit`` indices), batch order from ``seed``:
+        only the parameters named in ``trains`` move (``None``: every trainable one). ``ins`` is what the update
+        reads (``None``: ``FitIns(state)``). Nothing of the algorithm changes; returns the trained state on the host
+        (``state`` itself when ``update`` runs no epoch)."""
+        if not update.local_epochs:
+            return state
+        model = self.runner.load(self.specs[client_id], state)
+        names = [n for n, _ in model.named_parameters()] if trains is None else trains
+        with training_only(model, names):
+            trained, _ = update.fit(model, self.runner.data, ins or FitIns(state), self.clients[client_id].fit, seed)
+        return trained
 
     def init_state(self, client_id: int) -> State:
         """The initial state of the client's architecture (shared, never to be modified in place)."""
@@ -249,6 +272,23 @@ class Algorithm:
     def personalized_state(self, client_id: int) -> State:
         """The client's personalized model as a named state on the host."""
         raise NotImplementedError
+
+    def new_client_state(self, client_id: int) -> State:
+        """Where a client that never trained starts its adaptation in new-client evaluation (:meth:`adapt`): by
+        default its :meth:`personalized_state`, which for such a client is what joining gives it (FedAvg's global
+        model; in partial sharing the global part over its initial personal part; Ditto's initial personal model)."""
+        return self.personalized_state(client_id)
+
+    def adapt(self, client_id: int, epochs: int, seed: int) -> State:
+        """New-client evaluation (PFLlib's ``-nnc`` / ``-ften``, ``serverbase.py:337-356``): the model that client
+        ``client_id``, held out of training, holds after ``epochs`` local epochs of the algorithm's personalization
+        rule on its train split, batch order from ``seed``; it must leave the algorithm's state untouched.
+
+        Default, PFLlib's: every parameter of :meth:`new_client_state` fine-tuned with the run's local SGD (PFLlib
+        fine-tunes its global model with plain SGD at the run's lr). Algorithms with a rule of their own override it
+        (partial sharing fine-tunes its personal part; Ditto trains a personal model pulled toward the global one).
+        """
+        return self.ctx.finetune(client_id, self.new_client_state(client_id), self.ctx.update.with_epochs(epochs), seed)
 
     def upload(self, result: FitRes) -> State:
         """What of a client's result travelled up (``comm/bytes_up``): by default what the run's downlink sends up

@@ -94,13 +94,16 @@ class Callback:
 class Schedule:
     """Round schedule: ``global_rounds`` rounds, ``num_join_clients`` per round, evaluation every ``eval_gap``
     on each client's ``eval_split``: ``test``, or ``holdout`` for tuning (the fixed tuning split, logged as
-    ``val_*`` metrics), which never reads the test split."""
+    ``val_*`` metrics), which never reads the test split. With clients held out (the context's ``new_clients``),
+    each test evaluation (or the last only: ``new_client_eval="final"``) adapts them for ``finetune_epochs``."""
 
     global_rounds: int
     num_join_clients: int
     eval_gap: int = 1
     ece_bins: int = 20
     eval_split: str = "test"  # "holdout" scores the clients' tuning splits (hyperparameter search)
+    finetune_epochs: int = 0  # new-client evaluation: the epochs each held-out client adapts for
+    new_client_eval: str = "every"  # new-client evaluation at every evaluation, or "final": after the last round
 
 
 class PeakMemory:
@@ -145,9 +148,11 @@ class Engine:
         self._bytes_down = 0  # bytes of the model states sent to the current round's clients
 
     def sample_clients(self, rnd: int) -> list[int]:
-        """Sorted ids of the clients taking part in round ``rnd`` (uniform, without replacement)."""
+        """Sorted ids of the clients taking part in round ``rnd`` (uniform, without replacement, among the clients
+        that train: :attr:`~pfl.federated.base.FederatedContext.train_clients`)."""
         rng = np.random.default_rng(derive_seed(self.ctx.seed, "client_sampling", rnd))
-        return sorted(rng.choice(self.ctx.num_clients, self.schedule.num_join_clients, replace=False).tolist())
+        pool = np.array(self.ctx.train_clients)  # with none held out, the same draws as choice(num_clients, ...)
+        return sorted(rng.choice(pool, self.schedule.num_join_clients, replace=False).tolist())
 
     def fit_clients(self, selected: list[int], rnd: int) -> list[FitRes]:
         """Configure and locally train the selected clients (the default round's client side).
@@ -225,31 +230,55 @@ class Engine:
         """
         start = time.perf_counter()
         split = self.schedule.eval_split
-        indices = [self._split_indices(cid, split) for cid in range(self.ctx.num_clients)]
-        weights = [len(idx) for idx in indices]
+        ids = self.ctx.train_clients
+        indices = {cid: self._split_indices(cid, split) for cid in ids}
+        weights = [len(indices[cid]) for cid in ids]
         group = _METRIC_GROUP[split]
-        names = [spec.name for spec in self.ctx.specs]
+        names = [self.ctx.specs[cid].name for cid in ids]
         scores, reused = self._scores_of("", self.algorithm.personalized_state, indices)
-        per_client = [{"client": cid, "architecture": names[cid], f"num_{group}": n, **client_metrics(m)}
-                      for cid, (n, m) in enumerate(zip(weights, scores))]
+        per_client = [{"client": cid, "architecture": name, f"num_{group}": n, **client_metrics(m)}
+                      for cid, name, n, m in zip(ids, names, weights, scores)]
         metrics = self._summary(f"{group}/", scores, weights, names)
         for name, state_of in self.algorithm.extra_models().items():
             extra, _ = self._scores_of(name, state_of, indices)
             metrics.update(self._summary(f"{name}/" if split == "test" else f"{name}/val_", extra, weights, names))
             for row, m in zip(per_client, extra):
                 row.update({f"{name}_{k}": v for k, v in client_metrics(m).items()})
+        if self.ctx.new_clients and split == "test" and (self.schedule.new_client_eval == "every"
+                                                          or rnd == self.schedule.global_rounds):
+            metrics.update(self.evaluate_new_clients(rnd))
         metrics["eval/reused"] = float(reused)
         metrics["time/eval"] = time.perf_counter() - start
         return Evaluation(rnd, metrics, per_client)
 
+    def evaluate_new_clients(self, rnd: int) -> dict[str, float]:
+        """New-client evaluation after round ``rnd``: every held-out client adapts the algorithm's state for
+        ``finetune_epochs`` (:meth:`~pfl.federated.base.Algorithm.adapt`, its batch order seeded per round and
+        client) and the adapted model is scored on its test split; returns the evaluator's summary under ``new/``
+        (``new/acc``, ``new/f_ece``, ...; per architecture in a mixed run). Nothing is cached: the adaptation is
+        rerun at each evaluation, and the algorithm's state is untouched."""
+        ids = list(self.ctx.new_clients)
+        states = {cid: self.algorithm.adapt(cid, self.schedule.finetune_epochs,
+                                            derive_seed(self.ctx.seed, "new_client_batches", rnd, cid))
+                  for cid in ids}
+        scores: dict[int, dict] = {}
+        for spec in dict.fromkeys(self.ctx.specs[cid] for cid in ids):
+            group = [cid for cid in ids if self.ctx.specs[cid] == spec]
+            results = self.algorithm.evaluator.score(self.ctx, spec, [states[c] for c in group],
+                                                     [self.ctx.clients[c].test for c in group], self.schedule.ece_bins)
+            scores.update(zip(group, results))
+        return self._summary("new/", [scores[c] for c in ids], [len(self.ctx.clients[c].test) for c in ids],
+                             [self.ctx.specs[c].name for c in ids])
+
     def _scores_of(self, models: str, state_of: Callable[[int], State],
-                   indices: list[torch.Tensor]) -> tuple[list[dict], int]:
-        """Every client's score of model set ``models`` (``state_of(client)``), re-running only the models whose
-        digest changed since their last score; returns the scores in client order and how many were kept."""
+                   indices: dict[int, torch.Tensor]) -> tuple[list[dict], int]:
+        """Every training client's score of model set ``models`` (``state_of(client)``) on its ``indices``,
+        re-running only the models whose digest changed since their last score; returns the scores in the order of
+        :attr:`~pfl.federated.base.FederatedContext.train_clients` and how many were kept."""
         cache = self._scores.setdefault(models, {})
         pending: dict[ModelSpec, list] = defaultdict(list)  # architecture -> [(client, state, digest)]
         reused = 0
-        for cid in range(self.ctx.num_clients):
+        for cid in indices:
             spec = self.ctx.specs[cid]
             state = state_of(cid)
             key = state_digest(state)
@@ -261,7 +290,7 @@ class Engine:
                 self._score(cache, spec, pending.pop(spec), indices)
         for spec, items in pending.items():
             self._score(cache, spec, items, indices)
-        return [cache[cid][1] for cid in range(self.ctx.num_clients)], reused
+        return [cache[cid][1] for cid in indices], reused
 
     def _summary(self, prefix: str, scores: list[dict], weights: list[int], names: list[str]) -> dict[str, float]:
         """``<prefix><metric>``: the evaluator's summary of the clients, and per architecture in a mixed run."""
@@ -280,7 +309,7 @@ class Engine:
         return idx
 
     def _score(self, cache: dict, spec: ModelSpec, pending: list[tuple[int, State, bytes]],
-               indices: list[torch.Tensor]) -> None:
+               indices: dict[int, torch.Tensor]) -> None:
         """Metrics of the pending clients' models (architecture ``spec``) on their splits, stored in ``cache`` with
         each digest."""
         results = self.algorithm.evaluator.score(self.ctx, spec, [s for _, s, _ in pending],

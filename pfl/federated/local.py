@@ -13,8 +13,8 @@ what the server sent from the :class:`FitIns`), or by writing a :class:`LocalUpd
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,22 @@ class LocalUpdate:
         raise NotImplementedError
 
 
+@contextmanager
+def training_only(model: nn.Module, names: Collection[str]) -> Iterator[nn.Module]:
+    """Within the block only the parameters named in ``names`` (that required gradients) train: every other
+    parameter's ``requires_grad`` is off, and each flag is restored on exit (FedRep's phases, a new client's
+    fine-tuning of its personal part)."""
+    params = dict(model.named_parameters())
+    before = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for n, p in params.items():
+            p.requires_grad_(before[n] and n in names)
+        yield model
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(before[n])
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
     """``torch.autocast`` on ``device`` in ``dtype``; ``None``: no context at all (fp32, and no per-step cost)."""
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
@@ -172,6 +188,10 @@ class SGDUpdate(LocalUpdate):
                 "lr_schedule": self.lr_schedule, "max_grad_norm": self.max_grad_norm, "drop_last": self.drop_last,
                 "loss_fn": self.loss_fn}
 
+    def with_epochs(self, local_epochs: int) -> SGDUpdate:
+        """The same plain local update (this class's, none of a subclass's) for ``local_epochs`` epochs."""
+        return SGDUpdate(**{**self.settings(), "local_epochs": local_epochs})
+
     @property
     def plain(self) -> bool:
         """Plain fp32 SGD at a constant rate, without weight decay or clipping, on full batches only (what vectorized
@@ -227,10 +247,16 @@ class SGDUpdate(LocalUpdate):
                 loss_sum += loss.detach()
         return self.result_state(model), loss_sum / total
 
+    def correct_gradients(self) -> None:
+        """Change the gradients between clipping and the optimizer step (default: nothing). Subclasses add their
+        corrections here: FedProx's pull ``mu (w - g)``, SCAFFOLD's ``c - c_i``."""
+
     def _step(self, opt: torch.optim.Optimizer | None, params: list[torch.Tensor], lr: float) -> None:
-        """One optimizer step at rate ``lr``, after clipping the gradients' norm to ``max_grad_norm`` (if set)."""
+        """One optimizer step at rate ``lr``, after clipping the gradients' norm to ``max_grad_norm`` (if set) and
+        :meth:`correct_gradients`."""
         if self.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.correct_gradients()
         if opt is None:
             self._sgd_step(params, lr)
             return

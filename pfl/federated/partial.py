@@ -9,7 +9,9 @@ samples):
 * ``aggregate_fit``: each sampled client's whole trained state is kept as its own; the global part becomes the
   sample-weighted average of the shared parameters, the only thing that travels up (``comm/bytes_up``);
 * ``personalized_state(c)``: client c's own last model (the initial model until it trains) with the latest global
-  part: the model PFLlib evaluates right after ``send_models``.
+  part: the model PFLlib evaluates right after ``send_models``;
+* new-client evaluation (:meth:`PartialSharing.adapt`): a held-out client fine-tunes its personal part on top of the
+  received global part (PFLlib fine-tunes the whole global model for every algorithm: a deliberate difference).
 
 Buffers (BatchNorm running statistics, ``num_batches_tracked``) never travel: PFLlib moves ``parameters()`` only, so
 every buffer stays each client's own.
@@ -17,6 +19,10 @@ every buffer stays each client's own.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import nn
 
 from pfl.federated.base import Algorithm, FederatedContext
@@ -40,6 +46,24 @@ def personal_layer(model: nn.Module) -> str:
         return f"head.{len(head) - 1}"
     raise ValueError(f"the model's final Linear is PFLlib's head (model.fc), and {type(model).__name__} has no head "
                      "that is or ends with a Linear")
+
+
+@contextmanager
+def personal_layer_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within the block every forward pass of ``model`` appends the input of its :func:`personal_layer`, flattened to
+    (B, d), to the list it yields: PFLlib's features, the output of its ``model.base``, which is the input of
+    ``model.fc`` (FedProto's prototypes). The tensors keep their graph (detach them to collect).
+
+    Raises:
+        ValueError: see :func:`personal_layer`.
+    """
+    captured: list[torch.Tensor] = []
+    layer = model.get_submodule(personal_layer(model))
+    hook = layer.register_forward_pre_hook(lambda _module, args: captured.append(args[0].flatten(1)))
+    try:
+        yield captured
+    finally:
+        hook.remove()
 
 
 def under(keys: list[str], prefix: str) -> list[str]:
@@ -98,3 +122,11 @@ class PartialSharing(Algorithm):
 
     def personalized_state(self, client_id: int) -> State:
         return {**self.own[client_id], **self.global_state}
+
+    def adapt(self, client_id: int, epochs: int, seed: int) -> State:
+        """New-client evaluation: the client's personal part (every parameter not shared: FedPer's and FedRep's
+        head, LG-FedAvg's base, FedBN's BatchNorm layers), fine-tuned with the run's SGD on top of the global part,
+        which stays as received (PFLlib fine-tunes the whole global model for every algorithm)."""
+        personal = [n for n, _ in self.ctx.model(client_id).named_parameters() if n not in set(self.shared_keys)]
+        return self.ctx.finetune(client_id, self.new_client_state(client_id), self.ctx.update.with_epochs(epochs),
+                                 seed, trains=personal)

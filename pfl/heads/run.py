@@ -143,7 +143,7 @@ def run_heads(fl_run_id: str, hc: HeadConfig, progress: bool = True, like: Prepa
     labels: list[torch.Tensor] = []
     specs = prepared.model_specs
     with tracking.head_run(fl_run_id, inputs.experiment_id, name, params) as run_id:
-        for cid in tqdm(range(inputs.num_clients), desc=f"{hc.method} clients", disable=not progress):
+        for cid in tqdm(cfg.train_client_ids, desc=f"{hc.method} clients", disable=not progress):
             split = prepared.partition.clients[cid]
             model = tracking.load_client_model(fl_run_id, cid)
             result = rearrange_client(model, data, split.train.to(data.device), split.test.to(data.device), hc, cid,
