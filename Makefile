@@ -38,7 +38,7 @@ main: setup data
 	PFL_DATA_DIR=$(DATA_DIR) $(BIN)/pfl train --config $(CONFIG) $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db

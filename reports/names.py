@@ -15,7 +15,8 @@ import math
 import re
 
 # in the row order of the tables: FedAvg, the other global-model baselines, then the personalized algorithms
-ALGORITHMS = {"fedavg": "FedAvg", "fedprox": "FedProx", "scaffold": "SCAFFOLD", "moon": "MOON", "local": "Local",
+# (local training keeps its id as its label, the researchers' arm name: reports.regression.ARM_ORDER)
+ALGORITHMS = {"fedavg": "FedAvg", "fedprox": "FedProx", "scaffold": "SCAFFOLD", "moon": "MOON", "local": "local",
               "fedfomo": "FedFomo", "fedala": "FedALA", "fedper": "FedPer", "lgfedavg": "LG-FedAvg", "fedrep": "FedRep",
               "fedbabu": "FedBABU", "fedbn": "FedBN", "fedrod": "FedRoD", "ditto": "Ditto", "apfl": "APFL",
               "perfedavg": "Per-FedAvg", "pfedme": "pFedMe", "fedpac": "FedPAC", "fedproto": "FedProto",

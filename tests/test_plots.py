@@ -20,6 +20,8 @@ from reports import plots
 from reports.plots import (METHOD_COLORS, METHOD_ORDER, bar_line_figure, binned_ece, paper_style,
                            reliability_figure, resolve_serif_font, save_figure)
 
+HEAD_METHODS = METHOD_ORDER[:3]  # w/o, APH, LoRAPH: the methods of these frames (new clients: FL runs' own)
+
 # x = alpha, unsorted on purpose; LoRAPH has no run at alpha = 0.05 (missing cell).
 MEANS = {(0.1, "w/o"): 0.112, (0.05, "w/o"): 0.153, (0.5, "w/o"): 0.081,
          (0.1, "APH"): 0.051, (0.05, "APH"): 0.072, (0.5, "APH"): 0.043,
@@ -59,14 +61,14 @@ def bar_fig() -> Figure:
 def test_bar_heights_follow_method_order_within_sorted_x_groups(bar_fig):
     ax = bar_fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.05", "0.1", "0.5"]
-    # All bars, read left to right, are the cells in x-sorted, METHOD_ORDER order, missing cell skipped.
+    # All bars, read left to right, are the cells in x-sorted, HEAD_METHODS order, missing cell skipped.
     patches = sorted(ax.patches, key=lambda p: p.get_x())
-    expected = [MEANS[a, m] for a in X_SORTED for m in METHOD_ORDER if (a, m) in MEANS]
+    expected = [MEANS[a, m] for a in X_SORTED for m in HEAD_METHODS if (a, m) in MEANS]
     assert len(patches) == len(MEANS) == 8
     assert [p.get_height() for p in patches] == pytest.approx(expected)
-    # Each bar sits inside its x group's slot, methods left to right in METHOD_ORDER.
+    # Each bar sits inside its x group's slot, methods left to right in HEAD_METHODS.
     bars = _bars(ax)
-    assert list(bars) == list(METHOD_ORDER)
+    assert list(bars) == list(HEAD_METHODS)
     for method, container in bars.items():
         centres = [p.get_x() + p.get_width() / 2 for p in container.patches]
         groups = [round(c) for c in centres]
@@ -74,8 +76,8 @@ def test_bar_heights_follow_method_order_within_sorted_x_groups(bar_fig):
         assert groups == [X_SORTED.index(a) for a in xs]
         assert [p.get_height() for p in container.patches] == pytest.approx([MEANS[a, method] for a in xs])
     for i, a in enumerate(X_SORTED):
-        lefts = [p.get_x() for m in METHOD_ORDER for p in bars[m].patches if round(p.get_x() + p.get_width() / 2) == i]
-        assert lefts == sorted(lefts), f"bars of group {a} not in METHOD_ORDER"
+        lefts = [p.get_x() for m in HEAD_METHODS for p in bars[m].patches if round(p.get_x() + p.get_width() / 2) == i]
+        assert lefts == sorted(lefts), f"bars of group {a} not in HEAD_METHODS"
 
 
 def test_missing_cell_has_no_bar_and_no_line_point(bar_fig):
@@ -108,7 +110,7 @@ def test_bars_are_edge_coloured_by_method(bar_fig):
 
 def test_legend_lists_methods_in_order_and_y_starts_at_zero(bar_fig):
     ax = bar_fig.axes[0]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(METHOD_ORDER)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(HEAD_METHODS)
     assert ax.get_ylim()[0] == 0
     assert ax.get_ylim()[1] >= max(MEANS.values())
     assert ax.get_xlabel() == "Dirichlet α" and ax.get_ylabel() == "ECE"
@@ -145,7 +147,7 @@ def _aggregated() -> pd.DataFrame:
     rows = []
     for alpha in (0.1, 0.5):
         for jr in (0.5, 1.0):
-            for k, method in enumerate(METHOD_ORDER):
+            for k, method in enumerate(HEAD_METHODS):
                 auroc = math.nan if jr == 1.0 else 0.6 + 0.1 * k + alpha / 10
                 rows.append({"algo": "fedavg", "dataset": "cifar10", "partition": "dirichlet", "alpha": alpha,
                              "classes_per_client": math.nan, "partition_name": math.nan, "join_ratio": jr,
@@ -277,7 +279,7 @@ def _panels(fig: Figure) -> tuple[list, list]:
 def test_reliability_one_panel_per_method_in_order_over_count_histograms(rel_fig):
     top, bottom = _panels(rel_fig)
     assert len(top) == len(bottom) == 3
-    assert [ax.get_title().splitlines()[0] for ax in top] == list(METHOD_ORDER)
+    assert [ax.get_title().splitlines()[0] for ax in top] == list(HEAD_METHODS)
     two = reliability_figure({"APH": _bins()["APH"]})
     assert [ax.get_title().splitlines()[0] for ax in _panels(two)[0]] == ["APH"] and len(two.axes) == 2
     # shared y axis per row, x shared with the histogram below, [0, 1] x [0, 1], labels

@@ -120,14 +120,14 @@ def test_cells_are_mean_and_std_over_seeds_in_percent(store, tmp_path):
                                                    "62.0 ± 1.0", "2"]
     assert row["CIFAR-10 / VGG", "Max-Common"] == ["**64.8 ± 0.4**", "**66.0 ± 1.0**", "**71.0 ± 1.0**",
                                                    "**68.7 ± 0.5**", "**67.5 ± 0.4**", "2"]
-    assert row["CIFAR-10 / VGG", "fedproto"] == ["50.0", MISSING, MISSING, "55.0", "52.0", "1"]
+    assert row["CIFAR-10 / VGG", "FedProto"] == ["50.0", MISSING, MISSING, "55.0", "52.0", "1"]
     assert "final round" in report.caption and "CIFAR-10; Dir(α=0.1), join ratio 1." in report.caption
     assert "VGG: V1..V4 = VGG-11/VGG-13/VGG-16/VGG-19" in report.caption
     assert "over the n seeds of each row (column n)" in report.caption
     tex = (tmp_path / "table_architectures.tex").read_text()
     assert "\\toprule" in tex and "\\textbf{64.8 $\\pm$ 0.4}" in tex and "\\caption{" in tex
     assert " &  & V1 & V2 & V3 & V4 & mean & n \\\\" in tex
-    assert "CIFAR-10 / VGG & Standalone & " in tex and "\n & Max-Common & " in tex and "\n & fedproto & " in tex
+    assert "CIFAR-10 / VGG & Standalone & " in tex and "\n & Max-Common & " in tex and "\n & FedProto & " in tex
 
 
 def test_stat_best_reads_best_test_acc_per_architecture(store, tmp_path):

@@ -189,8 +189,8 @@ def test_sweep_figures_plot_f_ece_and_ood_auroc_in_percent(store):
 
 
 def test_display_names_and_run_titles(store):
-    assert [algo_name(a) for a in ("fedavg", "fedfomo", "fedala", "flexifed", "fedproto")] == \
-        ["FedAvg", "FedFomo", "FedALA", "FlexiFed", "fedproto"]
+    assert [algo_name(a) for a in ("fedavg", "fedfomo", "fedala", "flexifed", "fedproto", "lgfedavg", "fedxyz")] == \
+        ["FedAvg", "FedFomo", "FedALA", "FlexiFed", "FedProto", "LG-FedAvg", "fedxyz"]  # an unknown id as it is
     assert [dataset_name(d) for d in ("cifar10", "cifar100", "tinyimagenet")] == ["CIFAR-10", "CIFAR-100",
                                                                                  "Tiny-ImageNet"]
     assert partition_name("dirichlet", 0.1) == "Dir(α=0.1)" and partition_name("iid") == "IID"
