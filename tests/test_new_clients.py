@@ -100,3 +100,27 @@ def test_a_tracked_run_logs_new_metrics_and_models_of_its_training_clients(cifar
     assert run.data.params["new_clients"] == "2" and run.data.params["finetune_epochs"] == "1"
     table = build_table(aggregate(results(["new"])))  # the report's new-clients column group
     assert table.mean.at["fedper", ("cifar10", NEW_CLIENTS, "acc")] == pytest.approx(history[0].value)
+
+
+RULES = ["local", "fedfomo", "fedala", "fedper", "lgfedavg", "fedrep", "fedbabu", "fedbn", "fedrod", "ditto", "apfl",
+         "perfedavg", "pfedme", "fedpac", "fedprox", "scaffold", "moon", "fedproto"]
+
+
+@pytest.mark.parametrize("algo", RULES)
+def test_every_pfllib_baseline_adapts_held_out_clients_and_keeps_its_state(cifar10_dir, tmp_path, algo):
+    cfg = _cfg(cifar10_dir, tmp_path, f"algo={algo}", "num_clients=5", "new_clients=1", "global_rounds=1")
+    algorithm = build_algorithm(prepare(cfg), seed=0)
+    (cid,) = cfg.new_client_ids
+    final = Engine(algorithm, schedule_of(cfg)).run()
+    assert 0 <= final.metrics["new/acc"] <= 1
+    before = {c: state_digest(algorithm.personalized_state(c)) for c in range(5)}
+    tensors, meta = algorithm.state_dict()
+    adapted = algorithm.adapt(cid, 1, seed=3)
+    assert set(adapted) == set(algorithm.new_client_state(cid))
+    assert before == {c: state_digest(algorithm.personalized_state(c)) for c in range(5)}
+    after, meta_after = algorithm.state_dict()
+    assert meta_after == meta and all(torch.equal(after[k], tensors[k]) for k in tensors)
+    if algo == "fedrod":  # the personal head alone moves, on the frozen generic model
+        start = algorithm.new_client_state(cid)
+        moved = {k for k in start if not torch.equal(start[k], adapted[k])}
+        assert moved == {"head.2.weight", "head.2.bias"}

@@ -206,3 +206,7 @@ class APFL(Algorithm):
 
     def personalized_state(self, client_id: int) -> State:
         return self.personal[client_id]
+
+    def new_client_state(self, client_id: int) -> State:
+        """A new client starts from the global model (PFLlib's ``fine_tuning_new_clients``), fine-tuned whole."""
+        return self.global_state

@@ -183,3 +183,11 @@ class FedRoD(PartialSharing):
         for k, v in self.heads[client_id].items():
             state[k] = state[k] + v
         return state
+
+    def adapt(self, client_id: int, epochs: int, seed: int) -> State:
+        """New-client evaluation: the received generic model frozen, the personal head (the initial ``fc``) trained on
+        the cross-entropy of the summed outputs (``clientrod.py:55-59``). The final Linear holding the sum, its
+        gradient is the personal head's, so this is that Linear fine-tuned alone with the run's SGD."""
+        fc = under(list(self.ctx.init_state(client_id)), self.personal)
+        return self.ctx.finetune(client_id, self.new_client_state(client_id), self.ctx.update.with_epochs(epochs),
+                                 seed, trains=fc)

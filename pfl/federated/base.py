@@ -91,8 +91,9 @@ class FederatedContext:
         """``state`` after ``update`` on the client's train split (its ``fit`` indices), batch order from ``seed``:
         only the parameters named in ``trains`` move (``None``: every trainable one). ``ins`` is what the update
         reads (``None``: ``FitIns(state)``). Nothing of the algorithm changes; returns the trained state on the host
-        (``state`` itself when ``update`` runs no epoch)."""
-        if not update.local_epochs:
+        (``state`` itself when ``update`` runs no epoch or ``trains`` names nothing, e.g. FedBN on a model without
+        BatchNorm)."""
+        if not update.local_epochs or (trains is not None and not trains):
             return state
         model = self.runner.load(self.specs[client_id], state)
         names = [n for n, _ in model.named_parameters()] if trains is None else trains
