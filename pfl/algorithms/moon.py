@@ -3,11 +3,12 @@
 ``system/flcore/servers/serverbase.py``, ``system/main.py``; commit d832e76).
 
 FedAvg whose clients add a model-contrastive term to their loss. Every minibatch (``clientmoon.py:39-46``) the client
-computes its representation ``z = base(x)`` (pfl's :class:`pfl.models.split.SplitModel` base output; PFLlib's
-``model.base``), the representation ``z_g`` of the global model it received this round (the positive) and ``z_o`` of
+computes its representation ``z``, PFLlib's ``model.base`` output: everything below the final Linear ``model.fc``
+(``main.py``'s ``BaseHeadSplit``), i.e. the input of pfl's :func:`pfl.federated.partial.personal_layer` (the CNN's 512
+FC features), the representation ``z_g`` of the global model it received this round (the positive) and ``z_o`` of
 its own previous local model (the negative), both without gradient, and minimizes
 
-    CE(head(z), y) + mu * mean_i -log(p_i),    p_i = e^{s_i} / (e^{s_i} + e^{o_i}),
+    CE(fc(z), y) + mu * mean_i -log(p_i),    p_i = e^{s_i} / (e^{s_i} + e^{o_i}),
     s_i = cos(z_i, z_g,i) / tau,    o_i = cos(z_i, z_o,i) / tau
 
 with ``cos`` the cosine similarity along the feature dimension (``torch.nn.functional.cosine_similarity``). After its
@@ -52,6 +53,7 @@ from pfl.algorithms.fedavg import FedAvg
 from pfl.data.loader import DeviceData
 from pfl.federated.base import FederatedContext, HyperParams, SearchParam
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
+from pfl.federated.partial import personal_layer_inputs
 from pfl.federated.state import State
 
 
@@ -77,8 +79,8 @@ def contrastive_loss(z: torch.Tensor, z_global: torch.Tensor, z_old: torch.Tenso
 
 class MOONUpdate(SGDUpdate):
     """The run's local update with MOON's objective: the task loss plus ``mu`` times the mean model-contrastive loss
-    of the base's output against the received global model's (``ins.state``) and the previous local model's
-    (``ins.extras["old"]``).
+    of the representation (the input of the final Linear) against the received global model's (``ins.state``) and
+    the previous local model's (``ins.extras["old"]``).
 
     Args:
         base: the run's local update (batch size, lr, optimizer, task loss).
@@ -93,23 +95,26 @@ class MOONUpdate(SGDUpdate):
 
     def fit(self, model: nn.Module, data: DeviceData, ins: FitIns, indices: torch.Tensor,
             seed: int) -> tuple[State, torch.Tensor]:
-        def base_of(state: State) -> dict[str, torch.Tensor]:  # device copies: train-mode BatchNorm writes buffers
-            return {k[len("base."):]: v.to(data.device, copy=True) for k, v in state.items() if k.startswith("base.")}
+        def on_device(state: State) -> dict[str, torch.Tensor]:  # copies: train-mode BatchNorm writes buffers
+            return {k: v.to(data.device, copy=True) for k, v in state.items()}
 
-        self._frozen = (base_of(ins.state), base_of(ins.extras["old"]))
+        self._frozen = (on_device(ins.state), on_device(ins.extras["old"]))
         try:
             return super().fit(model, data, ins, indices, seed)
         finally:
             self._frozen = None
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ins: FitIns) -> torch.Tensor:
-        z = model.base(x)
-        loss = self.loss_fn(model.head(z), y)
-        global_base, old_base = self._frozen
-        with torch.no_grad():  # PFLlib's .detach() of both representations
-            z_global = functional_call(model.base, global_base, (x,))
-            z_old = functional_call(model.base, old_base, (x,))
-        return loss + self.mu * contrastive_loss(z, z_global, z_old, self.tau).mean()
+        """Task loss plus ``mu`` times the mean contrastive loss of the representations: the inputs (B, D) of the
+        final Linear (:func:`pfl.federated.partial.personal_layer_inputs`) of this model, the global and the previous
+        one on the same batch."""
+        with personal_layer_inputs(model) as reps:
+            out = model(x)
+            with torch.no_grad():  # PFLlib's .detach() of both representations
+                for state in self._frozen:
+                    functional_call(model, state, (x,))
+        z, z_global, z_old = reps
+        return self.loss_fn(out, y) + self.mu * contrastive_loss(z, z_global, z_old, self.tau).mean()
 
 
 class MOON(FedAvg):
