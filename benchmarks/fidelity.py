@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import sys
 from pathlib import Path
 
 from pfl.federated.engine import Callback, Evaluation
@@ -45,6 +46,7 @@ class _Accuracy(Callback):
     def on_evaluate(self, evaluation: Evaluation) -> None:
         self.by_round[evaluation.round] = evaluation.metrics["test/acc"]
         self.eval_seconds.append(evaluation.metrics["time/eval"])
+        print(f"round {evaluation.round}: test/acc {evaluation.metrics['test/acc']:.4f}", file=sys.stderr, flush=True)
 
 
 def pfllib_runs(paths: list[str]) -> tuple[list[dict[int, float]], list[float]]:
