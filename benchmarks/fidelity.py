@@ -13,8 +13,8 @@ runs share their generated dataset. Usage::
 Defaults are the PFLlib CIFAR-10 setup (``configs/fedfomo_cifar10_pr0.2.yaml``: 20 clients,
 join ratio 0.2, CNN, batch 10, lr 0.005, 1 local epoch). Nothing is tracked.
 
-With ``--pfllib-log FILE ...`` (PFLlib's ``system/main.py`` stdout, one file per run or one run of ``-t N``
-runs) it also prints the side-by-side table at ``--at`` rounds: pfl's mean ± std over seeds beside PFLlib's runs
+With ``--pfllib-log FILE`` (PFLlib's ``system/main.py`` stdout, one file per run or one of ``-t N`` runs; repeat
+the flag for several files) it also prints the side-by-side table at ``--at`` rounds: pfl's mean ± std over seeds beside PFLlib's runs
 (their mean ± std; PFLlib's evaluation at ``Round number: k`` follows k trained rounds, as pfl's round k), and
 the seconds per round of both: pfl's ``time/round`` and ``time/round + time/eval`` (mean over rounds and seeds),
 PFLlib's ``Average time cost per round`` (training, aggregation and its evaluation of every client, which also
@@ -84,8 +84,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds seed .. seed+N-1 (default 3)")
     parser.add_argument("--rounds", type=int, default=20, help="global rounds (default 20)")
     parser.add_argument("--config", default="configs/fedfomo_cifar10_pr0.2.yaml", help="base run config")
-    parser.add_argument("--pfllib-log", nargs="*", default=[], metavar="FILE",
-                        help="PFLlib main.py stdout of the same setting, for the side-by-side table")
+    parser.add_argument("--pfllib-log", action="append", default=[], metavar="FILE",
+                        help="PFLlib main.py stdout of the same setting, for the side-by-side table (repeat the flag "
+                             "for several runs)")
     parser.add_argument("--at", type=int, nargs="+", default=[1, 5, 10, 20], help="rounds of the side-by-side table")
     parser.add_argument("overrides", nargs="*", help="run config overrides, e.g. partition=dirichlet alpha=0.1")
     args = parser.parse_args()
