@@ -21,6 +21,7 @@ that make up its state (:attr:`Algorithm.state_attributes`, saved and restored b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -80,9 +81,10 @@ class FederatedContext:
     downlink: Downlink = field(default_factory=Downlink)
     new_clients: tuple[int, ...] = ()
 
-    @property
+    @functools.cached_property
     def train_clients(self) -> list[int]:
-        """The ids of the clients that take part in training, ascending (all but :attr:`new_clients`)."""
+        """The ids of the clients that take part in training, ascending (all but :attr:`new_clients`); computed once
+        (the round loop, evaluation and FedFomo's selection read it every round)."""
         held_out = set(self.new_clients)
         return [c for c in range(self.num_clients) if c not in held_out]
 
