@@ -5,14 +5,13 @@ hand-computed cases, bit-for-bit agreement with PFLlib's client loop, the aggreg
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from _tiny import as_fedavg, half_square, linear, pool, template_and_fedavg
 from conftest import check_exact_resumption
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.apfl import ALPHA, APFL, APFLUpdate
@@ -21,32 +20,14 @@ from pfl.federated.local import FitIns, FitRes, SGDUpdate
 from pfl.federated.state import model_state
 from test_fedper import BUFFERS, context, filled, tiny_split_model
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-class _Data(SimpleNamespace):
-    def batch(self, idx, gen=None):
-        return self.x[idx], self.y[idx]
-
-
-def _half_square(out, y):
-    return 0.5 * ((out - y) ** 2).sum()
-
-
-def _linear(value: float) -> nn.Linear:
-    model = nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        model.weight.fill_(value)
-    return model
-
 
 def _round(lr: float, w0: float, v0: float, alpha0: float):
     """One client round on one sample x = 1, y = 0 (loss m^2 / 2 of a model m, gradient m), batch 1, one epoch."""
-    update = APFLUpdate(SGDUpdate(batch_size=1, lr=lr, local_epochs=1, loss_fn=_half_square))
+    update = APFLUpdate(SGDUpdate(batch_size=1, lr=lr, local_epochs=1, loss_fn=half_square))
     alpha = torch.tensor(alpha0, dtype=torch.float64)
-    ins = FitIns({"weight": torch.tensor([[w0]])}, extras={"personal": {"weight": torch.tensor([[v0]])}, "alpha": alpha})
-    data = _Data(x=torch.tensor([[1.0]]), y=torch.tensor([[0.0]]), device=torch.device("cpu"))
-    return update.fit(_linear(w0), data, ins, torch.tensor([0]), seed=0)
+    ins = FitIns({"weight": torch.tensor([[w0]])},
+                 extras={"personal": {"weight": torch.tensor([[v0]])}, "alpha": alpha})
+    return update.fit(linear(w0), pool(torch.tensor([[1.0]]), torch.tensor([[0.0]])), ins, torch.tensor([0]), seed=0)
 
 
 def test_one_step_by_hand():
@@ -108,8 +89,8 @@ def test_client_round_is_pfllibs_bit_for_bit():
     x, y = torch.randn(23, 5), torch.randint(3, (23,))
     alpha0 = torch.tensor(0.7, dtype=torch.float64)
     ins = FitIns(model_state(net), extras={"personal": model_state(per), "alpha": alpha0})
-    data = _Data(x=x, y=y, device=torch.device("cpu"))
-    ours, _ = APFLUpdate(SGDUpdate(batch_size=4, lr=0.05, local_epochs=2)).fit(net, data, ins, torch.arange(23), seed=5)
+    ours, _ = APFLUpdate(SGDUpdate(batch_size=4, lr=0.05, local_epochs=2)).fit(net, pool(x, y), ins, torch.arange(23),
+                                                                               seed=5)
 
     gen = torch.Generator().manual_seed(5)  # SGDUpdate.fit's batches: drop_last, 5 batches of 4 per epoch
     orders = [torch.randperm(23, generator=gen) for _ in range(2)]
@@ -184,10 +165,9 @@ def test_knobs_default_to_pfllibs():
 
 @pytest.mark.parametrize("name", ["apfl_cifar10_pr0.2.yaml", "apfl_cifar10_cpu.yaml"])
 def test_apfl_templates_are_the_fedavg_setting(name):
-    cfg, fedavg = load_config(CONFIGS / name), load_config(CONFIGS / "fedavg_cifar10_pr0.2.yaml")
+    cfg, fedavg = template_and_fedavg(name)
     assert cfg.algo == "apfl" and REGISTRY[cfg.algo] is APFL and cfg.hparams == {"alpha_init": 1.0}
-    rounds = 3 if name.endswith("_cpu.yaml") else 100
-    assert cfg.model_copy(update={"algo": "fedavg", "hparams": {}}) == fedavg.model_copy(update={"global_rounds": rounds})
+    assert as_fedavg(cfg) == fedavg
 
 
 def test_apfl_resumes_exactly(cifar10_dir, tmp_path):

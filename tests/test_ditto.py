@@ -4,59 +4,26 @@ personal model stays the client's own and is what it is scored with; hand-comput
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
+from _tiny import Pool, as_fedavg, half_square, pool, template_and_fedavg
 from conftest import check_exact_resumption
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.ditto import Ditto, DittoUpdate
 from pfl.algorithms.fedprox import ProximalSGD
-from pfl.config import load_config
-from pfl.data.loader import ClientData
-from pfl.federated.base import FederatedContext
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
-from pfl.federated.state import model_state
-from pfl.models import ModelSpec
-from pfl.models.split import SplitModel
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-_SPEC = ModelSpec("tiny", num_classes=1)
-
-
-def _model() -> SplitModel:
-    """base: Linear(1, 1) + BatchNorm1d(1) (parameters, float running statistics, an integer counter); head: Linear."""
-    torch.manual_seed(0)
-    return SplitModel(nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1)), nn.Linear(1, 1))
+from pfl.federated.state import model_state, split_personal, with_personal
+from test_fedper import context, filled, tiny_split_model
 
 
 def _algo(num_clients: int = 3, model: nn.Module | None = None, **hp) -> Ditto:
-    model = model if model is not None else _model()
-    idx = torch.arange(4)
-    clients = [ClientData(fit=idx[:3], val=None, test=idx[3:]) for _ in range(num_clients)]
-    ctx = FederatedContext(clients=clients, specs=[_SPEC] * num_clients, runner=SimpleNamespace(models={_SPEC: model}),
-                           update=None, init_states={_SPEC: model_state(model)}, num_join_clients=2, seed=0)
-    return Ditto(ctx, **hp)
+    return Ditto(context(num_clients, model if model is not None else tiny_split_model()), **hp)
 
 
-def _filled(like: dict, v: float, count: int) -> dict:
-    return {k: torch.full_like(t, v) if t.is_floating_point() else torch.full_like(t, count) for k, t in like.items()}
-
-
-class _Data(SimpleNamespace):
-    def batch(self, idx, gen=None):
-        return self.x[idx], self.y[idx]
-
-
-def _data() -> _Data:
-    return _Data(x=torch.tensor([[1.0]]), y=torch.tensor([[0.0]]), device=torch.device("cpu"))
-
-
-def _half_square(out, y):
-    return 0.5 * ((out - y) ** 2).sum()
+def _data() -> Pool:
+    return pool(torch.tensor([[1.0]]), torch.tensor([[0.0]]))
 
 
 def test_one_personal_step_is_pfllibs_perturbed_gradient_descent():
@@ -68,7 +35,7 @@ def test_one_personal_step_is_pfllibs_perturbed_gradient_descent():
     anchor = FitIns({"weight": torch.tensor([[1.0]])})  # the received global model the pull targets
 
     def pulled(epochs: int, mu: float):
-        run = SGDUpdate(batch_size=1, lr=0.5, local_epochs=epochs, loss_fn=_half_square)
+        run = SGDUpdate(batch_size=1, lr=0.5, local_epochs=epochs, loss_fn=half_square)
         return ProximalSGD(run, mu).fit(model, _data(), anchor, torch.tensor([0]), 0)
 
     state, loss = pulled(1, 0.2)
@@ -89,7 +56,7 @@ def test_client_round_pulls_toward_the_received_global_model_and_trains_the_copy
     """Received g = 1, personal w = 3, lr 0.5, mu 0.2, one epoch each: the personal model moves to 1.3 (pulled toward
     the received 1, not toward the trained copy), the global copy by plain SGD 1 - 0.5 * 1 = 0.5."""
     model = nn.Linear(1, 1, bias=False)
-    run = SGDUpdate(batch_size=1, lr=0.5, local_epochs=1, loss_fn=_half_square)
+    run = SGDUpdate(batch_size=1, lr=0.5, local_epochs=1, loss_fn=half_square)
     update = DittoUpdate(run, plocal_epochs=1, mu=0.2)
     ins = FitIns({"weight": torch.tensor([[1.0]])}, extras={"personal": {"weight": torch.tensor([[3.0]])}})
     model.load_state_dict(ins.state)
@@ -114,8 +81,8 @@ def test_server_averages_the_global_copies_and_keeps_personal_models():
     assert all(torch.equal(ins.state[k], init[k]) for k in init) and ins.sent is None  # only the global travels
     assert all(torch.equal(ins.extras["personal"][k], init[k]) for k in init)  # personal: the initial model
     # clients 0 (1 sample) and 2 (3 samples): global copies 1.0 / 5.0, personal models 10.0 / 50.0
-    g0, g2 = _filled(init, 1.0, 7), _filled(init, 5.0, 9)
-    p0, p2 = _filled(init, 10.0, 4), _filled(init, 50.0, 6)
+    g0, g2 = filled(init, 1.0, 7), filled(init, 5.0, 9)
+    p0, p2 = filled(init, 10.0, 4), filled(init, 50.0, 6)
     results = [FitRes(0, {**g0, **{"personal/" + k: v for k, v in p0.items()}}, 1, torch.tensor(0.0)),
                FitRes(2, {**g2, **{"personal/" + k: v for k, v in p2.items()}}, 3, torch.tensor(0.0))]
     assert list(algo.upload(results[0])) == list(init)  # the global copy only travels up
@@ -133,10 +100,10 @@ def test_server_averages_the_global_copies_and_keeps_personal_models():
 
 
 def test_ditto_state_round_trips():
-    model = _model()
+    model = tiny_split_model()
     algo = _algo(model=model, mu=0.5)
     init = model_state(model)
-    g, p = _filled(init, 3.0, 1), _filled(init, 8.0, 2)
+    g, p = filled(init, 3.0, 1), filled(init, 8.0, 2)
     algo.aggregate_fit(1, [FitRes(2, {**g, **{"personal/" + k: v for k, v in p.items()}}, 2, torch.tensor(0.0))])
     tensors, meta = algo.state_dict()
     fresh = _algo(model=model, mu=0.5)
@@ -157,11 +124,19 @@ def test_knobs_default_to_pfllibs():
 
 @pytest.mark.parametrize("name", ["ditto_cifar10_pr0.2.yaml", "ditto_cifar10_cpu.yaml"])
 def test_ditto_templates_are_the_fedavg_setting(name):
-    cfg, fedavg = load_config(CONFIGS / name), load_config(CONFIGS / "fedavg_cifar10_pr0.2.yaml")
+    cfg, fedavg = template_and_fedavg(name)
     assert cfg.algo == "ditto" and REGISTRY[cfg.algo] is Ditto and cfg.hparams == {"mu": 0.1, "plocal_epochs": 1}
-    rounds = 3 if name.endswith("_cpu.yaml") else 100
-    assert cfg.model_copy(update={"algo": "fedavg", "hparams": {}}) == fedavg.model_copy(update={"global_rounds": rounds})
+    assert as_fedavg(cfg) == fedavg
 
 
 def test_ditto_resumes_exactly(cifar10_dir, tmp_path):
     check_exact_resumption(cifar10_dir, tmp_path, "ditto", "mu=0.1", "plocal_epochs=2")
+
+
+def test_personal_entries_ride_under_their_prefix_and_split_back():
+    """Ditto's, pFedMe's, APFL's and FedRoD's results carry the personal model under ``"personal/"``."""
+    trained, personal = {"w": torch.tensor(1.0), "b": torch.tensor(2.0)}, {"w": torch.tensor(3.0)}
+    packed = with_personal(trained, personal)
+    assert list(packed) == ["w", "b", "personal/w"] and packed["personal/w"] is personal["w"]
+    uploaded, back = split_personal({**packed, "apfl/alpha": torch.tensor(0.5)})
+    assert list(uploaded) == ["w", "b", "apfl/alpha"] and list(back) == ["w"] and back["w"] is personal["w"]

@@ -4,33 +4,17 @@ resumption (fine-tuning included)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
+from _tiny import as_fedavg, half_square, pool, template_and_fedavg, training_context
 from conftest import check_exact_resumption
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.fedbabu import FedBABU
-from pfl.config import load_config
 from pfl.data.loader import ClientData
-from pfl.federated.base import FederatedContext
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
-from pfl.federated.state import load_state, model_state
-from pfl.models import ModelSpec
 from pfl.models.split import SplitModel
-
-_SPEC = ModelSpec("tiny", num_classes=1)
-
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-class _Data(SimpleNamespace):
-    def batch(self, idx, gen=None):
-        return self.x[idx], self.y[idx]
 
 
 def _algo(global_rounds: int = 2, **hparams) -> tuple[FedBABU, SplitModel]:
@@ -40,13 +24,10 @@ def _algo(global_rounds: int = 2, **hparams) -> tuple[FedBABU, SplitModel]:
     with torch.no_grad():
         model.base.weight.fill_(1.0)
         model.head.weight.fill_(2.0)
-    data = _Data(x=torch.tensor([[1.0]]), y=torch.tensor([[0.0]]), device=torch.device("cpu"))
-    runner = SimpleNamespace(models={_SPEC: model}, data=data, load=lambda spec, state: load_state(model, state))
     idx = torch.tensor([0])
     clients = [ClientData(fit=idx, val=None, test=idx) for _ in range(3)]
-    update = SGDUpdate(batch_size=1, lr=0.5, local_epochs=1, loss_fn=lambda out, y: 0.5 * ((out - y) ** 2).sum())
-    ctx = FederatedContext(clients=clients, specs=[_SPEC] * 3, runner=runner, update=update,
-                           init_states={_SPEC: model_state(model)}, num_join_clients=2, seed=0,
+    update = SGDUpdate(batch_size=1, lr=0.5, local_epochs=1, loss_fn=half_square)
+    ctx = training_context(model, pool(torch.tensor([[1.0]]), torch.tensor([[0.0]])), clients, update,
                            global_rounds=global_rounds)
     return FedBABU(ctx, **hparams), model
 
@@ -110,8 +91,7 @@ def test_fedbabu_resumes_exactly_through_the_fine_tuning(cifar10_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["fedbabu_cifar10_pr0.2.yaml", "fedbabu_cifar10_cpu.yaml"])
 def test_fedbabu_templates_are_the_fedavg_setting(name):
-    cfg, fedavg = load_config(CONFIGS / name), load_config(CONFIGS / "fedavg_cifar10_pr0.2.yaml")
-    assert cfg.algo == "fedbabu" and REGISTRY[cfg.algo] is FedBABU and cfg.hparams == {"fine_tuning_epochs": 1 if name.endswith("_cpu.yaml") else 10}
-    rounds = 3 if name.endswith("_cpu.yaml") else 100
-    expected = fedavg.model_copy(update={"global_rounds": rounds})
-    assert cfg.model_copy(update={"algo": "fedavg", "hparams": {}}) == expected
+    cfg, fedavg = template_and_fedavg(name)
+    assert cfg.algo == "fedbabu" and REGISTRY[cfg.algo] is FedBABU
+    assert cfg.hparams == {"fine_tuning_epochs": 1 if name.endswith("_cpu.yaml") else 10}
+    assert as_fedavg(cfg) == fedavg

@@ -3,44 +3,32 @@ parameter is averaged; exact resumption on a VGG."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import nn
 
+from _tiny import aggregation_context, uniform
 from conftest import check_exact_resumption
 from pfl.algorithms.fedbn import FedBN, shared_keys
-from pfl.data.loader import ClientData
-from pfl.federated.base import FederatedContext
 from pfl.federated.local import FitRes
-from pfl.federated.state import model_state, param_keys
+from pfl.federated.state import param_keys
 from pfl.models import ModelSpec, build_model
 from pfl.models.split import SplitModel
 
-_SPEC = ModelSpec("tiny", num_classes=2)
+BATCHNORM_APART = {"base.1.weight": 100.0, "base.1.bias": 100.0}  # uniform() offsets of the BatchNorm's affine entries
 
 
 def _algo(num_clients: int = 3) -> FedBN:
     # base: Linear(1, 1) + BatchNorm1d(1); head: Linear(1, 2)
-    model = SplitModel(nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1)), nn.Linear(1, 2))
-    idx = torch.arange(4)
-    clients = [ClientData(fit=idx[:2], val=idx[2:2], test=idx[2:]) for _ in range(num_clients)]
-    ctx = FederatedContext(clients=clients, specs=[_SPEC] * num_clients, runner=SimpleNamespace(models={_SPEC: model}),
-                           update=None, init_states={_SPEC: model_state(model)}, num_join_clients=2, seed=0)
-    return FedBN(ctx)
-
-
-def _state(like: dict, v: float) -> dict:
-    """Float entries v (+ 100 for BatchNorm's weight and bias), the counter int(v)."""
-    return {k: (torch.full_like(t, v + (100.0 if k in ("base.1.weight", "base.1.bias") else 0.0))
-                if t.is_floating_point() else torch.full_like(t, int(v))) for k, t in like.items()}
+    return FedBN(aggregation_context(SplitModel(nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1)), nn.Linear(1, 2)),
+                                     num_clients))
 
 
 def test_aggregate_averages_all_but_batchnorm():
     algo = _algo()
     like = algo.ctx.init_state(0)
     assert algo.shared_keys == ["base.0.weight", "base.0.bias", "head.weight", "head.bias"]
-    s0, s2 = _state(like, 2.0), _state(like, 6.0)
+    # float entries v (+ 100 for BatchNorm's weight and bias), the counter int(v)
+    s0, s2 = uniform(like, 2.0, BATCHNORM_APART), uniform(like, 6.0, BATCHNORM_APART)
     algo.aggregate_fit(1, [FitRes(0, s0, 3, torch.tensor(0.0)), FitRes(2, s2, 1, torch.tensor(0.0))])
     avg = (2.0 * 3 + 6.0 * 1) / 4  # 3.0, sample-weighted
     for cid, own in ((0, 2.0), (2, 6.0)):

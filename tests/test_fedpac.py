@@ -3,7 +3,6 @@ the averaged base and the unweighted class centroids, against hand-computed case
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,18 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from _tiny import PERSONAL_LAYER_APART, aggregation_context, as_fedavg, deep_head_model, template_and_fedavg, uniform
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.fedpac import STATS, AlignedSGD, FedPAC, class_features, head_weights, statistics
-from pfl.config import load_config
-from pfl.data.loader import ClientData
-from pfl.federated.base import FederatedContext
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
-from pfl.federated.state import model_state
-from pfl.models import ModelSpec
 from pfl.models.split import SplitModel
-
-_SPEC = ModelSpec("tiny", num_classes=2)
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class _Data(SimpleNamespace):
@@ -30,19 +22,8 @@ class _Data(SimpleNamespace):
         return self.x[idx], self.targets[idx]
 
 
-def _model() -> SplitModel:
-    # base: Linear(1, 1) + BatchNorm1d(1); head: Linear(1, 1), ReLU, Linear(1, 2) (the personal layer is head.2)
-    return SplitModel(nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1)),
-                      nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)))
-
-
 def _algo(num_clients: int = 3) -> FedPAC:
-    model = _model()
-    idx = torch.arange(4)
-    clients = [ClientData(fit=idx[:2], val=idx[2:2], test=idx[2:]) for _ in range(num_clients)]
-    ctx = FederatedContext(clients=clients, specs=[_SPEC] * num_clients, runner=SimpleNamespace(models={_SPEC: model}),
-                           update=None, init_states={_SPEC: model_state(model)}, num_join_clients=2, seed=0)
-    return FedPAC(ctx)
+    return FedPAC(aggregation_context(deep_head_model(), num_clients))
 
 
 def test_statistics_are_pfllibs_v_and_h():
@@ -76,9 +57,7 @@ def test_head_weights_solve_pfllibs_quadratic_program():
 
 
 def _result(algo, cid, value, n, v, h, protos, counts):
-    like = algo.ctx.init_state(0)
-    state = {k: (torch.full_like(t, value + (0.5 if k.startswith("head.2.") else 0.0)) if t.is_floating_point()
-                 else torch.full_like(t, int(value))) for k, t in like.items()}
+    state = uniform(algo.ctx.init_state(0), value, PERSONAL_LAYER_APART)
     state |= {STATS + "V": torch.tensor(v), STATS + "h": torch.tensor(h), STATS + "protos": torch.tensor(protos),
               STATS + "counts": torch.tensor(counts)}
     return FitRes(cid, state, n, torch.tensor(0.0))
@@ -157,8 +136,6 @@ def test_knobs_default_to_pfllibs():
 
 @pytest.mark.parametrize("name", ["fedpac_cifar10_pr0.2.yaml", "fedpac_cifar10_cpu.yaml"])
 def test_fedpac_templates_are_the_fedavg_setting(name):
-    cfg, fedavg = load_config(CONFIGS / name), load_config(CONFIGS / "fedavg_cifar10_pr0.2.yaml")
+    cfg, fedavg = template_and_fedavg(name)
     assert cfg.algo == "fedpac" and REGISTRY[cfg.algo] is FedPAC and cfg.hparams == {"lamda": 1.0}
-    rounds = 3 if name.endswith("_cpu.yaml") else 100
-    assert (cfg.model_copy(update={"algo": "fedavg", "hparams": {}})
-            == fedavg.model_copy(update={"global_rounds": rounds}))
+    assert as_fedavg(cfg) == fedavg

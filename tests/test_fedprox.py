@@ -4,33 +4,16 @@ update rule, the aggregation, resume and the templates."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
+from _tiny import LinearLoss, as_fedavg, pool, template_and_fedavg, with_sgd
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.fedprox import FedProx, ProximalSGD
-from pfl.config import load_config
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
 from pfl.federated.state import model_state
 from test_fedper import BUFFERS, context, filled, tiny_split_model
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-class LinearLoss(nn.Module):
-    """The sum of the outputs: with a bias-free Linear(1, 1) on inputs x, the gradient of w is sum(x), whatever w."""
-
-    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return out.sum()
-
-
-def pool(x: torch.Tensor, y: torch.Tensor) -> SimpleNamespace:
-    """A device pool whose batch of indices idx is (x[idx], y[idx]) (no transform)."""
-    return SimpleNamespace(device=torch.device("cpu"), batch=lambda idx, gen=None: (x[idx], y[idx]))
 
 
 def test_one_proximal_step_by_hand():
@@ -106,9 +89,7 @@ def test_mu_zero_is_fedavgs_local_update():
 
 
 def fedprox(num_clients: int, model: nn.Module, mu: float = 0.1) -> FedProx:
-    ctx = context(num_clients, model)
-    ctx.update = SGDUpdate(batch_size=2, lr=0.01, local_epochs=1)
-    return FedProx(ctx, mu=mu)
+    return FedProx(with_sgd(context(num_clients, model)), mu=mu)
 
 
 def test_fedprox_averages_like_fedavg_and_every_client_gets_the_global_model():
@@ -158,8 +139,6 @@ def test_fedprox_knob():
 
 @pytest.mark.parametrize("name", ["fedprox_cifar10_pr0.2.yaml", "fedprox_cifar10_cpu.yaml"])
 def test_fedprox_templates_are_the_fedavg_setting(name):
-    cfg, fedavg = load_config(CONFIGS / name), load_config(CONFIGS / "fedavg_cifar10_pr0.2.yaml")
+    cfg, fedavg = template_and_fedavg(name)
     assert cfg.algo == "fedprox" and REGISTRY[cfg.algo] is FedProx and cfg.hparams == {"mu": 0.01}
-    rounds = 3 if name.endswith("_cpu.yaml") else 100
-    assert (cfg.model_copy(update={"algo": "fedavg", "hparams": {}})
-            == fedavg.model_copy(update={"global_rounds": rounds}))
+    assert as_fedavg(cfg) == fedavg

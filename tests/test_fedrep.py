@@ -3,44 +3,21 @@ first with the representation frozen, then the representation with the head froz
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
+from _tiny import PERSONAL_LAYER_APART, aggregation_context, deep_head_model, half_square, pool, uniform
 from conftest import check_exact_resumption
 from pfl.algorithms.fedrep import FedRep, RepresentationSGD
 from pfl.federated.partial import personal_layer
-from pfl.data.loader import ClientData
-from pfl.federated.base import FederatedContext
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
-from pfl.federated.state import model_state
 from pfl.models import ModelSpec, build_model
 from pfl.models.split import SplitModel
 
-_SPEC = ModelSpec("tiny", num_classes=2)
-
-
-def _model() -> SplitModel:
-    # base: Linear(1, 1) + BatchNorm1d(1); head: Linear(1, 1), ReLU, Linear(1, 2) (the personal layer is head.2)
-    return SplitModel(nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1)),
-                      nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)))
-
 
 def _algo(num_clients: int = 3) -> FedRep:
-    model = _model()
-    idx = torch.arange(4)
-    clients = [ClientData(fit=idx[:2], val=idx[2:2], test=idx[2:]) for _ in range(num_clients)]
-    ctx = FederatedContext(clients=clients, specs=[_SPEC] * num_clients, runner=SimpleNamespace(models={_SPEC: model}),
-                           update=None, init_states={_SPEC: model_state(model)}, num_join_clients=2, seed=0)
-    return FedRep(ctx)
-
-
-def _state(like: dict, v: float) -> dict:
-    """Every float entry filled with v (+ 0.5 for the personal layer's), the counter with int(v)."""
-    return {k: (torch.full_like(t, v + (0.5 if k.startswith("head.2.") else 0.0)) if t.is_floating_point()
-                else torch.full_like(t, int(v))) for k, t in like.items()}
+    return FedRep(aggregation_context(deep_head_model(), num_clients))
 
 
 def test_personal_layer_is_pfllibs_model_fc():
@@ -54,7 +31,8 @@ def test_aggregate_averages_the_representation_and_keeps_heads_and_buffers():
     like = algo.ctx.init_state(0)
     assert algo.shared_keys == ["base.0.weight", "base.0.bias", "base.1.weight", "base.1.bias",
                            "head.0.weight", "head.0.bias"]  # parameters only, outside head.2
-    s0, s1 = _state(like, 1.0), _state(like, 4.0)
+    # every float entry v (+ 0.5 for the personal layer's), the counter int(v)
+    s0, s1 = uniform(like, 1.0, PERSONAL_LAYER_APART), uniform(like, 4.0, PERSONAL_LAYER_APART)
     algo.aggregate_fit(1, [FitRes(0, s0, 1, torch.tensor(0.0)), FitRes(2, s1, 3, torch.tensor(0.0))])
     shared_avg = (1.0 * 1 + 4.0 * 3) / 4  # 3.25, sample-weighted
     for cid, own in ((0, 1.0), (2, 4.0)):
@@ -76,11 +54,6 @@ def test_aggregate_averages_the_representation_and_keeps_heads_and_buffers():
     assert torch.equal(ins.state["head.2.bias"], torch.full((2,), 4.5)) and set(ins.sent) == set(algo.shared_keys)
 
 
-class _Data(SimpleNamespace):
-    def batch(self, idx, gen=None):
-        return self.x[idx], self.y[idx]
-
-
 def test_local_update_trains_the_head_then_the_representation():
     """One sample, batch 1, lr 1, plocal_epochs=1, local_epochs=1 on f(x) = w2 * (w1 * x) (no biases trained,
     squared loss): phase 1 moves w2 alone, phase 2 moves w1 alone, with the gradient at the updated w2."""
@@ -89,8 +62,8 @@ def test_local_update_trains_the_head_then_the_representation():
     with torch.no_grad():
         model.base.weight.fill_(2.0)
         model.head.weight.fill_(3.0)
-    data = _Data(x=torch.tensor([[1.0]]), y=torch.tensor([[0.0]]), device=torch.device("cpu"))
-    run = SGDUpdate(batch_size=1, lr=1.0, local_epochs=1, loss_fn=lambda out, y: 0.5 * ((out - y) ** 2).sum())
+    data = pool(torch.tensor([[1.0]]), torch.tensor([[0.0]]))
+    run = SGDUpdate(batch_size=1, lr=1.0, local_epochs=1, loss_fn=half_square)
     update = RepresentationSGD(run, plocal_epochs=1, personal="head")
     state, loss = update.fit(model, data, FitIns({}), torch.tensor([0]), seed=0)
     # phase 1 (head): out = 3 * 2 = 6, dL/dw2 = out * w1 = 12 -> w2 = 3 - 12 = -9, loss 18

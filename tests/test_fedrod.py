@@ -5,55 +5,37 @@ is the sum of both heads; exact resumption."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from _tiny import TWO_CLASSES, as_fedavg, deep_head_model, pool, template_and_fedavg, uniform
 from conftest import check_exact_resumption
 from pfl.algorithms import REGISTRY
-from pfl.algorithms.fedrod import PERSONAL, FedRoD, RoDUpdate, label_counts
-from pfl.config import load_config
+from pfl.algorithms.fedrod import FedRoD, RoDUpdate, label_counts
 from pfl.data.loader import ClientData
 from pfl.federated.base import FederatedContext
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
-from pfl.federated.state import model_state
-from pfl.models import ModelSpec
+from pfl.federated.state import PERSONAL, model_state
 from pfl.models.split import SplitModel
-
-_SPEC = ModelSpec("tiny", num_classes=2)
-
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-class _Data(SimpleNamespace):
-    def batch(self, idx, gen=None):
-        return self.x[idx], self.y[idx]
-
-
-def _model() -> SplitModel:
-    # base: Linear(1, 1) + BatchNorm1d(1); head: Linear(1, 1), ReLU, Linear(1, 2) (PFLlib's model.fc is head.2)
-    return SplitModel(nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1)),
-                      nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)))
 
 
 def _algo() -> FedRoD:
-    model = _model()
+    model = deep_head_model()
     targets = torch.tensor([0, 0, 1, 0, 1, 1])
-    runner = SimpleNamespace(models={_SPEC: model}, data=SimpleNamespace(targets=targets))
+    runner = SimpleNamespace(models={TWO_CLASSES: model}, data=SimpleNamespace(targets=targets))
     clients = [ClientData(fit=torch.tensor(f), val=None, test=torch.tensor([5])) for f in ([0, 1, 2], [3, 4], [0])]
-    ctx = FederatedContext(clients=clients, specs=[_SPEC] * 3, runner=runner, update=None,
-                           init_states={_SPEC: model_state(model)}, num_join_clients=2, seed=0)
+    ctx = FederatedContext(clients=clients, specs=[TWO_CLASSES] * 3, runner=runner, update=None,
+                           init_states={TWO_CLASSES: model_state(model)}, num_join_clients=2, seed=0)
     return FedRoD(ctx)
 
 
 def _state(like: dict, v: float) -> dict:
     """Every float entry of the model filled with v, the counter with int(v); the personal head with 10 v."""
-    state = {k: torch.full_like(t, v) if t.is_floating_point() else torch.full_like(t, int(v)) for k, t in like.items()}
-    return {**state, **{PERSONAL + k: torch.full_like(like[k], 10 * v) for k in ("head.2.weight", "head.2.bias")}}
+    head = {PERSONAL + k: torch.full_like(like[k], 10 * v) for k in ("head.2.weight", "head.2.bias")}
+    return {**uniform(like, v), **head}
 
 
 def test_registered_classification_only():
@@ -102,7 +84,7 @@ def test_local_step_by_hand():
         model.base.weight.fill_(1.0)
         model.head.weight.zero_()
         model.head.bias.zero_()
-    data = _Data(x=torch.tensor([[1.0]]), y=torch.tensor([0]), device=torch.device("cpu"))
+    data = pool(torch.tensor([[1.0]]), torch.tensor([0]))
     update = RoDUpdate(SGDUpdate(batch_size=1, lr=1.0, local_epochs=1), "head")
     zeros = {"head.weight": torch.zeros(2, 1), "head.bias": torch.zeros(2)}
     ins = FitIns(model_state(model), extras={"personal_head": zeros, "label_counts": torch.tensor([3.0, 1.0])})
@@ -151,8 +133,8 @@ def test_local_update_equals_pfllibs_two_optimizer_loop():
             opt_head.step()
     update = RoDUpdate(SGDUpdate(batch_size=2, lr=0.1, local_epochs=2), "head.2")
     head = {"head.2." + k: v for k, v in model_state(personal).items()}
-    state, _ = update.fit(model, _Data(x=x, y=y, device=torch.device("cpu")),
-                          FitIns(start, extras={"personal_head": head, "label_counts": counts}), idx, seed=5)
+    ins = FitIns(start, extras={"personal_head": head, "label_counts": counts})
+    state, _ = update.fit(model, pool(x, y), ins, idx, seed=5)
     for k, v in model_state(ref).items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6)
     for k, v in model_state(ref_head).items():
@@ -168,8 +150,6 @@ def test_fedrod_resumes_exactly(cifar10_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["fedrod_cifar10_pr0.2.yaml", "fedrod_cifar10_cpu.yaml"])
 def test_fedrod_templates_are_the_fedavg_setting(name):
-    cfg, fedavg = load_config(CONFIGS / name), load_config(CONFIGS / "fedavg_cifar10_pr0.2.yaml")
+    cfg, fedavg = template_and_fedavg(name)
     assert cfg.algo == "fedrod" and REGISTRY[cfg.algo] is FedRoD and cfg.hparams == {}
-    rounds = 3 if name.endswith("_cpu.yaml") else 100
-    expected = fedavg.model_copy(update={"global_rounds": rounds})
-    assert cfg.model_copy(update={"algo": "fedavg", "hparams": {}}) == expected
+    assert as_fedavg(cfg) == fedavg

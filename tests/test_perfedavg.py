@@ -5,49 +5,24 @@ exact resume and templates."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
+from _tiny import as_fedavg, half_square, linear, pool, template_and_fedavg, training_context
 from conftest import check_exact_resumption
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.perfedavg import PerFedAvg, PerFedAvgUpdate
-from pfl.config import load_config
 from pfl.data.loader import ClientData
-from pfl.federated.base import FederatedContext
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
-from pfl.federated.state import load_state, model_state
-from pfl.models import ModelSpec
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-_SPEC = ModelSpec("tiny", num_classes=1)
-
-
-class _Data(SimpleNamespace):
-    def batch(self, idx, gen=None):
-        return self.x[idx], self.y[idx]
-
-
-def _half_square(out, y):
-    return 0.5 * ((out - y) ** 2).sum()
-
-
-def _linear(value: float) -> nn.Linear:
-    model = nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        model.weight.fill_(value)
-    return model
+from pfl.federated.state import model_state
 
 
 def _fit(beta: float | None):
     """w = 3 on two identical samples x = 1, y = 0 (loss w^2 / 2 per half, gradient w), batch 1, lr 0.5, 1 epoch."""
-    update = PerFedAvgUpdate(SGDUpdate(batch_size=1, lr=0.5, local_epochs=1, loss_fn=_half_square), beta)
-    data = _Data(x=torch.ones(2, 1), y=torch.zeros(2, 1), device=torch.device("cpu"))
+    update = PerFedAvgUpdate(SGDUpdate(batch_size=1, lr=0.5, local_epochs=1, loss_fn=half_square), beta)
     ins = FitIns({"weight": torch.tensor([[3.0]])})
-    return update.fit(_linear(3.0), data, ins, torch.arange(2), seed=0)
+    return update.fit(linear(3.0), pool(torch.ones(2, 1), torch.zeros(2, 1)), ins, torch.arange(2), seed=0)
 
 
 def test_meta_steps_by_hand():
@@ -93,7 +68,7 @@ def test_client_round_is_pfllibs_bit_for_bit():
     x, y = torch.randn(23, 5), torch.randint(3, (23,))
     ins = FitIns({k: v.clone() for k, v in model_state(net).items()})
     ours, _ = PerFedAvgUpdate(SGDUpdate(batch_size=3, lr=0.05, local_epochs=1), None).fit(
-        net, _Data(x=x, y=y, device=torch.device("cpu")), ins, torch.arange(23), seed=5)
+        net, pool(x, y), ins, torch.arange(23), seed=5)
 
     gen = torch.Generator().manual_seed(5)  # two train() calls of 1 epoch: 3 batches of 2 x 3 each (drop_last)
     orders = [torch.randperm(23, generator=gen) for _ in range(2)]
@@ -107,15 +82,11 @@ def test_client_round_is_pfllibs_bit_for_bit():
 
 def _algo(**hp) -> PerFedAvg:
     """Three clients of a bias-free Linear(1, 1); each trains on samples with x = 1 and is tested on one with x = 2."""
-    model = _linear(0.0)
-    data = _Data(x=torch.tensor([[1.0], [1.0], [1.0], [2.0]]), y=torch.zeros(4, 1), device=torch.device("cpu"))
-    runner = SimpleNamespace(models={_SPEC: model}, data=data, load=lambda spec, state: load_state(model, state))
+    data = pool(torch.tensor([[1.0], [1.0], [1.0], [2.0]]), torch.zeros(4, 1))
     idx = torch.arange(4)
     clients = [ClientData(fit=idx[:3], val=None, test=idx[3:]) for _ in range(3)]
-    ctx = FederatedContext(clients=clients, specs=[_SPEC] * 3, runner=runner,
-                           update=SGDUpdate(batch_size=1, lr=0.5, local_epochs=1, loss_fn=_half_square),
-                           init_states={_SPEC: model_state(model)}, num_join_clients=2, seed=0)
-    return PerFedAvg(ctx, **hp)
+    update = SGDUpdate(batch_size=1, lr=0.5, local_epochs=1, loss_fn=half_square)
+    return PerFedAvg(training_context(linear(0.0), data, clients, update), **hp)
 
 
 def test_server_averages_and_a_client_model_is_one_train_step_from_the_global_model():
@@ -159,10 +130,9 @@ def test_knobs_default_to_pfllibs():
 
 @pytest.mark.parametrize("name", ["perfedavg_cifar10_pr0.2.yaml", "perfedavg_cifar10_cpu.yaml"])
 def test_perfedavg_templates_are_the_fedavg_setting(name):
-    cfg, fedavg = load_config(CONFIGS / name), load_config(CONFIGS / "fedavg_cifar10_pr0.2.yaml")
+    cfg, fedavg = template_and_fedavg(name)
     assert cfg.algo == "perfedavg" and REGISTRY[cfg.algo] is PerFedAvg and cfg.hparams == {"beta": None}
-    rounds = 3 if name.endswith("_cpu.yaml") else 100
-    assert cfg.model_copy(update={"algo": "fedavg", "hparams": {}}) == fedavg.model_copy(update={"global_rounds": rounds})
+    assert as_fedavg(cfg) == fedavg
 
 
 def test_perfedavg_resumes_exactly(cifar10_dir, tmp_path):

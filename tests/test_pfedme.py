@@ -5,33 +5,16 @@ loop, resume and templates."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
+from _tiny import LinearLoss, as_fedavg, pool, template_and_fedavg, with_sgd
 from pfl.algorithms import REGISTRY
-from pfl.algorithms.pfedme import MU, PERSONAL, PFedMe, PFedMeUpdate
-from pfl.config import load_config
+from pfl.algorithms.pfedme import MU, PFedMe, PFedMeUpdate
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
-from pfl.federated.state import model_state
+from pfl.federated.state import PERSONAL, model_state
 from test_fedper import BUFFERS, context, filled, tiny_split_model
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-class LinearLoss(nn.Module):
-    """The sum of the outputs: with a bias-free Linear(1, 1) on inputs x, the gradient of w is sum(x), whatever w."""
-
-    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return out.sum()
-
-
-def pool(x: torch.Tensor, y: torch.Tensor) -> SimpleNamespace:
-    """A device pool whose batch of indices idx is (x[idx], y[idx]) (no transform)."""
-    return SimpleNamespace(device=torch.device("cpu"), batch=lambda idx, gen=None: (x[idx], y[idx]))
 
 
 def test_inner_steps_and_local_step_by_hand():
@@ -89,9 +72,7 @@ def test_local_round_is_pfllibs_bit_for_bit():
 
 
 def pfedme(num_clients: int, model: nn.Module, **hp) -> PFedMe:
-    ctx = context(num_clients, model)
-    ctx.update = SGDUpdate(batch_size=2, lr=0.01, local_epochs=1)
-    return PFedMe(ctx, **hp)
+    return PFedMe(with_sgd(context(num_clients, model)), **hp)
 
 
 def result(cid: int, init, w: float, theta: float, count: int, n: int) -> FitRes:
@@ -163,12 +144,10 @@ def test_knobs_and_refused_optimizers():
 
 @pytest.mark.parametrize("name", ["pfedme_cifar10_pr0.2.yaml", "pfedme_cifar10_cpu.yaml"])
 def test_templates_are_the_fedavg_setting(name):
-    cfg, fedavg = load_config(CONFIGS / name), load_config(CONFIGS / "fedavg_cifar10_pr0.2.yaml")
+    cfg, fedavg = template_and_fedavg(name)
     assert cfg.algo == "pfedme" and REGISTRY[cfg.algo] is PFedMe
     assert cfg.hparams == {"lamda": 1.0, "K": 5, "personal_learning_rate": 0.01, "beta": 1.0}
-    rounds = 3 if name.endswith("_cpu.yaml") else 100
-    assert (cfg.model_copy(update={"algo": "fedavg", "hparams": {}})
-            == fedavg.model_copy(update={"global_rounds": rounds}))
+    assert as_fedavg(cfg) == fedavg
 
 
 def test_a_new_client_starts_from_the_global_model():

@@ -53,24 +53,21 @@ from pydantic import Field
 from torch import nn
 
 from pfl.data.loader import DeviceData
-from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
+from pfl.federated.base import FederatedContext, HyperParams, SearchParam
 from pfl.federated.local import FitIns, FitRes, SGDUpdate, autocast
-from pfl.federated.state import State, load_state, model_state, weighted_average
+from pfl.federated.personal import GlobalAndPersonal
+from pfl.federated.state import State, load_state, model_state, with_personal
 
-PERSONAL = "personal/"  # prefix of v's entries in a client's result ("/" never occurs in state keys)
 ALPHA = "apfl/alpha"    # the client's alpha after its round, a 0-d float64 tensor in its result
 ALPHA_DECAY = 0.02      # weight of alpha in its own gradient (clientapfl.py:76)
 
 
 class APFLParams(HyperParams):
-    """APFL's knobs.
-
-    Attributes:
-        alpha_init: every client's initial mixing weight of its local model v (PFLlib's ``-al``/``--alpha``, default
-            1.0); it adapts. Not named ``alpha``, the run's Dirichlet concentration.
-    """
+    """APFL's knobs."""
 
     alpha_init: float = Field(1.0, ge=0.0, le=1.0)
+    """Every client's initial mixing weight of its local model v (PFLlib's ``-al``/``--alpha``, default 1.0); it
+    adapts. Not named ``alpha``, the run's Dirichlet concentration."""
 
 
 @dataclass
@@ -126,7 +123,7 @@ class APFLUpdate(SGDUpdate):
             personal = model_state(v)
         finally:
             self._round = None
-        return {**trained, **{PERSONAL + k: t for k, t in personal.items()}, ALPHA: alpha.cpu()}, loss
+        return {**with_personal(trained, personal), ALPHA: alpha.cpu()}, loss
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ins: FitIns) -> torch.Tensor:
         self._round.batch = (x, y)  # v steps on the same batch (clientapfl.py:50)
@@ -163,9 +160,10 @@ class APFLUpdate(SGDUpdate):
         r.alpha = (r.alpha.float() - self.lr * grad_alpha).clamp(0.0, 1.0).double()
 
 
-class APFL(Algorithm):
+class APFL(GlobalAndPersonal):
     """FedAvg on the clients' copies w; each client's local model v and its mixing weight alpha stay on the client
-    (:class:`APFLUpdate`), and the mixture left in v is what the client is scored with.
+    (:class:`APFLUpdate`), and the mixture left in v is what the client is scored with (the round:
+    :class:`pfl.federated.personal.GlobalAndPersonal`, v the personal model; alpha rides beside it).
 
     Raises:
         ValueError: the clients' architectures differ.
@@ -174,19 +172,14 @@ class APFL(Algorithm):
     name = "apfl"
     Params = APFLParams
     search_space = {"alpha_init": SearchParam("float", 0.0, 1.0)}
-    tasks = ("classification", "viewport")
     state_attributes = ("global_state", "personal", "alphas")
 
     def __init__(self, ctx: FederatedContext, **hparams):
         super().__init__(ctx, **hparams)
-        self.global_state = ctx.init_states[ctx.single_spec(self.name)]
-        self.personal = ctx.new_store()  # each client's v, from the initial model (clientapfl.py:15)
         self.alphas = torch.full((ctx.num_clients,), self.hp.alpha_init, dtype=torch.float64)  # clientapfl.py:14
-        self.update = APFLUpdate(ctx.update) if ctx.update else None
 
-    @property
-    def local_update(self) -> APFLUpdate:
-        return self.update
+    def make_update(self, base: SGDUpdate) -> APFLUpdate:
+        return APFLUpdate(base)
 
     def configure_fit(self, client_id: int, rnd: int) -> FitIns:
         # v and alpha stay on the client: only the global model travels (FitIns.state)
@@ -195,17 +188,12 @@ class APFL(Algorithm):
 
     def aggregate_fit(self, rnd: int, results: list[FitRes]) -> None:
         for r in results:
-            self.personal[r.client_id] = {k[len(PERSONAL):]: v for k, v in r.state.items() if k.startswith(PERSONAL)}
             self.alphas[r.client_id] = r.state[ALPHA]
-        avg = weighted_average([self.upload(r) for r in results], [r.num_samples for r in results])
-        self.global_state = {**self.global_state, **avg}
+        super().aggregate_fit(rnd, results)
 
     def upload(self, result: FitRes) -> State:
         """The trained copy w (v and alpha never travel)."""
-        return {k: v for k, v in result.state.items() if not k.startswith(PERSONAL) and k != ALPHA}
-
-    def personalized_state(self, client_id: int) -> State:
-        return self.personal[client_id]
+        return {k: v for k, v in super().upload(result).items() if k != ALPHA}
 
     def new_client_state(self, client_id: int) -> State:
         """A new client starts from the global model (PFLlib's ``fine_tuning_new_clients``), fine-tuned whole."""

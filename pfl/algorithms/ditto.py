@@ -50,32 +50,29 @@ from torch import nn
 
 from pfl.algorithms.fedprox import ProximalSGD
 from pfl.data.loader import DeviceData
-from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
-from pfl.federated.local import FitIns, FitRes, SGDUpdate
-from pfl.federated.state import State, load_state, weighted_average
-
-PERSONAL = "personal/"  # prefix of the personal model's entries in a client's result ("/" never occurs in state keys)
+from pfl.federated.base import HyperParams, SearchParam
+from pfl.federated.local import FitIns, SGDUpdate
+from pfl.federated.personal import GlobalAndPersonal
+from pfl.federated.state import State, load_state, with_personal
 
 
 class DittoParams(HyperParams):
-    """Ditto's knobs.
-
-    Attributes:
-        mu: strength of the personal model's pull toward the received global model (PFLlib's ``-mu``, default 0.0;
-            0 trains the personal model as local training does).
-        plocal_epochs: epochs of the personal model per round (PFLlib's ``-pls``, default 1); 0 leaves it unchanged.
-    """
+    """Ditto's knobs."""
 
     mu: float = Field(0.0, ge=0.0)
+    """Strength of the personal model's pull toward the received global model (PFLlib's ``-mu``, default 0.0; 0
+    trains the personal model as local training does)."""
     plocal_epochs: int = Field(1, ge=0)
+    """Epochs of the personal model per round (PFLlib's ``-pls``, default 1); 0 leaves it unchanged."""
 
 
 class DittoUpdate(SGDUpdate):
     """A Ditto client's round: the personal model (``ins.extras["personal"]``) for ``plocal_epochs`` with the pull
-    toward the received global model ``ins.state`` (FedProx's :class:`pfl.algorithms.fedprox.ProximalSGD`), then the global copy for ``local_epochs`` of
-    the run's SGD from ``ins.state``.
+    toward the received global model ``ins.state`` (FedProx's :class:`pfl.algorithms.fedprox.ProximalSGD`), then the
+    global copy for ``local_epochs`` of the run's SGD from ``ins.state``.
 
-    Returns the trained global copy's entries plus the personal model's under the prefix ``"personal/"``.
+    Returns the trained global copy's entries plus the personal model's under the prefix ``"personal/"``
+    (:func:`pfl.federated.state.with_personal`).
 
     Args:
         base: the run's local update.
@@ -101,12 +98,13 @@ class DittoUpdate(SGDUpdate):
         trained, loss = super().fit(model, data, ins, indices, seed)  # the global copy, as a FedAvg client
         if personal_loss is not None:  # both trainings run the same steps per epoch: mean over all minibatches
             loss = (loss * self.local_epochs + personal_loss * epochs) / (self.local_epochs + epochs)
-        return {**trained, **{PERSONAL + k: v for k, v in personal.items()}}, loss
+        return with_personal(trained, personal), loss
 
 
-class Ditto(Algorithm):
+class Ditto(GlobalAndPersonal):
     """FedAvg on the global model; each client's personal model trains beside it, pulled toward the received global
-    model (:class:`DittoUpdate`), and is what the client is scored with.
+    model (:class:`DittoUpdate`), and is what the client is scored with (the round:
+    :class:`pfl.federated.personal.GlobalAndPersonal`).
 
     Raises:
         ValueError: the clients' architectures differ.
@@ -115,35 +113,13 @@ class Ditto(Algorithm):
     name = "ditto"
     Params = DittoParams
     search_space = {"mu": SearchParam("float", 0.001, 2.0, log=True), "plocal_epochs": SearchParam("int", 1, 10)}
-    tasks = ("classification", "viewport")
-    state_attributes = ("global_state", "personal")
 
-    def __init__(self, ctx: FederatedContext, **hparams):
-        super().__init__(ctx, **hparams)
-        self.global_state = ctx.init_states[ctx.single_spec(self.name)]
-        self.personal = ctx.new_store()  # each client's personal model, from the initial model (clientditto.py:19)
-        self.update = DittoUpdate(ctx.update, self.hp.plocal_epochs, self.hp.mu) if ctx.update else None
-
-    @property
-    def local_update(self) -> DittoUpdate:
-        return self.update
+    def make_update(self, base: SGDUpdate) -> DittoUpdate:
+        return DittoUpdate(base, self.hp.plocal_epochs, self.hp.mu)
 
     def configure_fit(self, client_id: int, rnd: int) -> FitIns:
         # the personal model stays on the client: only the global model travels (FitIns.state)
         return FitIns(self.global_state, extras={"personal": self.personal[client_id]})
-
-    def aggregate_fit(self, rnd: int, results: list[FitRes]) -> None:
-        for r in results:
-            self.personal[r.client_id] = {k[len(PERSONAL):]: v for k, v in r.state.items() if k.startswith(PERSONAL)}
-        avg = weighted_average([self.upload(r) for r in results], [r.num_samples for r in results])
-        self.global_state = {**self.global_state, **avg}
-
-    def upload(self, result: FitRes) -> State:
-        """The trained global copy (the personal model never travels)."""
-        return {k: v for k, v in result.state.items() if not k.startswith(PERSONAL)}
-
-    def personalized_state(self, client_id: int) -> State:
-        return self.personal[client_id]
 
     def adapt(self, client_id: int, epochs: int, seed: int) -> State:
         """New-client evaluation: the client trains its personal model (the initial model, as every Ditto client's

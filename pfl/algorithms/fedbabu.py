@@ -10,13 +10,14 @@ During federation (``serverbabu.py:23-51``) the head is frozen at its initial va
 (``clientbabu.py:12-13``: ``requires_grad = False``), so it is never trained nor averaged; a sampled client trains the
 body alone for ``local_epochs`` (``clientbabu.py:16-49``), uploads it (``serverbabu.py:95``: ``client.model.base``) and
 the server averages the bodies' parameters, sample-weighted (``serverbase.py:138-150``); every client takes the new
-body's parameters into its model (``serverbase.py:103-109`` with ``clientbabu.py:51-53``). The local update is FedRep's
-:class:`pfl.algorithms.fedrep.RepresentationSGD` with no head phase (``plocal_epochs=0``): the run's SGD on everything
-but the frozen final Linear; the round is :class:`pfl.federated.partial.PartialSharing`'s.
+body's parameters into its model (``serverbase.py:103-109`` with ``clientbabu.py:51-53``). During federation FedBABU
+is FedRep with no head phase: :class:`FedBABU` subclasses :class:`pfl.algorithms.fedrep.FedRep`, whose local update
+:class:`pfl.algorithms.fedrep.RepresentationSGD` runs here with ``plocal_epochs=0`` (the run's SGD on everything but
+the frozen final Linear), and the round is :class:`pfl.federated.partial.PartialSharing`'s.
 
-Fine-tuning happens once, after the last round (``serverbabu.py:60-63``), not at every evaluation: every client, sampled
-or not, fine-tunes its model for ``fine_tuning_epochs`` (PFLlib's ``-fte``, default 10, ``main.py:471``) with body
-and head both trainable (``clientbabu.py:55-82``: ``fine_tune()`` is called with its default
+Fine-tuning happens once, after the last round (``serverbabu.py:60-63``), not at every evaluation: every training
+client, sampled or not, fine-tunes its model for ``fine_tuning_epochs`` (PFLlib's ``-fte``, default 10,
+``main.py:471``) with body and head both trainable (``clientbabu.py:55-82``: ``fine_tune()`` is called with its default
 ``which_module=['base', 'head']``), by the run's local update (PFLlib: the client's own SGD optimizer), and PFLlib's
 final evaluation scores the fine-tuned models. PFLlib fine-tunes the model each client holds after the last round's
 local training, before the last aggregate reaches it (``train`` ends with ``aggregate_parameters`` and no
@@ -28,7 +29,8 @@ round's aggregation (round ``global_rounds`` of the run); the batch order of cli
 ``personalized_state(c)``: before the fine-tuning, client c's model (initial head, its own buffers) with the latest
 averaged body, the model PFLlib evaluates after ``send_models`` (``serverbabu.py:27-32``); after the last round, c's
 fine-tuned model, what PFLlib's last evaluation scores (``serverbabu.py:62-63``). ``fine_tuning_epochs=0`` skips the
-fine-tuning and keeps the former.
+fine-tuning and keeps the former. A held-out new client is never fine-tuned here: it joins with the latest averaged
+body over its initial head (``new_client_state``), which new-client evaluation adapts.
 
 Buffer policy (BatchNorm): running statistics and ``num_batches_tracked`` stay each client's own, never averaged nor
 sent (PFLlib's ``set_parameters`` and aggregation move parameters only); they move during local training and
@@ -44,30 +46,25 @@ default (whole model, at the end) is kept.
 from __future__ import annotations
 
 from pydantic import Field
-from torch import nn
 
-from pfl.algorithms.fedrep import RepresentationSGD
+from pfl.algorithms.fedrep import FedRep
 from pfl.federated.base import FederatedContext, HyperParams
 from pfl.federated.local import FitIns, FitRes
-from pfl.federated.partial import PartialSharing, outside_personal_layer, personal_layer
 from pfl.federated.state import State
 from pfl.seed import derive_seed
 
 
 class FedBABUParams(HyperParams):
-    """FedBABU's knobs.
-
-    Attributes:
-        fine_tuning_epochs: epochs of whole-model fine-tuning of every client after the last round (PFLlib's
-            ``-fte``, default 10); 0: none.
-    """
+    """FedBABU's knobs."""
 
     fine_tuning_epochs: int = Field(10, ge=0)
+    """Epochs of whole-model fine-tuning of every training client after the last round (PFLlib's ``-fte``, default
+    10); 0: none."""
 
 
-class FedBABU(PartialSharing):
-    """The body averaged over the sampled clients with every head frozen at its initial value; every client fine-tunes
-    its whole model after the last round (module docstring).
+class FedBABU(FedRep):
+    """The body averaged over the sampled clients with every head frozen at its initial value (FedRep without its head
+    phase); every training client fine-tunes its whole model after the last round (module docstring).
 
     Raises:
         ValueError: the clients' architectures differ, or the head does not end with a Linear.
@@ -80,20 +77,12 @@ class FedBABU(PartialSharing):
 
     def __init__(self, ctx: FederatedContext, **hparams):
         super().__init__(ctx, **hparams)
-        self.spec = ctx.single_spec(self.name)
-        self.personal = personal_layer(ctx.runner.models[self.spec])
-        self.update = RepresentationSGD(ctx.update, 0, self.personal) if ctx.update else None
         self.tuned = ctx.new_store()  # each client's fine-tuned model, written after the last round
         self.fine_tuned = False
 
-    @classmethod
-    def shares(cls, model: nn.Module) -> list[str]:
-        """The body: every parameter outside the final Linear (buffers never travel)."""
-        return outside_personal_layer(model)
-
-    @property
-    def local_update(self) -> RepresentationSGD:
-        return self.update
+    def head_epochs(self) -> int:
+        """No head phase: the head stays frozen at its initial value through federation (``clientbabu.py:12-13``)."""
+        return 0
 
     def aggregate_fit(self, rnd: int, results: list[FitRes]) -> None:
         received = self.global_state  # the body every client received at the start of this round
@@ -102,12 +91,12 @@ class FedBABU(PartialSharing):
             self.fine_tune(received, {r.client_id for r in results})
 
     def fine_tune(self, received: State, trained: set[int]) -> None:
-        """Fine-tune every client's whole model for ``fine_tuning_epochs`` (``clientbabu.py:55-82``), from the model it
-        holds after the last round's local training: its own trained state if it is in ``trained``, else its own with
-        the ``received`` body (``serverbabu.py:60-61``)."""
+        """Fine-tune every training client's whole model for ``fine_tuning_epochs`` (``clientbabu.py:55-82``), from the
+        model it holds after the last round's local training: its own trained state if it is in ``trained``, else its
+        own with the ``received`` body (``serverbabu.py:60-61``). Held-out new clients never train."""
         ctx = self.ctx
         update = ctx.update.with_epochs(self.hp.fine_tuning_epochs)
-        for cid in range(ctx.num_clients):
+        for cid in ctx.train_clients:
             start = self.own[cid] if cid in trained else {**self.own[cid], **received}
             model = ctx.runner.load(ctx.specs[cid], start)
             seed = derive_seed(ctx.seed, "local_batches", 0, cid)
@@ -116,3 +105,8 @@ class FedBABU(PartialSharing):
 
     def personalized_state(self, client_id: int) -> State:
         return self.tuned[client_id] if self.fine_tuned else super().personalized_state(client_id)
+
+    def new_client_state(self, client_id: int) -> State:
+        """A held-out client joins with the latest averaged body over its initial head, fine-tuning or not (only
+        training clients are fine-tuned)."""
+        return super().personalized_state(client_id)

@@ -4,9 +4,9 @@ with PFLlib's semantics (TsingZ0/PFLlib ``system/flcore/servers/serverrep.py``,
 
 The model is split into a shared representation and a personal head. PFLlib's head is the model's final Linear
 (``main.py:226-228``: ``head = model.fc``, the rest wrapped as ``base`` by ``BaseHeadSplit``), so here the personal
-part is the last Linear of pfl's head (:func:`pfl.federated.partial.personal_layer`: ``head.2`` for the CNN, ``head.4`` for VGG, ``head``
-for the CIFAR ResNets) and everything below it, pfl's ``base`` and any lower head layers, is the shared
-representation.
+part is the last Linear of pfl's head (:func:`pfl.federated.partial.personal_layer`: ``head.2`` for the CNN,
+``head.4`` for VGG, ``head`` for the CIFAR ResNets) and everything below it, pfl's ``base`` and any lower head layers,
+is the shared representation.
 
 A sampled client's round (``clientrep.py:24-74``): starting from the latest global representation and its own head,
 
@@ -46,14 +46,11 @@ from pfl.federated.state import State
 
 
 class FedRepParams(HyperParams):
-    """FedRep's knobs.
-
-    Attributes:
-        plocal_epochs: epochs of head-only training before the representation's ``local_epochs`` (PFLlib's
-            ``-pls``, default 1); 0 skips the head phase.
-    """
+    """FedRep's knobs."""
 
     plocal_epochs: int = Field(1, ge=0)
+    """Epochs of head-only training before the representation's ``local_epochs`` (PFLlib's ``-pls``, default 1); 0
+    skips the head phase."""
 
 
 class RepresentationSGD(SGDUpdate):
@@ -106,7 +103,11 @@ class FedRep(PartialSharing):
     def __init__(self, ctx: FederatedContext, **hparams):
         super().__init__(ctx, **hparams)
         self.personal = personal_layer(ctx.runner.models[ctx.single_spec(self.name)])
-        self.update = RepresentationSGD(ctx.update, self.hp.plocal_epochs, self.personal) if ctx.update else None
+        self.update = RepresentationSGD(ctx.update, self.head_epochs(), self.personal) if ctx.update else None
+
+    def head_epochs(self) -> int:
+        """Epochs of the local update's head phase (:class:`RepresentationSGD`): ``plocal_epochs``."""
+        return self.hp.plocal_epochs
 
     @classmethod
     def shares(cls, model: nn.Module) -> list[str]:

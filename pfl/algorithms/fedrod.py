@@ -21,9 +21,10 @@ labels, on the training device.
 
 The server averages the generic models' parameters, sample-weighted (``serverbase.py:138-150``), and every client takes
 them into its generic model (``serverbase.py:103-109``, ``clientbase.py:67-69``: parameters only). The personal heads
-never travel. Personal heads and buffers travel beside the model as in :mod:`pfl.algorithms.ditto`: down in
-``FitIns.extras``, up under the key prefix ``"personal/"`` of ``FitRes.state``; the round is
-:class:`pfl.federated.partial.PartialSharing`'s with every parameter shared.
+never travel. Personal heads and buffers ride beside the model as in :mod:`pfl.algorithms.ditto`: down in
+``FitIns.extras``, up under the key prefix ``"personal/"`` of ``FitRes.state``
+(:func:`pfl.federated.state.with_personal`); the round is :class:`pfl.federated.partial.PartialSharing`'s with every
+parameter shared.
 
 ``personalized_state(c)``: the personalized model ``out = out_g + out_p`` (``clientrod.py:88-91``), the latest generic
 model (with c's buffers) plus c's personal head, what PFLlib evaluates after ``send_models`` (``serverrod.py:26-31``).
@@ -57,9 +58,7 @@ from pfl.data.loader import DeviceData
 from pfl.federated.base import FederatedContext
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
 from pfl.federated.partial import PartialSharing, personal_layer, personal_layer_inputs, under
-from pfl.federated.state import State, param_keys, weighted_average
-
-PERSONAL = "personal/"  # prefix of the personal head's entries in a client's result ("/" never occurs in state keys)
+from pfl.federated.state import State, param_keys, split_personal, weighted_average, with_personal
 
 
 def label_counts(targets: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -102,8 +101,8 @@ class RoDUpdate(SGDUpdate):
                 state, loss = super().fit(model, data, ins, indices, seed)
         finally:
             self._head, self._log_prior, self._rep = None, None, []
-        return {**state, **{PERSONAL + prefix + n: p.detach().to("cpu", copy=True)
-                            for n, p in head.named_parameters()}}, loss
+        personal_head = {prefix + n: p.detach().to("cpu", copy=True) for n, p in head.named_parameters()}
+        return with_personal(state, personal_head), loss
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ins: FitIns) -> torch.Tensor:
         """Balanced softmax of the generic logits (``clientrod.py:48-50``) plus the personal head's cross-entropy of
@@ -172,8 +171,7 @@ class FedRoD(PartialSharing):
 
     def aggregate_fit(self, rnd: int, results: list[FitRes]) -> None:
         for r in results:
-            self.heads[r.client_id] = {k[len(PERSONAL):]: v for k, v in r.state.items() if k.startswith(PERSONAL)}
-            self.own[r.client_id] = {k: v for k, v in r.state.items() if not k.startswith(PERSONAL)}
+            self.own[r.client_id], self.heads[r.client_id] = split_personal(r.state)
         self.global_state = weighted_average([r.state for r in results], [r.num_samples for r in results],
                                              keys=self.shared_keys)
 

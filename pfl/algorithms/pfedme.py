@@ -64,29 +64,26 @@ from pydantic import Field
 from torch import nn
 
 from pfl.data.loader import DeviceData
-from pfl.federated.base import Algorithm, FederatedContext, HyperParams, SearchParam
-from pfl.federated.local import FitIns, FitRes, SGDUpdate, autocast
-from pfl.federated.state import State, weighted_average
+from pfl.federated.base import HyperParams, SearchParam
+from pfl.federated.local import FitIns, SGDUpdate, autocast
+from pfl.federated.personal import GlobalAndPersonal
+from pfl.federated.state import State, with_personal
 
-PERSONAL = "personal/"  # prefix of theta's entries in a client's result ("/" never occurs in state keys)
 MU = 0.001  # pFedMeOptimizer's default mu (fedoptimizer.py:34), never set by PFLlib's client
 
 
 class PFedMeParams(HyperParams):
-    """pFedMe's knobs.
-
-    Attributes:
-        lamda: weight of the Moreau envelope's pull between theta and w (PFLlib's ``-lam``, default 1.0).
-        K: inner steps of theta per minibatch (PFLlib's ``-K``, default 5).
-        personal_learning_rate: step size of theta's inner steps (PFLlib's ``-lrp``, default 0.01).
-        beta: mixing of the average into the previous global model (PFLlib's ``-bt``, default 0.0: the global model
-            never moves; the paper's 1.0 is plain averaging).
-    """
+    """pFedMe's knobs."""
 
     lamda: float = Field(1.0, ge=0)
+    """Weight of the Moreau envelope's pull between theta and w (PFLlib's ``-lam``, default 1.0)."""
     K: int = Field(5, ge=1)
+    """Inner steps of theta per minibatch (PFLlib's ``-K``, default 5)."""
     personal_learning_rate: float = Field(0.01, gt=0)
+    """Step size of theta's inner steps (PFLlib's ``-lrp``, default 0.01)."""
     beta: float = Field(0.0, ge=0)
+    """Mixing of the average into the previous global model (PFLlib's ``-bt``, default 0.0: the global model never
+    moves; the paper's 1.0 is plain averaging)."""
 
 
 class PFedMeUpdate(SGDUpdate):
@@ -127,7 +124,7 @@ class PFedMeUpdate(SGDUpdate):
         finally:
             self._round, self._batch = None, None
         local = {**theta, **{n: w.detach().to("cpu", copy=True) for (n, _), (_, w) in zip(named, pairs)}}
-        return {**local, **{PERSONAL + k: v for k, v in theta.items()}}, loss
+        return with_personal(local, theta), loss
 
     def _step(self, opt: torch.optim.Optimizer | None, params: list[torch.Tensor], lr: float) -> None:
         model, ins, device, pairs = self._round
@@ -155,9 +152,10 @@ class PFedMeUpdate(SGDUpdate):
                 w.copy_(w - self.lamda * lr * (w - theta))
 
 
-class PFedMe(Algorithm):
+class PFedMe(GlobalAndPersonal):
     """Clients learn personalized models theta by the Moreau envelope and upload local models w; the server mixes
-    their average into the previous global model with ``beta``.
+    their average into the previous global model with ``beta`` (the round:
+    :class:`pfl.federated.personal.GlobalAndPersonal`, theta the personal model).
 
     Raises:
         ValueError: the clients' architectures differ, or the run's optimizer is not plain SGD.
@@ -168,37 +166,18 @@ class PFedMe(Algorithm):
     search_space = {"lamda": SearchParam("float", 0.1, 30.0, log=True), "K": SearchParam("int", 1, 10),
                     "personal_learning_rate": SearchParam("float", 1e-3, 0.1, log=True),
                     "beta": SearchParam("float", 0.5, 2.0)}
-    tasks = ("classification", "viewport")
-    state_attributes = ("global_state", "personal")
 
-    def __init__(self, ctx: FederatedContext, **hparams):
-        super().__init__(ctx, **hparams)
-        self.global_state = ctx.init_states[ctx.single_spec(self.name)]
-        self.personal = ctx.new_store()  # each client's last theta, from the initial model (clientpFedMe.py:19)
-        self.update = (PFedMeUpdate(ctx.update, self.hp.lamda, self.hp.K, self.hp.personal_learning_rate)
-                       if ctx.update else None)
-
-    @property
-    def local_update(self) -> PFedMeUpdate:
-        return self.update
+    def make_update(self, base: SGDUpdate) -> PFedMeUpdate:
+        return PFedMeUpdate(base, self.hp.lamda, self.hp.K, self.hp.personal_learning_rate)
 
     def configure_fit(self, client_id: int, rnd: int) -> FitIns:
         return FitIns(self.global_state)  # w and theta both restart from it (clientpFedMe.py:74-77)
 
-    def aggregate_fit(self, rnd: int, results: list[FitRes]) -> None:
-        for r in results:
-            self.personal[r.client_id] = {k[len(PERSONAL):]: v for k, v in r.state.items() if k.startswith(PERSONAL)}
-        avg = weighted_average([self.upload(r) for r in results], [r.num_samples for r in results])
+    def server_mix(self, avg: State) -> State:
+        """``(1 - beta) previous + beta avg`` per averaged entry, ``previous`` the global model before this round
+        (``serverpFedMe.py:91``)."""
         beta, previous = self.hp.beta, self.global_state
-        mixed = {k: (1 - beta) * previous[k] + beta * v for k, v in avg.items()}  # serverpFedMe.py:91
-        self.global_state = {**previous, **mixed}
-
-    def upload(self, result: FitRes) -> State:
-        """The local model w (theta never travels)."""
-        return {k: v for k, v in result.state.items() if not k.startswith(PERSONAL)}
-
-    def personalized_state(self, client_id: int) -> State:
-        return self.personal[client_id]
+        return {k: (1 - beta) * previous[k] + beta * v for k, v in avg.items()}
 
     def new_client_state(self, client_id: int) -> State:
         """A held-out client joins with the global model, which the default adaptation fine-tunes with plain SGD:

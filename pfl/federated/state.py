@@ -22,6 +22,11 @@ from torch import nn
 
 State = dict[str, torch.Tensor]
 
+PERSONAL = "personal/"
+"""Key prefix of a personal model's entries carried beside the trained model in one client result (Ditto, pFedMe,
+APFL, FedRoD). State-dict keys join module and attribute names with ``"."`` and never hold ``"/"``, so a prefixed key
+cannot collide with a model's own entry."""
+
 
 def model_state(model: nn.Module) -> State:
     """The model's full state as detached host copies, in ``state_dict`` order."""
@@ -118,3 +123,17 @@ def state_digest(state: State) -> bytes:
 def state_bytes(state: State) -> int:
     """Bytes held by the state's tensors."""
     return sum(v.numel() * v.element_size() for v in state.values())
+
+
+def with_personal(state: State, personal: State) -> State:
+    """One client result holding both models: ``state``'s entries, then ``personal``'s under :data:`PERSONAL`
+    (``{"w": a}, {"w": b}`` -> ``{"w": a, "personal/w": b}``); tensors are shared, not copied."""
+    return {**state, **{PERSONAL + k: v for k, v in personal.items()}}
+
+
+def split_personal(state: State) -> tuple[State, State]:
+    """Inverse of :func:`with_personal`: (the entries without the prefix, i.e. what may travel up; the personal
+    entries with the prefix removed), each in ``state``'s order."""
+    uploaded = {k: v for k, v in state.items() if not k.startswith(PERSONAL)}
+    personal = {k[len(PERSONAL):]: v for k, v in state.items() if k.startswith(PERSONAL)}
+    return uploaded, personal
