@@ -233,87 +233,157 @@ class RunConfig(_Checked):
     MLflow params are flat: the run fields and the hyperparameters by bare name.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
     # what to run
     algo: str = "fedfomo"
+    """The FL algorithm, a name of the registry (``pfl.algorithms.REGISTRY``; see the algorithm reference)."""
     dataset: str = "cifar10"
-    model: str = "cnn"  # or a comma-separated list assigned round-robin, e.g. "vgg11,vgg13,vgg16,vgg19"
+    """The dataset, a name of the catalog (``pfl.data.datasets.CATALOG``)."""
+    model: str = "cnn"
+    """The architecture (``pfl.models.ARCHITECTURES``), or a comma-separated list assigned to clients round-robin
+    (client k gets entry k mod len), e.g. ``vgg11,vgg13,vgg16,vgg19``."""
     model_width: float = 1.0
-    # initial weights: none | timm (timm's published weights) | a weights file; or a model a pfl run logged
+    """Channel multiplier of the VGG, CIFAR-ResNet, CharCNN and VDCNN families (1.0: the paper's widths)."""
     pretrained: str = "none"
-    init_from: str | None = None  # runs:/<run id> (its client 0) or runs:/<run id>/clients/client_NNN
+    """Initial weights: ``none``, ``timm`` (timm's published weights) or the path of a safetensors weights file."""
+    init_from: str | None = None
+    """Start from a model a pfl run logged: ``runs:/<run id>`` (its client 0) or
+    ``runs:/<run id>/clients/client_NNN``."""
     experiment: str = "pfl"
+    """The MLflow experiment the runs are logged to."""
     # data
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("PFL_DATA_DIR", "data")))
+    """The data folder (default: ``$PFL_DATA_DIR``, else ``./data``)."""
     cache_dir: Path = Field(default_factory=lambda: Path(os.environ.get("PFL_CACHE_DIR", ".pfl_cache")))
+    """Where built partitions are cached (default: ``$PFL_CACHE_DIR``, else ``./.pfl_cache``)."""
     download: bool = False
+    """Download a missing dataset where it has a downloader (torchvision's CIFAR); false: a missing folder is an
+    error naming the path."""
     # partition (PFLlib semantics)
-    partition: Literal[PARTITIONS] = "pathological"  # also PFLlib's names: dir, pat (PARTITION_ALIASES)
-    partition_name: str | None = None  # for partition=pfllib: the name given to `pfl data import-pfllib`
+    partition: Literal[PARTITIONS] = "pathological"
+    """The partition scheme (PFLlib's names ``pat`` and ``dir`` are accepted too)."""
+    partition_name: str | None = None
+    """``partition=pfllib``: the name given to ``pfl data import-pfllib``."""
     alpha: float = 0.1
+    """Dirichlet alpha (concentration) of ``partition=dirichlet`` and ``exdir``; smaller is more skewed."""
     classes_per_client: int | None = None
+    """Classes per client of the pathological and exdir partitions (unset: PFLlib's default for the dataset, 2 for
+    CIFAR-10, 10 for CIFAR-100, 20 for Tiny-ImageNet)."""
     balance: bool = False
-    shards_per_client: int = 2  # partition=shards: label-sorted shards per client (McMahan et al.; MocoSFL)
+    """Pathological partition: equal shares of each class among its clients (PFLlib's ``balance``)."""
+    shards_per_client: int = 2
+    """``partition=shards``: label-sorted shards per client (McMahan et al.; MocoSFL)."""
     num_clients: int = 20
-    num_partitions: int | None = None  # split into this many shares; the first num_clients take part (unset: all)
-    train_ratio: float = 0.75  # unused with official_split; partition=natural split_by=time: each trace's train part
-    official_split: bool = False  # partition the dataset's own train and test sets separately (false: pool, as PFLlib)
+    """Clients in the federation."""
+    num_partitions: int | None = None
+    """Split the data into this many shares, of which the first ``num_clients`` take part (unset: ``num_clients``)."""
+    train_ratio: float = 0.75
+    """Each client's train share of its data (PFLlib's 0.75); unused with ``official_split``; ``partition=natural
+    split_by=time``: each trace's train part."""
+    official_split: bool = False
+    """Partition the dataset's own train and test sets separately (false: pool them and split each client's share,
+    as PFLlib)."""
     # partition=natural: one client per natural group (viewer); split by time within each trace, or by a key (video)
     split_by: str = "time"
-    num_test_keys: int = 4  # split_by=<key>: how many of its values (videos) are every client's test content
-    sample_groups: bool = False  # a seeded sample of num_clients groups (false: the first num_clients)
+    """``partition=natural``: split each group by ``time`` within each trace, or by a key of the samples (``video``)."""
+    num_test_keys: int = 4
+    """``split_by=<key>``: how many of the key's values (videos) are every client's test content."""
+    sample_groups: bool = False
+    """``partition=natural``: a seeded sample of ``num_clients`` groups (false: the first ``num_clients``)."""
     # the dataset's own knobs (pfl.data.datasets.DATASET_OPTIONS), e.g. David MMSys'18's sliding windows
-    history: int = 10  # past positions in a window (10 at 5 Hz: 2 s)
-    horizon: int = 5  # steps ahead predicted (5 at 5 Hz: 1 s)
-    predict: Literal["point", "sequence"] = "point"  # the position horizon steps ahead, or all horizon positions
-    train_on_valid: bool = True  # CINIC-10: valid joins the official train set (false: left out, as FlexiFed's code)
+    history: int = 10
+    """Viewport prediction: past positions in a window (10 at 5 Hz: 2 s)."""
+    horizon: int = 5
+    """Viewport prediction: steps ahead predicted (5 at 5 Hz: 1 s)."""
+    predict: Literal["point", "sequence"] = "point"
+    """Viewport prediction: the position ``horizon`` steps ahead, or all ``horizon`` positions."""
+    train_on_valid: bool = True
+    """CINIC-10: its valid set joins the official train set (false: left out, as FlexiFed's code)."""
     # a model's own knobs (pfl.models.MODEL_OPTIONS)
-    embedding: bool = True  # vp_transformer: a learned input embedding of the positions (false: a linear projection)
+    embedding: bool = True
+    """``vp_transformer``: a learned input embedding of the positions (false: a linear projection)."""
     # the downlink of algorithms with one global model (pfl.federated.downlink)
-    downlink: str = "full"  # full | none | head_layers:K
-    downlink_blend: float = 1.0  # the client's new model: blend * global + (1 - blend) * own
+    downlink: str = "full"
+    """What of the global model a client takes: ``full``, ``none`` or ``head_layers:K`` (the last K head layers)."""
+    downlink_blend: float = 1.0
+    """The client's new model: ``blend * global + (1 - blend) * own``."""
     # federated schedule
     join_ratio: float = 0.2
+    """Fraction of the clients sampled each round (PFLlib's ``-jr``)."""
     global_rounds: int = 100
+    """Global rounds (PFLlib's ``-gr``)."""
     local_epochs: int = 1
+    """Local epochs per round (PFLlib's ``-ls``)."""
     batch_size: int = 10
-    drop_last: bool = True  # drop each epoch's last partial batch (PFLlib); false keeps it (torch DataLoader's default)
+    """Local batch size (PFLlib's ``-lbs``)."""
+    drop_last: bool = True
+    """Drop each epoch's last partial batch (PFLlib); false keeps it (torch DataLoader's default)."""
     lr: float = 0.005
-    optimizer: Literal["sgd", "adamw"] = "sgd"  # a fresh one per client and round (sgd: PFLlib's plain SGD)
-    weight_decay: float | None = None  # unset: the optimizer's default (sgd 0, adamw 0.01); see _gather_hparams
-    lr_schedule: Literal["constant", "linear"] = "constant"  # linear: lr -> 0 over every client's round (FedIT)
-    max_grad_norm: float | None = None  # clip each local step's gradient norm (HF Trainer: 1.0); unset: no clipping
+    """Local learning rate (PFLlib's ``-lr``)."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """The local optimizer, a fresh one per client and round (``sgd``: PFLlib's plain SGD)."""
+    weight_decay: float | None = None
+    """The local optimizer's weight decay (unset: the optimizer's default, sgd 0, adamw 0.01)."""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """``linear``: lr decays to 0 over every client's round (FedIT's HF Trainer)."""
+    max_grad_norm: float | None = None
+    """Clip each local step's gradient norm to this (HF Trainer: 1.0); unset: no clipping."""
     eval_gap: int = 1
+    """Rounds between evaluations (PFLlib's ``-eg``); the last round is always evaluated."""
     # new-client evaluation (PFLlib's -nnc / -ften): clients held out of training, adapted and scored (new/*)
-    new_clients: int = 0  # clients held out (the same ones for every algorithm and seed: new_client_ids)
-    finetune_epochs: int = 0  # local epochs each new client adapts for (PFLlib's default 0: scored as received)
-    new_client_eval: Literal["every", "final"] = "every"  # at every evaluation, or after the last round (PFLlib)
+    new_clients: int = 0
+    """Clients held out of training for new-client evaluation, the same ones for every algorithm and seed (0: off)."""
+    finetune_epochs: int = 0
+    """Local epochs each new client adapts for (PFLlib's ``-ften``; 0: scored as received)."""
+    new_client_eval: Literal["every", "final"] = "every"
+    """Evaluate the new clients at every evaluation, or after the last round only (PFLlib)."""
     seed: int = 0
+    """The run's seed; every random stream derives from it (``pfl.seed``)."""
     repeats: int = 1
-    # the selected algorithm's hyperparameters (validated by its Params; see the class docstring)
+    """Runs with seeds ``seed .. seed + repeats - 1``."""
     hparams: dict[str, Any] = Field(default_factory=dict)
-    # hyperparameter search: every trial of a study scores on the last tuning_val_ratio of each train split
+    """The selected algorithm's hyperparameters, validated by its ``Params`` (set by bare name or in a section named
+    after the algorithm; see the algorithm reference)."""
+    # hyperparameter search
     tuning_val_ratio: float = 0.2
+    """Hyperparameter search: every trial scores on the last ``tuning_val_ratio`` of each client's train split."""
     # on-device input path (pfl.data.transforms): resizing to the model's input, training augmentation
-    image_size: int | None = None  # unset: the dataset's own size
-    random_crop: int = 0  # zero padding (pixels) of a random crop at the stored size; 0: off
+    image_size: int | None = None
+    """The model's input side in pixels (unset: the dataset's own size)."""
+    random_crop: int = 0
+    """Zero padding (pixels) of a random crop at the stored size; 0: off."""
     hflip: bool = False
+    """Random horizontal flips in training."""
     # audio front end (pfl.data.audio): log-mel spectrograms of each clip, computed on the device
-    n_mels: int = 40  # mel bins
-    window_ms: float = 30.0  # STFT window (30 ms: 480 samples at 16 kHz)
-    hop_ms: float = 10.0  # STFT hop (10 ms: 160 samples)
+    n_mels: int = 40
+    """Mel bins of the log-mel spectrogram."""
+    window_ms: float = 30.0
+    """STFT window in milliseconds (30 ms: 480 samples at 16 kHz)."""
+    hop_ms: float = 10.0
+    """STFT hop in milliseconds (10 ms: 160 samples)."""
     # evaluation and runtime
     ece_bins: int = 20
-    eval_batch_size: int | None = None  # unset: pfl.data.loader.inference_batch_size's default for the device
+    """Equal-mass bins of each client's ECE (F-ECE)."""
+    eval_batch_size: int | None = None
+    """Inference batch size (unset: the device's default, ``pfl.data.loader.inference_batch_size``)."""
     device: str = "auto"
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     num_threads: int = 0
+    """torch CPU threads (0: all cores)."""
     client_parallelism: Literal["sequential", "vectorized"] = "sequential"
-    client_state_budget_mb: int = 0  # per-client state held in memory per store; beyond it, on disk (0: no limit)
-    checkpoint_every: int = 0  # rounds between checkpoints (0: every round under 100 MB, else every 5)
-    keep_checkpoint: bool = False  # a FINISHED run keeps its last checkpoint (local and logged); default: deleted
-    deterministic: bool = False  # GPU: torch.use_deterministic_algorithms (CPU runs are deterministic already)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on GPUs (CPU runs stay fp32)
+    """``vectorized``: a round's clients train together (``vmap`` over stacked parameters; for GPUs)."""
+    client_state_budget_mb: int = 0
+    """Per-client state each store holds in memory, in MB; beyond it, on disk (0: no limit)."""
+    checkpoint_every: int = 0
+    """Rounds between checkpoints (0: every round while a checkpoint is under 100 MB, else every 5)."""
+    keep_checkpoint: bool = False
+    """A FINISHED run keeps its last checkpoint (local and logged); default: deleted."""
+    deterministic: bool = False
+    """GPU: ``torch.use_deterministic_algorithms`` (CPU runs are deterministic already)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16``: autocast on GPUs (CPU runs stay fp32)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -675,27 +745,49 @@ class HeadConfig(_Checked):
     64x64) for tinyimagenet; ``none`` skips OOD detection.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
     method: Literal["aph", "loraph"] = "aph"
+    """The head method: APH (perturbed heads) or LoRAPH (low-rank perturbed heads)."""
     global_epoch: int = Field(10, ge=1)
+    """Epochs of SGD of each ensemble member."""
     sampling_num: int = Field(10, ge=1)
+    """Ensemble members per client."""
     upper_lr: float = Field(0.1, gt=0)
+    """Upper end of the members' log-uniform learning rates."""
     lower_lr: float = Field(0.01, gt=0)
+    """Lower end of the members' log-uniform learning rates."""
     p_lambda: float = 0.1
+    """Offset of the prior noise exponent (APH's noise rule)."""
     perturb_scope: Literal["head", "model"] = "head"
+    """``head``: perturb the head only (the paper); ``model``: every member also gets a noisy frozen copy of the
+    base (the official code)."""
     rank: int = Field(8, ge=1)
+    """LoRAPH: rank of each member's low-rank head update."""
     lora_init: Literal["prior", "standard"] = "prior"
+    """LoRAPH: ``prior`` draws B_j from APH's noise rule; ``standard`` sets B_j = 0."""
     batch_size: int = Field(128, ge=1)
+    """Batch size of the members' SGD."""
     weight_decay: float = Field(1e-5, ge=0)
+    """Weight decay of the members' SGD."""
     seed: int = Field(0, ge=0)
+    """Seed of the members' draws and batch orders."""
     ece_bins: int = Field(20, ge=1)
+    """Equal-mass bins of each client's ECE (F-ECE)."""
     global_ece_bins: int = Field(15, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)  # unset: the device's default (pfl.data.loader)
+    """Uniform bins of the global ECE (all clients' predictions pooled)."""
+    eval_batch_size: int | None = Field(None, ge=1)
+    """Inference batch size (unset: the device's default, ``pfl.data.loader``)."""
     data_dir: Path | None = None
+    """Replaces the FL run's data folder (unset: the FL run's)."""
     device: str = "auto"
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     num_threads: int = Field(0, ge=0)
+    """torch CPU threads (0: all cores)."""
     ood_dataset: Literal["auto", "none", "cifar10", "cifar100", "tinyimagenet"] = "auto"
+    """The out-of-distribution set every client's models are also scored on (``auto``: cifar100 for cifar10 models,
+    cifar10 for cifar100, cifar100 resized to 64x64 for tinyimagenet; ``none``: no OOD detection)."""
 
     @model_validator(mode="after")
     def _lr_range(self) -> HeadConfig:
@@ -869,3 +961,26 @@ def load_head_config(overrides: list[str] | None = None, **values: Any) -> HeadC
         return HeadConfig(**values)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, HeadConfig)) from None
+
+
+def field_range(model: type[BaseModel], name: str) -> str:
+    """The values field ``name`` of ``model`` (:class:`RunConfig`, :class:`HeadConfig` or an algorithm's
+    ``Params``) accepts, in words: a ``Literal``'s choices, the bounds of its ``Field`` (``>= 1``), or the fix its
+    range rule names (:data:`_RULES`); ``""`` when anything of its type goes. The docs' config and knob references
+    are generated from it.
+
+    Raises:
+        KeyError: ``model`` has no field ``name``.
+    """
+    field = model.model_fields[name]
+    choices = [typing.get_args(t) for t in (field.annotation, *typing.get_args(field.annotation))
+               if typing.get_origin(t) is Literal]
+    if choices:
+        return "one of " + ", ".join(f"`{c}`" for c in choices[0])
+    bounds = [f"{symbol} {getattr(m, attr)}" for m in field.metadata
+              for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(m, attr)]
+    if bounds:
+        return ", ".join(bounds)
+    if model is RunConfig and name in _RULES:
+        return _RULES[name][1]
+    return ""

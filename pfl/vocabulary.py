@@ -1,60 +1,87 @@
 """The metric vocabulary: one name per quantity, the same in every run type, grouped with ``/``.
 
 MLflow's UI groups charts by the part of a metric name before the first ``/``, and one sort
-column then ranks FL runs and head runs together (``test/f_ece``).
+column then ranks FL runs and head runs together (``test/f_ece``). :data:`QUALITY_METRICS` names the
+quality metrics an evaluation computes, :data:`METRICS` every name and name pattern a run logs (``<quality>``
+stands for a quality metric, ``<score>`` for an OOD score of :data:`OOD_SCORES`, ``<arch>`` for an architecture,
+``<k>``, ``<c>``, ``<name>``, ``<cell>``, ``<flat name>`` and ``<count>`` for what they say), and
+:func:`documented` finds the entry a logged name falls under. The docs' metric reference is generated from them.
 
-* ``test/<metric>``: the evaluated models on every client's own test split. Quality metrics
-  (:data:`QUALITY`):
-
-  - ``acc``: test-sample-weighted mean of the clients' accuracies (fraction);
-  - ``nll``: test-sample-weighted mean NLL (nats);
-  - ``f_ece``: F-ECE, the test-sample-weighted mean of per-client ECE (equal-mass bins);
-  - ``ece_mean``: the unweighted mean of per-client ECE;
-  - ``global_ece``: ECE of all clients' predictions pooled (uniform bins);
-  - ``brier``: test-sample-weighted mean Brier score;
-  - ``knn_acc``, ``linear_acc``: self-supervised runs' weighted kNN accuracy and linear-probe accuracy (fraction);
-  - ``mse``: a regression's test-sample-weighted mean squared error (over the outputs' elements);
-  - ``orthodromic_deg``: viewport prediction's mean great-circle error in degrees, ``orthodromic_deg_h<k>`` at
-    horizon step k (1-based).
-
-  ``test/<metric>_std`` is the unweighted std across clients; ``test/<metric>_<arch>`` the
-  weighted mean over one architecture's clients (runs that mix architectures).
-  FL runs score the personalized models; head runs the method's ensemble.
-* ``val/<metric>``: the same on the tuning splits (hyperparameter search).
-* ``new/<metric>``: new-client evaluation (``new_clients=K``): the K clients held out of training, each after
-  adapting for ``finetune_epochs`` by the algorithm's rule, on their test splits (``new/acc``, ``new/f_ece``, ...).
-* ``finetuned/<metric>``: an algorithm's locally fine-tuned models beside its personalized ones (FedGen).
-* ``wo/<metric>``: a head run's unmodified models (w/o the method), beside its ``test/*``.
-* ``ood/<score>``: OOD detection of a head run's ensemble (``ood/auroc_msp``, ...);
-  ``wo/ood_<score>`` of its unmodified models.
-* ``train/loss``, ``train/samples``: the round's local training.
-* ``time/<part>``: seconds (``time/round``, ``time/local``, ``time/aggregate``, ``time/eval``,
-  ``time/checkpoint``, ``time/heads``, ``time/total``).
-* ``best/<split>_<metric>``: the evaluation at the round of the best headline (:func:`headline`: highest accuracy,
-  lowest error; ``best/test_acc``, ``best/round``), :func:`best_name`.
-* ``comm/bytes_down``, ``comm/bytes_up``: bytes of the model states in the round's payloads, summed over its clients.
-* ``memory/peak_mb``: the round's peak memory (CUDA: allocated by torch; CPU: the process's peak RSS so far);
-  split learning's ``memory/client_param_bytes`` and ``memory/client_activation_bytes``: one client's per step.
-* ``eval/reused``, ``checkpoint/mb``, ``model/<count>``: bookkeeping.
-* Launch runs: the mean over seeds of every final and best metric under its own name, ``<name>_seed_std`` and
-  ``seeds``; a sweep's per cell, ``<cell>/<flat name>`` (``dir0.1-jr0.2/test_f_ece``). Study runs: the best value
-  under its ``val/<metric>`` name, ``study/best_trial``, ``study/n_complete`` ...; their final repeats
-  ``final/test_acc``, ``final/test_acc_seed_std`` ...
-
-Algorithms of later issues place their own metrics the same way: ``test/knn_acc``,
-``comm/bytes_up``, ``server/<name>``. :data:`LEGACY` maps names to those of stores written
-before this vocabulary, so reports read old runs too.
+Algorithms of later issues place their own metrics the same way (``test/knn_acc``, ``comm/bytes_up``,
+``server/<name>``) and add them to :data:`METRICS`. :data:`LEGACY_HEADS` and :func:`legacy_fl` map names to those
+of stores written before this vocabulary, so reports read old runs too.
 """
 
 from __future__ import annotations
 
-QUALITY = ("acc", "nll", "f_ece", "ece_mean", "global_ece", "brier", "knn_acc", "linear_acc", "mse", "orthodromic_deg")
+import re
+
+# quality metric -> what it is (the suffix of test/, val/, new/, finetuned/, wo/ and best/ names)
+QUALITY_METRICS = {
+    "acc": "test-sample-weighted mean of the clients' accuracies (fraction)",
+    "nll": "test-sample-weighted mean negative log-likelihood (nats)",
+    "f_ece": "F-ECE: the test-sample-weighted mean of the clients' expected calibration errors (equal-mass bins, "
+             "``ece_bins``; fraction)",
+    "ece_mean": "the unweighted mean of the clients' ECE (fraction)",
+    "global_ece": "ECE of all clients' predictions pooled (uniform bins; fraction)",
+    "brier": "test-sample-weighted mean Brier score",
+    "knn_acc": "self-supervised runs: weighted kNN accuracy of the frozen features (fraction)",
+    "linear_acc": "self-supervised runs: linear-probe accuracy (fraction)",
+    "mse": "a regression's test-sample-weighted mean squared error (over the outputs' elements)",
+    "orthodromic_deg": "viewport prediction: mean great-circle (orthodromic) error in degrees",
+}
+QUALITY = tuple(QUALITY_METRICS)
 # an evaluation's headline, by preference: accuracy, else a regression's error
 HEADLINE = ("test/acc", "val/acc", "test/knn_acc", "val/knn_acc", "test/orthodromic_deg", "val/orthodromic_deg",
             "test/mse", "val/mse")
 LOWER_IS_BETTER = ("orthodromic_deg", "mse")  # headline metrics that are errors
 OOD_SCORES = ("auroc_msp", "aupr_msp", "auroc_entropy", "aupr_entropy")
 SEP = "/"
+# every name or name pattern a run logs -> what it is (the metric reference is generated from this)
+METRICS = {
+    "test/<quality>": "the evaluated models on every client's own test split (FL runs: the personalized models; "
+                      "head runs: the method's ensemble)",
+    "test/<quality>_std": "the unweighted std of the metric across clients",
+    "test/<quality>_<arch>": "the weighted mean over one architecture's clients (runs that mix architectures)",
+    "test/orthodromic_deg_h<k>": "viewport prediction: the orthodromic error at horizon step k (1-based), degrees",
+    "val/<quality>": "the same on the tuning splits (hyperparameter search)",
+    "new/<quality>": "new-client evaluation (``new_clients=K``): the held-out clients, each adapted for "
+                     "``finetune_epochs`` by the algorithm's rule, on their test splits",
+    "finetuned/<quality>": "an algorithm's locally fine-tuned models beside its personalized ones (FedGen's "
+                           "``eval_personalized``)",
+    "wo/<quality>": "a head run's unmodified models (w/o the method), beside its ``test/*``",
+    "ood/<score>": "OOD detection by a head run's ensemble (in-distribution is the positive class)",
+    "wo/ood_<score>": "OOD detection by a head run's unmodified models",
+    "best/<split>_<quality>": "the evaluation at the round of the best headline (highest accuracy, lowest error)",
+    "best/round": "the round of the best headline",
+    "train/loss": "the round's mean local training loss",
+    "train/samples": "the round's training samples, summed over its clients",
+    "time/round": "seconds of the round's local training and aggregation",
+    "time/local": "seconds of the round's local training",
+    "time/aggregate": "seconds of the round's aggregation",
+    "time/eval": "seconds of the evaluation",
+    "time/checkpoint": "seconds of writing the checkpoint",
+    "time/heads": "seconds of a head run's fitting and scoring",
+    "time/total": "seconds of the whole run",
+    "comm/bytes_down": "bytes of the model states in the round's downlink payloads, summed over its clients",
+    "comm/bytes_up": "bytes of the model states in the round's uplink payloads, summed over its clients",
+    "memory/peak_mb": "the round's peak memory in MB (CUDA: allocated by torch; CPU: the process's peak RSS so far)",
+    "memory/client_param_bytes": "split learning: one client's parameter bytes",
+    "memory/client_activation_bytes": "split learning: one client's activation bytes per step",
+    "eval/reused": "clients whose unchanged models kept their previous scores in this evaluation",
+    "checkpoint/mb": "size of the checkpoint in MB",
+    "model/<count>": "bookkeeping counts of a run's models (``model/trainable_params_per_member``)",
+    "server/<name>": "an algorithm's server-side quantities (FedGen's ``server/generator_teacher_loss``, "
+                     "``server/generator_diversity_loss``, ``server/generated_acc``, ``server/generated_acc_c<c>``; "
+                     "MocoSFL's ``server/embedding_spread``)",
+    "<name>_seed_std": "launch runs: the std over seeds of a final or best metric (the metric itself: the mean)",
+    "seeds": "launch runs: the number of seeds",
+    "<cell>/<flat name>": "sweep launch runs: a cell's summary (``dir0.1-jr0.2/test_f_ece``)",
+    "study/best_trial": "study runs: the number of the best trial (its value under its ``val/<quality>`` name)",
+    "study/n_<state>": "study runs: trials by state (``study/n_complete``, ``study/n_pruned``, ``study/n_failed``)",
+    "final/<flat name>": "study runs: the final repeats of the best config (``final/test_acc``, "
+                         "``final/test_acc_seed_std``)",
+}
 
 
 def metric(group: str, name: str) -> str:
@@ -120,3 +147,19 @@ def legacy_fl(name: str) -> str:
     ``best/test_f_ece`` -> ``best_test_ece``, ``test/acc_vgg11`` -> ``test_acc_vgg11``,
     ``best/round`` -> ``best_round``."""
     return flat(name).replace("f_ece", "ece")
+
+
+def _pattern(entry: str) -> re.Pattern:
+    """The regular expression of a :data:`METRICS` entry: each ``<...>`` placeholder matches one or more characters
+    (``<quality>`` and ``<score>`` only the names of :data:`QUALITY` and :data:`OOD_SCORES`)."""
+    parts = re.split(r"(<[^>]+>)", entry)
+    named = {"<quality>": "|".join(QUALITY), "<score>": "|".join(OOD_SCORES)}
+    return re.compile("".join(f"(?:{named.get(p, '.+')})" if p.startswith("<") else re.escape(p) for p in parts))
+
+
+def documented(name: str) -> str | None:
+    """The :data:`METRICS` entry a logged metric name falls under (``test/acc`` -> ``test/<quality>``): of the
+    entries that match, the most specific (the most characters outside placeholders); ``None`` for a name the
+    vocabulary lacks."""
+    matches = [entry for entry in METRICS if _pattern(entry).fullmatch(name)]
+    return max(matches, key=lambda entry: len(re.sub(r"<[^>]+>", "", entry)), default=None)

@@ -129,20 +129,18 @@ class _TopForward:
 class FedALAParams(HyperParams):
     """FedALA's hyperparameters (defaults from PFLlib's ``main.py`` (eta, rand_percent, layer_idx) and
     ``utils/ALA.py`` (threshold, num_pre_loss)).
-
-    Attributes:
-        eta: ALA weight learning rate.
-        rand_percent: percent of local training data ALA learns on.
-        layer_idx: number of top parameter tensors ALA blends (2: the last layer's weight and bias).
-        threshold: loss-std threshold of the first-round convergence loop.
-        num_pre_loss: pass losses the std is taken over.
     """
 
     eta: float = Field(1.0, gt=0)
+    """ALA weight learning rate."""
     rand_percent: int = Field(80, ge=1, le=100)
+    """Percent of local training data ALA learns on."""
     layer_idx: int = Field(2, ge=1)
+    """Number of top parameter tensors ALA blends (2: the last layer's weight and bias)."""
     threshold: float = Field(0.1, gt=0)
+    """Loss-std threshold of the first-round convergence loop."""
     num_pre_loss: int = Field(10, ge=1)
+    """Pass losses the std is taken over."""
 
 
 class FedALA(Algorithm):

@@ -83,20 +83,17 @@ def normalize_weights(raw: torch.Tensor) -> torch.Tensor | None:
 
 
 class FedFomoParams(HyperParams):
-    """FedFomo's hyperparameters (PFLlib defaults; NVlabs' for the epsilon-greedy pair).
-
-    Attributes:
-        M: models each client receives per round (capped at the clients sampled per round).
-        val_ratio: the last fraction of each client's train split held out to score received models.
-        epsilon: initial exploration probability of NVlabs' epsilon-greedy selection
-            (0 = PFLlib's top-M selection, no exploration).
-        epsilon_decay: linear decay of ``epsilon`` per round: threshold ``epsilon - (round - 1) * epsilon_decay``.
-    """
+    """FedFomo's hyperparameters (PFLlib defaults; NVlabs' for the epsilon-greedy pair)."""
 
     M: int = Field(5, ge=1)
+    """Models each client receives per round (capped at the clients sampled per round)."""
     val_ratio: float = Field(0.2, gt=0, lt=1)
+    """The last fraction of each client's train split held out to score received models."""
     epsilon: float = Field(0.0, ge=0, le=1)
+    """Initial exploration probability of NVlabs' epsilon-greedy selection (0 = PFLlib's top-M selection, no
+    exploration)."""
     epsilon_decay: float = Field(0.05, ge=0, le=1)
+    """Linear decay of ``epsilon`` per round: threshold ``epsilon - (round - 1) * epsilon_decay``."""
 
 
 class FedFomo(Algorithm):

@@ -142,54 +142,53 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
 class FedGenParams(HyperParams):
     """FedGen's hyperparameters; a field left unset takes its variant's default (:data:`VARIANT_DEFAULTS`).
 
-    Attributes:
-        variant: ``official`` (zhuangdizhu/FedGen) or ``pfllib`` (PFLlib's FedGen).
-        gen_hidden: hidden widths of the generator's MLP (each Linear + BatchNorm1d + ReLU).
-        noise_dim: dimension of the noise eps.
-        server_epochs: generator Adam steps per round (official: ensemble_epochs // n_teacher_iters epochs of
-            n_teacher_iters steps = 50).
-        gen_lr, gen_weight_decay, gen_lr_decay: the generator's Adam learning rate, weight decay, and the
-            factor its learning rate is multiplied by after each round.
-        gen_batch_size: generated samples per client step (``None``: the run's batch_size).
-        generative_alpha: weight of the client's loss on generated features.
-        generative_beta: weight of the client's KL term (official variant only).
-        decay: per-round decay of both client coefficients.
-        diversity_weight: weight of the diversity loss in the generator's objective (0: off).
-        teacher_loss: ``official`` (the official code's mean(weights) x mean(losses) per client) or
-            ``per_sample`` (each sample's loss times its label's weight) (:func:`teacher_loss`; official variant only).
-        localize_feature_extractor: only the head's last Linear (PFLlib's ``model.head``) is shared; each client
-            keeps the rest of its model (pfllib variant only).
-        generator_warmup_rounds: rounds in which clients train without the regularizers while the
-            generator already trains (the official code always skips round 1).
-        eval_personalized: also evaluate each client's locally fine-tuned model, the model it uploaded after
-            its latest local training (the global model while it has not taken part), as ``finetuned/*``.
-        heatmap_grain: viewport prediction: rows of latitude of the heatmaps' equirectangular grid (columns: twice
-            as many; 18: cells of 10 degrees) (:mod:`pfl.data.heatmap`).
-        heatmap_sigma: viewport prediction: the heatmaps' Gaussian blur in cells (0: none).
-
     Raises:
         ValueError: out-of-range values, ``generative_beta > 0``, ``teacher_loss`` or
             ``localize_feature_extractor`` with a variant that has no such term.
     """
 
     variant: Literal["official", "pfllib"] = "official"
+    """``official`` (zhuangdizhu/FedGen) or ``pfllib`` (PFLlib's FedGen)."""
     gen_hidden: tuple[int, ...] | None = None
+    """Hidden widths of the generator's MLP (each Linear + BatchNorm1d + ReLU)."""
     noise_dim: int | None = Field(None, ge=1)
+    """Dimension of the noise eps."""
     server_epochs: int | None = Field(None, ge=1)
+    """Generator Adam steps per round (official: ensemble_epochs // n_teacher_iters epochs of n_teacher_iters steps =
+    50)."""
     gen_lr: float | None = Field(None, gt=0)
+    """The generator's Adam learning rate."""
     gen_weight_decay: float | None = Field(None, ge=0)
+    """The generator's Adam weight decay."""
     gen_lr_decay: float | None = Field(None, gt=0, le=1)
+    """The factor the generator's learning rate is multiplied by after each round."""
     gen_batch_size: int | None = Field(None, ge=1)
+    """Generated samples per client step (``None``: the run's batch_size)."""
     generative_alpha: float | None = Field(None, ge=0)
+    """Weight of the client's loss on generated features."""
     generative_beta: float | None = Field(None, ge=0)
+    """Weight of the client's KL term (official variant only)."""
     decay: float | None = Field(None, gt=0, le=1)
+    """Per-round decay of both client coefficients."""
     diversity_weight: float | None = Field(None, ge=0)
+    """Weight of the diversity loss in the generator's objective (0: off)."""
     teacher_loss: Literal["official", "per_sample"] | None = None
+    """``official`` (the official code's mean(weights) x mean(losses) per client) or ``per_sample`` (each sample's
+    loss times its label's weight) (:func:`teacher_loss`; official variant only)."""
     localize_feature_extractor: bool = False
+    """Only the head's last Linear (PFLlib's ``model.head``) is shared; each client keeps the rest of its model
+    (pfllib variant only)."""
     generator_warmup_rounds: int = Field(0, ge=0)
+    """Rounds in which clients train without the regularizers while the generator already trains (the official code
+    always skips round 1)."""
     eval_personalized: bool = False
+    """Also evaluate each client's locally fine-tuned model, the model it uploaded after its latest local training
+    (the global model while it has not taken part), as ``finetuned/*``."""
     heatmap_grain: int = Field(18, ge=1)
+    """Viewport prediction: rows of latitude of the heatmaps' equirectangular grid (columns: twice as many; 18: cells
+    of 10 degrees) (:mod:`pfl.data.heatmap`)."""
     heatmap_sigma: float = Field(1.0, ge=0)
+    """Viewport prediction: the heatmaps' Gaussian blur in cells (0: none)."""
 
     @model_validator(mode="before")
     @classmethod

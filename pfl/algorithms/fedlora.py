@@ -63,24 +63,21 @@ from pfl.models.split import ModelSpec
 
 
 class FedLoRAParams(HyperParams):
-    """FedLoRA's hyperparameters.
-
-    Attributes:
-        rank: LoRA rank r.
-        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / rank``).
-        target_modules: the base's linear layers that get adapters (timm ViT: ``qkv``, ``fc1``, ``fc2``; the fused
-            ``qkv`` adapts Q, K and V in one rank-r subspace, module docstring).
-        lora_dropout: dropout on the adapters' input.
-        lora_aggregation: ``fedit`` (average A and B) or ``ffa`` (A frozen, average B).
-        personal_head: keep each client's head local.
-    """
+    """FedLoRA's hyperparameters."""
 
     rank: int = Field(8, ge=1)
+    """LoRA rank r."""
     lora_alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator (the update is scaled by ``lora_alpha / rank``)."""
     target_modules: tuple[str, ...] = Field(TIMM_VIT_LORA_TARGETS, min_length=1)
+    """The base's linear layers that get adapters (timm ViT: ``qkv``, ``fc1``, ``fc2``; the fused ``qkv`` adapts Q, K
+    and V in one rank-r subspace, module docstring)."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input."""
     lora_aggregation: Literal["fedit", "ffa"] = "fedit"
+    """``fedit`` (average A and B) or ``ffa`` (A frozen, average B)."""
     personal_head: bool = False
+    """Keep each client's head local."""
 
 
 def trainable_entries(model: nn.Module) -> list[str]:

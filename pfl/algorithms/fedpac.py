@@ -83,13 +83,10 @@ FEATURE_CHUNK = 1024  # samples per forward pass of the statistics (any size giv
 
 
 class FedPACParams(HyperParams):
-    """FedPAC's knobs.
-
-    Attributes:
-        lamda: weight of the feature-alignment MSE (PFLlib's ``-lam``, default 1.0); 0 turns the alignment off.
-    """
+    """FedPAC's knobs."""
 
     lamda: float = Field(1.0, ge=0)
+    """Weight of the feature-alignment MSE (PFLlib's ``-lam``, default 1.0); 0 turns the alignment off."""
 
 
 def class_features(model: nn.Module, data: DeviceData, indices: torch.Tensor,

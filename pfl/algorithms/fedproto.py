@@ -66,13 +66,10 @@ ABSENT = -1e30  # the prototype classifier's bias of a class without a global pr
 
 
 class FedProtoParams(HyperParams):
-    """FedProto's knob.
-
-    Attributes:
-        lamda: weight of the prototype regularizer (PFLlib's ``-lam``, default 1.0).
-    """
+    """FedProto's knob."""
 
     lamda: float = Field(1.0, ge=0)
+    """Weight of the prototype regularizer (PFLlib's ``-lam``, default 1.0)."""
 
 
 class ProtoUpdate(SGDUpdate):

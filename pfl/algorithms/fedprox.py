@@ -48,13 +48,10 @@ from pfl.federated.state import State
 
 
 class FedProxParams(HyperParams):
-    """FedProx's knobs.
-
-    Attributes:
-        mu: weight of the proximal term (PFLlib's ``-mu``, default 0.0; 0 is FedAvg's update).
-    """
+    """FedProx's knobs."""
 
     mu: float = Field(0.0, ge=0)
+    """Weight of the proximal term (PFLlib's ``-mu``, default 0.0; 0 is FedAvg's update)."""
 
 
 class ProximalSGD(SGDUpdate):

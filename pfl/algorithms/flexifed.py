@@ -161,20 +161,17 @@ class MomentumSGD(SGDUpdate):
 
 
 class FlexiFedParams(HyperParams):
-    """FlexiFed's hyperparameters.
-
-    Attributes:
-        scheme: aggregation scheme (:data:`SCHEMES`).
-        sample_fraction: fraction of its training shard a client trains on per round (paper: a tenth).
-        momentum: local SGD momentum (FlexiFed-IMP: 0.9).
-        weight_decay: local SGD weight decay (FlexiFed-IMP: 5e-4); in a FlexiFed run the ``weight_decay`` name
-            sets this hyperparameter, not the run field of the same name.
-    """
+    """FlexiFed's hyperparameters."""
 
     scheme: Literal["standalone", "clustered_fl", "basic_common", "clustered_common", "max_common"] = "max_common"
+    """Aggregation scheme (:data:`SCHEMES`)."""
     sample_fraction: float = Field(0.1, gt=0, le=1)
+    """Fraction of its training shard a client trains on per round (paper: a tenth)."""
     momentum: float = Field(0.9, ge=0, lt=1)
+    """Local SGD momentum (FlexiFed-IMP: 0.9)."""
     weight_decay: float = Field(5e-4, ge=0)
+    """Local SGD weight decay (FlexiFed-IMP: 5e-4); in a FlexiFed run the ``weight_decay`` name sets this
+    hyperparameter, not the run field of the same name."""
 
 
 class FlexiFed(Algorithm):

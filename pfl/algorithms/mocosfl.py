@@ -224,25 +224,45 @@ class MocoSFLParams(HyperParams):
     """MocoSFL's hyperparameters (official defaults; module docstring)."""
 
     loss: Literal["moco", "swav"] = "moco"
-    cut_layer: int = Field(1, ge=1, le=2)  # 1: the stem; 2: the stem and the first residual block
-    clients_per_step: int = Field(0, ge=0)  # 0: every client of the round's pool at every step
-    steps_per_round: int = Field(0, ge=0)  # 0: the pooled clients' mean fit size // batch_size
-    sync_every: int = Field(50, ge=1)  # steps between FedAvgs of the client stems
-    momentum: float = Field(0.99, ge=0, le=1)  # momentum encoders (MoCo)
-    temperature: float = Field(0.1, gt=0)  # InfoNCE's (MoCo) or the swapped prediction's (SwAV)
-    queue_size: int | None = Field(None, ge=0)  # MoCo's key queue (unset: 6000); SwAV's embedding queue (unset: 0)
+    """The self-supervised loss: MocoSFL's MoCo v2 (InfoNCE against a key queue) or SwAV (swapped prediction)."""
+    cut_layer: int = Field(1, ge=1, le=2)
+    """Where the model is cut: 1, the client holds the stem; 2, the stem and the first residual block."""
+    clients_per_step: int = Field(0, ge=0)
+    """Clients whose batches the server concatenates per step (0: every client of the round's pool)."""
+    steps_per_round: int = Field(0, ge=0)
+    """Split-training steps per round (0: the pooled clients' mean fit size // batch_size)."""
+    sync_every: int = Field(50, ge=1)
+    """Steps between FedAvgs of the client stems."""
+    momentum: float = Field(0.99, ge=0, le=1)
+    """Momentum of the momentum encoders (MoCo)."""
+    temperature: float = Field(0.1, gt=0)
+    """Temperature of InfoNCE (MoCo) or of the swapped prediction (SwAV)."""
+    queue_size: int | None = Field(None, ge=0)
+    """MoCo's key queue (unset: 6000); SwAV's embedding queue (unset: 0)."""
     sgd_momentum: float = Field(0.9, ge=0, lt=1)
+    """Momentum of the SGD optimizer of client stems and server body."""
     weight_decay: float = Field(5e-4, ge=0)
-    crops: str = ""  # views per sample, "<count>x<size>,...": "" = moco: 2 full-size; swav: 2 full + 6 half-size
-    num_prototypes: int = Field(512, ge=2)  # SwAV
-    sinkhorn_iters: int = Field(3, ge=1)  # SwAV
-    epsilon: float = Field(0.05, gt=0)  # SwAV's Sinkhorn entropy weight
-    freeze_prototypes_rounds: int = Field(1, ge=0)  # SwAV
-    queue_start_round: int = Field(16, ge=1)  # SwAV: the round its queue starts filling (epoch_queue_starts=15 from 0)
+    """Weight decay of that SGD optimizer."""
+    crops: str = ""
+    """Views per sample, ``<count>x<size>,...`` (empty: MoCo 2 full-size views; SwAV 2 full-size + 6 half-size)."""
+    num_prototypes: int = Field(512, ge=2)
+    """SwAV: prototypes."""
+    sinkhorn_iters: int = Field(3, ge=1)
+    """SwAV: Sinkhorn-Knopp iterations."""
+    epsilon: float = Field(0.05, gt=0)
+    """SwAV: the Sinkhorn entropy weight."""
+    freeze_prototypes_rounds: int = Field(1, ge=0)
+    """SwAV: rounds during which the prototypes stay frozen."""
+    queue_start_round: int = Field(16, ge=1)
+    """SwAV: the round its queue starts filling (the official ``epoch_queue_starts=15``, counted from 0)."""
     knn_k: int = Field(200, ge=1)
+    """Neighbours of the weighted kNN evaluation (``test/knn_acc``)."""
     knn_temperature: float = Field(0.1, gt=0)
-    linear_epochs: int = Field(100, ge=0)  # linear probe at the last round (0: none)
+    """Temperature of the kNN evaluation's weights."""
+    linear_epochs: int = Field(100, ge=0)
+    """Epochs of the linear probe after the last round (``test/linear_acc``; 0: none)."""
     linear_lr: float = Field(1e-3, gt=0)
+    """Learning rate of the linear probe."""
 
     @field_validator("crops")
     @classmethod

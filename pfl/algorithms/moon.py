@@ -58,15 +58,12 @@ from pfl.federated.state import State
 
 
 class MOONParams(HyperParams):
-    """MOON's knobs.
-
-    Attributes:
-        mu: weight of the model-contrastive term (PFLlib's ``-mu``, default 0.0: FedAvg's update).
-        tau: temperature of the cosine similarities (PFLlib's ``-tau``, default 1.0).
-    """
+    """MOON's knobs."""
 
     mu: float = Field(0.0, ge=0)
+    """Weight of the model-contrastive term (PFLlib's ``-mu``, default 0.0: FedAvg's update)."""
     tau: float = Field(1.0, gt=0)
+    """Temperature of the cosine similarities (PFLlib's ``-tau``, default 1.0)."""
 
 
 def contrastive_loss(z: torch.Tensor, z_global: torch.Tensor, z_old: torch.Tensor, tau: float) -> torch.Tensor:

@@ -60,13 +60,10 @@ EVAL_STEP = 1  # extra part of the evaluation step's seed: derive_seed(seed, "lo
 
 
 class PerFedAvgParams(HyperParams):
-    """Per-FedAvg's knobs.
-
-    Attributes:
-        beta: the outer (meta) step size; ``None``: the run's ``lr`` (PFLlib's ``self.beta = self.learning_rate``).
-    """
+    """Per-FedAvg's knobs."""
 
     beta: float | None = Field(None, gt=0.0)
+    """The outer (meta) step size; ``None``: the run's ``lr`` (PFLlib's ``self.beta = self.learning_rate``)."""
 
 
 class PerFedAvgUpdate(SGDUpdate):

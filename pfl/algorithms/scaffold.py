@@ -65,13 +65,10 @@ DELTA = "control_delta/"  # prefix of delta_c, what the server adds (divided by 
 
 
 class ScaffoldParams(HyperParams):
-    """SCAFFOLD's knobs.
-
-    Attributes:
-        server_learning_rate: the global step size eta_g (PFLlib's ``-slr``, default 1.0).
-    """
+    """SCAFFOLD's knobs."""
 
     server_learning_rate: float = Field(1.0, gt=0)
+    """The global step size eta_g (PFLlib's ``-slr``, default 1.0)."""
 
 
 class ScaffoldSGD(SGDUpdate):

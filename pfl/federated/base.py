@@ -192,9 +192,10 @@ class SearchParam:
 
 class HyperParams(BaseModel):
     """An algorithm's hyperparameters: subclass beside the algorithm with typed fields, defaults and ranges
-    (pydantic ``Field(ge=..., le=...)``, plus validators for anything else). Unknown names are rejected."""
+    (pydantic ``Field(ge=..., le=...)``, plus validators for anything else), each field followed by its docstring
+    (its description in the generated algorithm reference; a test requires one). Unknown names are rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class Algorithm:
