@@ -38,9 +38,11 @@ fine-tuning (training mode).
 
 Differences from PFLlib: pfl runs ``global_rounds`` rounds, each evaluated after its aggregation (PFLlib: rounds
 0..``global_rounds``, evaluated before training), so the last evaluation of the un-fine-tuned models is replaced by
-the fine-tuned one (PFLlib logs both); the batch orders come from seeded generators (above). PFLlib's new-client
-fine-tuning (``-ften``) is not offered. The paper fine-tunes the head only or the whole model at evaluation; PFLlib's
-default (whole model, at the end) is kept.
+the fine-tuned one (PFLlib logs both); the batch orders come from seeded generators (above). A held-out new client
+(``new_clients``) joins with the latest averaged body over its initial head and fine-tunes the head alone for
+``finetune_epochs`` (:meth:`pfl.federated.partial.PartialSharing.adapt`; PFLlib's ``-ften`` fine-tunes the whole
+global model). The paper fine-tunes the head only or the whole model at evaluation; PFLlib's default (whole model,
+at the end) is kept for the training clients.
 """
 
 from __future__ import annotations
