@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import check_exact_resumption
 from pfl.federated.base import FederatedContext
 from pfl.algorithms.fedfomo import FedFomo, fomo_weights, normalize_weights
 from pfl.federated.local import FitRes
@@ -365,19 +364,8 @@ def test_fedfomo_aggregate_adds_raw_weights_to_affinity_row():
     assert 1 not in algo._pending
 
 
-# ---------------------------------------------------------------- exact resumption (conftest.check_exact_resumption)
-
-
-def test_fedavg_resumes_exactly(cifar10_dir, tmp_path):
-    check_exact_resumption(cifar10_dir, tmp_path, "fedavg")
-
-
-def test_fedfomo_resumes_exactly(cifar10_dir, tmp_path):
-    check_exact_resumption(cifar10_dir, tmp_path, "fedfomo")
-
-
-def test_fedala_resumes_exactly(cifar10_dir, tmp_path):
-    check_exact_resumption(cifar10_dir, tmp_path, "fedala")
+# ---------------------------------------------------------------- client stores (exact resumption of every algorithm:
+# tests/test_resume.py)
 
 
 def test_store_keeps_the_architectures_entry_order_in_memory_and_spilled(tmp_path):

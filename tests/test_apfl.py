@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from _tiny import as_fedavg, half_square, linear, pool, template_and_fedavg
-from conftest import check_exact_resumption
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.apfl import ALPHA, APFL, APFLUpdate
 from pfl.config import load_config
@@ -168,7 +167,3 @@ def test_apfl_templates_are_the_fedavg_setting(name):
     cfg, fedavg = template_and_fedavg(name)
     assert cfg.algo == "apfl" and REGISTRY[cfg.algo] is APFL and cfg.hparams == {"alpha_init": 1.0}
     assert as_fedavg(cfg) == fedavg
-
-
-def test_apfl_resumes_exactly(cifar10_dir, tmp_path):
-    check_exact_resumption(cifar10_dir, tmp_path, "apfl", "alpha_init=0.5")

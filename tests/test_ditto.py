@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from _tiny import Pool, as_fedavg, half_square, pool, template_and_fedavg
-from conftest import check_exact_resumption
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.ditto import Ditto, DittoUpdate
 from pfl.algorithms.fedprox import ProximalSGD
@@ -127,10 +126,6 @@ def test_ditto_templates_are_the_fedavg_setting(name):
     cfg, fedavg = template_and_fedavg(name)
     assert cfg.algo == "ditto" and REGISTRY[cfg.algo] is Ditto and cfg.hparams == {"mu": 0.1, "plocal_epochs": 1}
     assert as_fedavg(cfg) == fedavg
-
-
-def test_ditto_resumes_exactly(cifar10_dir, tmp_path):
-    check_exact_resumption(cifar10_dir, tmp_path, "ditto", "mu=0.1", "plocal_epochs=2")
 
 
 def test_personal_entries_ride_under_their_prefix_and_split_back():

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from _tiny import aggregation_context, uniform
-from conftest import check_exact_resumption
 from pfl.algorithms.fedbn import FedBN, shared_keys
 from pfl.federated.local import FitRes
 from pfl.federated.state import param_keys
@@ -55,7 +54,3 @@ def test_every_batchnorm_of_vgg_and_resnet_stays_personal():
         assert bn and set(shared_keys(model)) == set(param_keys(model)) - bn, name
     cnn = build_model(ModelSpec("cnn", 10))  # no BatchNorm: every parameter is shared (FedAvg)
     assert shared_keys(cnn) == param_keys(cnn)
-
-
-def test_fedbn_resumes_exactly(cifar10_dir, tmp_path):
-    check_exact_resumption(cifar10_dir, tmp_path, "fedbn", "model=vgg11", "model_width=0.125")

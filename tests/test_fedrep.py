@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from _tiny import PERSONAL_LAYER_APART, aggregation_context, deep_head_model, half_square, pool, uniform
-from conftest import check_exact_resumption
 from pfl.algorithms.fedrep import FedRep, RepresentationSGD
 from pfl.federated.partial import personal_layer
 from pfl.federated.local import FitIns, FitRes, SGDUpdate
@@ -77,7 +76,3 @@ def test_local_update_trains_the_head_then_the_representation():
         model.head.weight.fill_(3.0)
     state, _ = RepresentationSGD(run, 0, "head").fit(model, data, FitIns({}), torch.tensor([0]), seed=0)
     assert state["head.weight"].item() == 3.0 and state["base.weight"].item() == 2.0 - 18.0
-
-
-def test_fedrep_resumes_exactly(cifar10_dir, tmp_path):
-    check_exact_resumption(cifar10_dir, tmp_path, "fedrep", "plocal_epochs=2")

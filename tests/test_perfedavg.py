@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from _tiny import as_fedavg, half_square, linear, pool, template_and_fedavg, training_context
-from conftest import check_exact_resumption
 from pfl.algorithms import REGISTRY
 from pfl.algorithms.perfedavg import PerFedAvg, PerFedAvgUpdate
 from pfl.data.loader import ClientData
@@ -133,7 +132,3 @@ def test_perfedavg_templates_are_the_fedavg_setting(name):
     cfg, fedavg = template_and_fedavg(name)
     assert cfg.algo == "perfedavg" and REGISTRY[cfg.algo] is PerFedAvg and cfg.hparams == {"beta": None}
     assert as_fedavg(cfg) == fedavg
-
-
-def test_perfedavg_resumes_exactly(cifar10_dir, tmp_path):
-    check_exact_resumption(cifar10_dir, tmp_path, "perfedavg")

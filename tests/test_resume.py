@@ -73,6 +73,8 @@ def test_engine_resumes_from_a_checkpoint_file_bit_for_bit(algo, cifar10_dir, tm
     for cid in range(cfg.num_clients):
         a, b = whole.personalized_state(cid), resumed.personalized_state(cid)
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a), cid
+    (t1, m1), (t2, m2) = whole.state_dict(), resumed.state_dict()  # the whole algorithm state, bit for bit
+    assert m1 == m2 and list(t1) == list(t2) and all(torch.equal(t1[k], t2[k]) for k in t1)
 
 
 def _store_env(tmp_path):
