@@ -38,7 +38,7 @@ main: setup data
 	PFL_DATA_DIR=$(DATA_DIR) $(BIN)/pfl train --config $(CONFIG) $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 # The documentation site (mkdocs.yml, docs/) into ./site; the reference pages are generated from the code
 # (docs/gen_reference.py). --strict: a broken link, a page missing from the nav or a warning fails the build.

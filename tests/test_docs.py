@@ -121,11 +121,11 @@ def test_bash_blocks_are_found_and_marks_are_read(tmp_path):
 
 @pytest.mark.parametrize("page", _pages_with_commands(), ids=lambda p: p.relative_to(DOCS).as_posix())
 def test_the_commands_of_a_docs_page_run(page, request, tmp_path):
-    text = page.read_text()
+    blocks = [body for body, run in bash_blocks(page) if run]
     data = tmp_path / "data"
     data.mkdir()
-    for fixture, words in FIXTURES.items():
-        if fixture == "data_dir" or any(w in text for w in words):
+    for fixture, words in FIXTURES.items():  # the data the runnable commands name (a dataset, a config's file name)
+        if fixture == "data_dir" or any(w in body for w in words for body in blocks):
             for entry in request.getfixturevalue(fixture).iterdir():
                 if not (data / entry.name).exists():
                     (data / entry.name).symlink_to(entry)
@@ -134,9 +134,7 @@ def test_the_commands_of_a_docs_page_run(page, request, tmp_path):
     (work / "configs").symlink_to(REPO / "configs")
     env = {**os.environ, "PFL_DATA_DIR": str(data), "PFL_CACHE_DIR": str(tmp_path / "cache"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    for body, run in bash_blocks(page):
-        if not run:
-            continue
+    for body in blocks:
         done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", body], cwd=work, env=env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, f"{page.name}: {body}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
