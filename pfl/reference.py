@@ -21,8 +21,8 @@ key and metric appears in them.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
-import os
 import pkgutil
 import sys
 import types
@@ -192,16 +192,9 @@ def cli_page() -> str:
 
 
 def _help(parser: argparse.ArgumentParser) -> str:
-    """``parser``'s help at a fixed width (the terminal's would change the page)."""
-    old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"
-    try:
-        return parser.format_help()
-    finally:
-        if old is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = old
+    """``parser``'s help at a fixed width of 100 columns (the terminal's width would change the page)."""
+    parser.formatter_class = functools.partial(parser.formatter_class, width=100)
+    return parser.format_help()
 
 
 def api_modules() -> list[str]:

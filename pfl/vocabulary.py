@@ -157,9 +157,12 @@ def _pattern(entry: str) -> re.Pattern:
     return re.compile("".join(f"(?:{named.get(p, '.+')})" if p.startswith("<") else re.escape(p) for p in parts))
 
 
+_PATTERNS = {entry: _pattern(entry) for entry in METRICS}  # compiled once
+
+
 def documented(name: str) -> str | None:
     """The :data:`METRICS` entry a logged metric name falls under (``test/acc`` -> ``test/<quality>``): of the
     entries that match, the most specific (the most characters outside placeholders); ``None`` for a name the
     vocabulary lacks."""
-    matches = [entry for entry in METRICS if _pattern(entry).fullmatch(name)]
+    matches = [entry for entry, pattern in _PATTERNS.items() if pattern.fullmatch(name)]
     return max(matches, key=lambda entry: len(re.sub(r"<[^>]+>", "", entry)), default=None)

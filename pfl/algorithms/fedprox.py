@@ -96,7 +96,6 @@ class FedProx(FedAvg):
     name = "fedprox"
     Params = FedProxParams
     search_space = {"mu": SearchParam("float", 1e-3, 1.0, log=True)}
-    tasks = ("classification", "viewport")
     state_attributes = ("global_state",)
 
     takes_downlink = False

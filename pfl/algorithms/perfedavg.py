@@ -129,7 +129,6 @@ class PerFedAvg(FedAvg):
     name = "perfedavg"
     Params = PerFedAvgParams
     search_space = {"beta": SearchParam("float", 1e-3, 0.1, log=True)}
-    tasks = ("classification", "viewport")
     state_attributes = ("global_state", "round")
 
     takes_downlink = False
